@@ -1,0 +1,24 @@
+"""Shared fixtures: tiny tokenizers and teachers built locally, never downloaded."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory):
+    """A folder with the layout of a Hub Llama checkpoint: config, safetensors weights, tokenizer, chat template."""
+    from training.tiny_models import save_tiny_teacher
+
+    return save_tiny_teacher(tmp_path_factory.mktemp("tiny-llama-teacher"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_teacher_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_teacher_dir)

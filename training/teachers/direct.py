@@ -1,0 +1,96 @@
+"""DirectTeacher: a frozen `AutoModelForCausalLM` in the trainer's process."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from .base import TeacherOutput
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
+    if dtype is None or dtype == "auto":
+        return "auto"
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+    except KeyError:
+        raise ValueError(f"teacher dtype {dtype!r} is not one of auto, float32, bfloat16, float16") from None
+
+
+def load_teacher_model(model: str, adapter: str | None = None, dtype=None, device=None):
+    """Load a causal LM from a folder or Hub id (safetensors only), merge an optional peft adapter, freeze it."""
+    from transformers import AutoModelForCausalLM
+
+    looks_local = os.path.sep in model or model.startswith(".") or os.path.isdir(model)
+    if looks_local and not os.path.isdir(model):
+        raise FileNotFoundError(
+            f"teacher model folder {model!r} does not exist; pass an existing folder or a Hub id such as "
+            "'meta-llama/Llama-3.2-1B-Instruct'"
+        )
+    if adapter is not None and not os.path.isdir(adapter):
+        raise FileNotFoundError(f"teacher adapter folder {adapter!r} does not exist")
+    teacher = AutoModelForCausalLM.from_pretrained(model, dtype=_resolve_dtype(dtype), use_safetensors=True)
+    if adapter is not None:
+        from peft import PeftModel
+
+        teacher = PeftModel.from_pretrained(teacher, adapter).merge_and_unload()
+    teacher.requires_grad_(False)
+    teacher.eval()
+    if device is not None:
+        teacher.to(device)
+    return teacher
+
+
+class DirectTeacher:
+    """Runs the teacher forward on each batch; the only source that can also hand over full logits.
+
+    Args:
+        model: a loaded `PreTrainedModel`, or a folder / Hub id to load.
+        adapter: optional peft adapter folder, merged into the weights.
+        dtype: the teacher's own dtype ("auto" keeps the checkpoint's).
+        device: where the teacher runs (accelerate's device for the student by default).
+        return_full_logits: also return [B, T, V] logits for full-vocabulary KL.
+    """
+
+    def __init__(self, model, adapter=None, dtype=None, device=None, return_full_logits: bool = False):
+        if isinstance(model, str):
+            model = load_teacher_model(model, adapter=adapter, dtype=dtype, device=device)
+        else:
+            model.requires_grad_(False)
+            model.eval()
+            if device is not None:
+                model.to(device)
+        self.model = model
+        self.vocab_size = model.config.vocab_size
+        self.return_full_logits = return_full_logits
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, T] -> [B, T, V] logits in the teacher's dtype, on the teacher's device."""
+        mask = attention_mask.to(self.device) if attention_mask is not None else None
+        return self.model(input_ids=input_ids.to(self.device), attention_mask=mask, use_cache=False).logits
+
+    @torch.no_grad()
+    def topk(self, input_ids, attention_mask=None, k: int = 512, temperature: float = 1.0) -> TeacherOutput:
+        start = time.perf_counter()
+        if not 0 < k <= self.vocab_size:
+            raise ValueError(f"teacher_topk={k} must be in [1, vocab_size={self.vocab_size}]")
+        logits = self.logits(input_ids, attention_mask)
+        logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)  # [B, T, V] fp32
+        values, ids = logprobs.topk(k, dim=-1, sorted=True)
+        device = input_ids.device
+        return TeacherOutput(
+            token_ids=ids.to(device),
+            logprobs=values.to(device),
+            full_logits=logits.to(device) if self.return_full_logits else None,
+            seconds=time.perf_counter() - start,
+        )
