@@ -1,0 +1,106 @@
+"""RetNet configuration (Sun et al., 2023, "Retentive Network: A Successor to Transformer for LLMs")."""
+
+from transformers.configuration_utils import PretrainedConfig
+
+RETENTION_MODES = ("parallel", "chunkwise", "recurrent")
+
+# The seed's two student sizes, on the Llama-3 vocabulary so a Llama-3 teacher's tokenizer is reused as is.
+# Parameter counts (tied embeddings): 350M -> 347.0M, 500M -> 504.5M (printed by tests/hf_retnet/test_config.py).
+VARIANTS = {
+    "350M": dict(hidden_size=1024, num_hidden_layers=15, num_heads=8, intermediate_size=2048),
+    "500M": dict(hidden_size=1280, num_hidden_layers=15, num_heads=10, intermediate_size=2560),
+}
+
+
+class RetNetConfig(PretrainedConfig):
+    r"""
+    Configuration of a RetNet decoder. Defaults give a small model; `from_variant("350M" | "500M")` gives the
+    distillation students.
+
+    Args:
+        vocab_size (`int`, defaults to 128256): vocabulary size (Llama-3's by default).
+        hidden_size (`int`, defaults to 1024): model width d.
+        num_hidden_layers (`int`, defaults to 15): number of retention + FFN blocks.
+        num_heads (`int`, defaults to 8): retention heads; head h decays with gamma_h = 1 - 2^(-5-h).
+        value_factor (`int`, defaults to 2): value/gate width is `value_factor * hidden_size`, as in the paper.
+        intermediate_size (`int`, defaults to 2048): SwiGLU FFN width.
+        chunk_size (`int`, defaults to 128): chunk length of the chunkwise mode (any sequence length works).
+        retention_mode (`str`, defaults to "chunkwise"): default forward mode, one of parallel / chunkwise / recurrent.
+        rope_theta (`float`, defaults to 10000.0): base of the rotary (xPos-style) relative position of queries/keys.
+        rms_norm_eps (`float`, defaults to 1e-6): epsilon of the pre-norms and the per-head output norm.
+        initializer_range (`float`, defaults to 0.02): std of the normal init of linear and embedding weights.
+        tie_word_embeddings (`bool`, defaults to True): share the input embedding with the LM head.
+        use_cache (`bool`, defaults to True): return the recurrent state for generation.
+    """
+
+    model_type = "hf_retnet"  # "retnet" belongs to flash-linear-attention
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    def __init__(
+        self,
+        vocab_size: int = 128256,
+        hidden_size: int = 1024,
+        num_hidden_layers: int = 15,
+        num_heads: int = 8,
+        value_factor: int = 2,
+        intermediate_size: int = 2048,
+        chunk_size: int = 128,
+        retention_mode: str = "chunkwise",
+        rope_theta: float = 10000.0,
+        rms_norm_eps: float = 1e-6,
+        initializer_range: float = 0.02,
+        tie_word_embeddings: bool = True,
+        use_cache: bool = True,
+        pad_token_id: int | None = None,
+        bos_token_id: int | None = None,
+        eos_token_id: int | list[int] | None = None,
+        **kwargs,
+    ):
+        if hidden_size % num_heads != 0:
+            raise ValueError(
+                f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}; choose num_heads dividing "
+                f"hidden_size (e.g. num_heads={_largest_divisor(hidden_size, num_heads)}) or change hidden_size"
+            )
+        if (hidden_size // num_heads) % 2 != 0:
+            raise ValueError(
+                f"head dimension hidden_size/num_heads={hidden_size // num_heads} must be even for the rotary "
+                "position encoding; change hidden_size or num_heads"
+            )
+        if retention_mode not in RETENTION_MODES:
+            raise ValueError(f"retention_mode={retention_mode!r} is not one of {RETENTION_MODES}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size={chunk_size} must be a positive number of tokens")
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_heads = num_heads
+        self.value_factor = value_factor
+        self.intermediate_size = intermediate_size
+        self.chunk_size = chunk_size
+        self.retention_mode = retention_mode
+        self.rope_theta = rope_theta
+        self.rms_norm_eps = rms_norm_eps
+        self.initializer_range = initializer_range
+        self.use_cache = use_cache
+        super().__init__(
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @classmethod
+    def from_variant(cls, name: str, **overrides) -> "RetNetConfig":
+        """The seed's student sizes: `from_variant("350M")` or `from_variant("500M", chunk_size=256)`."""
+        if name not in VARIANTS:
+            raise ValueError(f"unknown RetNet variant {name!r}; choose one of {sorted(VARIANTS)}")
+        return cls(**{**VARIANTS[name], **overrides})
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+    return max(h for h in range(1, at_most + 1) if n % h == 0)

@@ -1,0 +1,513 @@
+"""RetNet for `transformers` (Sun et al., 2023, "Retentive Network: A Successor to Transformer for LLMs").
+
+Self-contained: imports only torch, transformers and the configuration beside it, so a saved checkpoint
+carries this file to the Hub and loads with `trust_remote_code=True` where `hf_retnet` is not installed.
+
+Retention of one head with decay gamma, for real (unmasked) tokens, is
+
+    S_n = gamma * S_{n-1} + k_n^T v_n          (state [d_k, d_v], fp32)
+    o_n = q_n S_n
+
+computed three ways with identical results: `recurrent` (the loop above, O(1) per token), `parallel`
+((Q K^T * D) V with D[n, m] = gamma^(n-m) for n >= m) and `chunkwise` (parallel inside chunks, recurrent
+across them, O(T) time and memory). Padding (attention_mask == 0) neither adds to nor decays the state:
+decay exponents count real tokens only ("effective time" c_n = number of real tokens up to n), so a
+left-padded sequence is computed exactly as if it stood alone.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.cache_utils import Cache
+from transformers.generation import GenerationMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import PreTrainedModel
+from transformers.utils import logging
+
+from .configuration_retnet import RETENTION_MODES, RetNetConfig
+
+logger = logging.get_logger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Recurrent state
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class RetNetCache(Cache):
+    """Recurrent state of a RetNet: one fp32 matrix per layer and head, whatever the context length.
+
+    states[i]: [B, H, d_k, d_v] float32 for layer i.
+    seen_tokens: [B] int64, real (unpadded) tokens read so far per sequence; the next token's position.
+    """
+
+    is_compileable = False
+
+    def __init__(self, num_layers: int | None = None):
+        super().__init__(layers=[])
+        self.num_layers = num_layers
+        self.states: list[torch.Tensor | None] = [None] * (num_layers or 0)
+        self.seen_tokens: torch.Tensor | None = None
+        self._length = 0  # input positions consumed (padding included), as generation counts them
+
+    def __repr__(self) -> str:
+        shape = None if not self.states or self.states[0] is None else tuple(self.states[0].shape)
+        return f"RetNetCache(layers={len(self.states)}, state_shape={shape}, length={self._length})"
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def get_state(self, layer_idx: int) -> torch.Tensor | None:
+        return self.states[layer_idx] if layer_idx < len(self.states) else None
+
+    def set_state(self, layer_idx: int, state: torch.Tensor) -> None:
+        while len(self.states) <= layer_idx:
+            self.states.append(None)
+        self.states[layer_idx] = state
+
+    def advance(self, attention_mask: torch.Tensor) -> None:
+        """Account for a forward over `attention_mask` [B, T] (called once per forward, after all layers)."""
+        real = attention_mask.sum(dim=-1).to(torch.long)
+        self.seen_tokens = real if self.seen_tokens is None else self.seen_tokens + real
+        self._length += attention_mask.shape[-1]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._length
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1  # a recurrent state has no maximum length
+
+    @property
+    def is_croppable(self) -> bool:
+        return False
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.seen_tokens is not None
+
+    @property
+    def batch_size(self) -> int:
+        return 0 if self.seen_tokens is None else self.seen_tokens.shape[0]
+
+    def _map_batch(self, fn) -> None:
+        self.states = [None if s is None else fn(s) for s in self.states]
+        if self.seen_tokens is not None:
+            self.seen_tokens = fn(self.seen_tokens)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: keep the states of the selected beams."""
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices])
+
+    def reset(self) -> None:
+        self.states = [None] * len(self.states)
+        self.seen_tokens = None
+        self._length = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise ValueError("a RetNet state cannot be cropped: it keeps no per-token history (assisted decoding is unsupported)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Retention: three equivalent forms. All tensors fp32.
+#   q, k: [B, H, T, d_k] (k already masked and scaled), v: [B, H, T, d_v] (masked)
+#   log_decay: [H] (log gamma_h < 0); time: [B, T] effective time c_n; state: [B, H, d_k, d_v] or None
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _decay_matrix(time: torch.Tensor, log_decay: torch.Tensor) -> torch.Tensor:
+    """D[..., n, m] = gamma^(c_n - c_m) for m <= n, else 0.  time: [B, *, T] -> [B, H, *, T, T]."""
+    t = time.shape[-1]
+    diff = time.unsqueeze(-1) - time.unsqueeze(-2)  # [B, *, T, T]
+    causal = torch.ones(t, t, dtype=torch.bool, device=time.device).tril()
+    exponent = diff.unsqueeze(1) * log_decay.view(1, -1, *([1] * (diff.dim() - 1)))  # [B, H, *, T, T]
+    return exponent.masked_fill(~causal, float("-inf")).exp()
+
+
+def _decay_pow(exponent_time: torch.Tensor, log_decay: torch.Tensor) -> torch.Tensor:
+    """gamma_h^x for x: [B, *] -> [B, H, *]."""
+    x = exponent_time.unsqueeze(1)
+    return (x * log_decay.view(1, -1, *([1] * (x.dim() - 2)))).exp()
+
+
+def retention_parallel(q, k, v, log_decay, time, state=None):
+    """O(T^2): (Q K^T * D) V plus the decayed contribution of an initial state."""
+    decay = _decay_matrix(time, log_decay)  # [B, H, T, T]
+    out = (q @ k.transpose(-1, -2) * decay) @ v  # [B, H, T, d_v]
+    last = time[:, -1:]  # [B, 1]
+    to_end = _decay_pow(last - time, log_decay)  # [B, H, T]
+    final = torch.einsum("bhtk,bhtv->bhkv", k * to_end.unsqueeze(-1), v)
+    if state is not None:
+        out = out + _decay_pow(time, log_decay).unsqueeze(-1) * (q @ state)
+        final = final + _decay_pow(last, log_decay).unsqueeze(-1) * state
+    return out, final
+
+
+def retention_recurrent(q, k, v, log_decay, time, state=None):
+    """O(1) per token: S_n = gamma^(m_n) S_{n-1} + k_n^T v_n, o_n = q_n S_n."""
+    b, h, t, dk = q.shape
+    if state is None:
+        state = q.new_zeros(b, h, dk, v.shape[-1])
+    step = torch.diff(time, dim=-1, prepend=torch.zeros_like(time[:, :1]))  # [B, T], 1 for real tokens, 0 for padding
+    step_decay = _decay_pow(step, log_decay)  # [B, H, T]
+    outs = []
+    for i in range(t):
+        state = step_decay[:, :, i, None, None] * state + k[:, :, i, :, None] * v[:, :, i, None, :]
+        outs.append(q[:, :, i, None, :] @ state)  # [B, H, 1, d_v]
+    return torch.cat(outs, dim=2), state
+
+
+def retention_chunkwise(q, k, v, log_decay, time, state=None, chunk_size: int = 128):
+    """O(T): parallel inside chunks of `chunk_size`, a recurrence over per-chunk states across them."""
+    b, h, t, dk = q.shape
+    dv = v.shape[-1]
+    c = min(chunk_size, t)
+    pad = (-t) % c
+    if pad:  # padded tail: zero q/k/v and constant time, so it changes nothing
+        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+        time = torch.cat([time, time[:, -1:].expand(b, pad)], dim=-1)
+    n = (t + pad) // c
+    q, k, v = (x.reshape(b, h, n, c, -1) for x in (q, k, v))  # [B, H, N, C, d]
+    time = time.reshape(b, n, c)  # [B, N, C]
+    chunk_end = time[:, :, -1]  # [B, N]
+    chunk_start = torch.cat([torch.zeros_like(chunk_end[:, :1]), chunk_end[:, :-1]], dim=1)  # [B, N]
+
+    inner = (q @ k.transpose(-1, -2) * _decay_matrix(time, log_decay)) @ v  # [B, H, N, C, d_v]
+    to_end = _decay_pow(chunk_end.unsqueeze(-1) - time, log_decay)  # [B, H, N, C]
+    chunk_kv = torch.einsum("bhnck,bhncv->bhnkv", k * to_end.unsqueeze(-1), v)  # [B, H, N, d_k, d_v]
+    chunk_decay = _decay_pow(chunk_end - chunk_start, log_decay)  # [B, H, N]
+
+    s = q.new_zeros(b, h, dk, dv) if state is None else state
+    before = []  # state entering each chunk
+    for i in range(n):
+        before.append(s)
+        s = chunk_decay[:, :, i, None, None] * s + chunk_kv[:, :, i]
+    before = torch.stack(before, dim=2)  # [B, H, N, d_k, d_v]
+    from_start = _decay_pow(time - chunk_start.unsqueeze(-1), log_decay)  # [B, H, N, C]
+    out = inner + from_start.unsqueeze(-1) * (q @ before)
+    return out.reshape(b, h, n * c, dv)[:, :, :t], s
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Layers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class RetNetRMSNorm(nn.Module):
+    """Root-mean-square norm computed in fp32; `groups` > 1 normalises each head's slice on its own."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, groups: int = 1):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.groups = groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float().unflatten(-1, (self.groups, -1))
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x.flatten(-2) * self.weight.float()).to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RetNetRotaryEmbedding(nn.Module):
+    """Rotary relative position of queries and keys; with the per-head decay this is RetNet's xPos-style encoding."""
+
+    def __init__(self, config: RetNetConfig):
+        super().__init__()
+        dim = config.head_dim
+        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: [B, T] -> cos, sin: [B, 1, T, d_k] fp32."""
+        freqs = positions.float().unsqueeze(-1) * self.inv_freq.float()  # [B, T, d_k / 2]
+        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)
+        return emb.cos(), emb.sin()
+
+
+class RetNetMultiScaleRetention(nn.Module):
+    """Multi-scale retention: per-head decay, rotary q/k, per-head RMS norm, swish output gate."""
+
+    def __init__(self, config: RetNetConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_heads
+        self.head_dim = config.head_dim
+        self.value_dim = config.hidden_size * config.value_factor
+        self.chunk_size = config.chunk_size
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.value_dim, bias=False)
+        self.g_proj = nn.Linear(config.hidden_size, self.value_dim, bias=False)
+        self.o_proj = nn.Linear(self.value_dim, config.hidden_size, bias=False)
+        self.group_norm = RetNetRMSNorm(self.value_dim, eps=config.rms_norm_eps, groups=config.num_heads)
+        # gamma_h = 1 - 2^(-5-h): fixed, not learned; a buffer so it follows .to(device) but stays fp32.
+        log_decay = torch.log(1 - torch.pow(2.0, -5.0 - torch.arange(config.num_heads, dtype=torch.float32)))
+        self.register_buffer("log_decay", log_decay, persistent=False)
+
+    def forward(self, hidden_states, cos, sin, mask, time, state=None, mode="chunkwise"):
+        """hidden_states: [B, T, d]; cos/sin: [B, 1, T, d_k]; mask, time: [B, T]; state: [B, H, d_k, d_v] fp32."""
+        b, t, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(b, t, self.num_heads, -1).transpose(1, 2).float()  # [B, H, T, d_k]
+        k = self.k_proj(hidden_states).view(b, t, self.num_heads, -1).transpose(1, 2).float()
+        v = self.v_proj(hidden_states).view(b, t, self.num_heads, -1).transpose(1, 2).float()  # [B, H, T, d_v]
+        q = q * cos + rotate_half(q) * sin
+        k = (k * cos + rotate_half(k) * sin) * (self.head_dim**-0.5)
+        keep = mask[:, None, :, None].float()
+        k, v = k * keep, v * keep  # padding adds nothing to the state
+        log_decay = self.log_decay.float()
+        if mode == "parallel":
+            out, state = retention_parallel(q, k, v, log_decay, time, state)
+        elif mode == "chunkwise":
+            out, state = retention_chunkwise(q, k, v, log_decay, time, state, self.chunk_size)
+        else:
+            out, state = retention_recurrent(q, k, v, log_decay, time, state)
+        out = self.group_norm(out.transpose(1, 2).reshape(b, t, self.value_dim))  # [B, T, H * d_v], fp32
+        gate = F.silu(self.g_proj(hidden_states))
+        return self.o_proj(gate * out.to(gate.dtype)), state
+
+
+class RetNetMLP(nn.Module):
+    """SwiGLU feed-forward."""
+
+    def __init__(self, config: RetNetConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class RetNetDecoderLayer(GradientCheckpointingLayer):
+    """Pre-RMSNorm block: x + MSR(norm(x)), then x + FFN(norm(x))."""
+
+    def __init__(self, config: RetNetConfig, layer_idx: int):
+        super().__init__()
+        self.retention_norm = RetNetRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.retention = RetNetMultiScaleRetention(config, layer_idx)
+        self.ffn_norm = RetNetRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = RetNetMLP(config)
+
+    def forward(self, hidden_states, cos, sin, mask, time, state=None, mode="chunkwise"):
+        retained, state = self.retention(self.retention_norm(hidden_states), cos, sin, mask, time, state, mode)
+        hidden_states = hidden_states + retained
+        hidden_states = hidden_states + self.mlp(self.ffn_norm(hidden_states))
+        return hidden_states, state
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class RetNetPreTrainedModel(PreTrainedModel):
+    config_class = RetNetConfig
+    config: RetNetConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["RetNetDecoderLayer"]
+    _is_stateful = True  # no rollback of the state: assisted / speculative decoding is refused by generate()
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # forward() creates its own RetNetCache
+
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RetNetRMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, RetNetMultiScaleRetention):
+            decay = 1 - torch.pow(2.0, -5.0 - torch.arange(module.num_heads, dtype=torch.float32))
+            init.copy_(module.log_decay, torch.log(decay))
+        elif isinstance(module, RetNetRotaryEmbedding):
+            dim = self.config.head_dim
+            inv_freq = 1.0 / (self.config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+            init.copy_(module.inv_freq, inv_freq)
+
+
+class RetNetModel(RetNetPreTrainedModel):
+    """The RetNet decoder stack without a head: embeddings -> blocks -> final RMSNorm."""
+
+    def __init__(self, config: RetNetConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(RetNetDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RetNetRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = RetNetRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: RetNetCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        retention_mode: str | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast | tuple:
+        """
+        input_ids: [B, T]. attention_mask: [B, T] or [B, past + T] (generation passes the whole mask); zeros are
+        padding. past_key_values: a RetNetCache to start from and update. retention_mode: parallel / chunkwise /
+        recurrent, None for the config's default.
+        """
+        mode = retention_mode or self.config.retention_mode
+        if mode not in RETENTION_MODES:
+            raise ValueError(f"retention_mode={mode!r} is not one of {RETENTION_MODES}; pass one of them or None")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if self.gradient_checkpointing and self.training and use_cache:
+            use_cache = False  # the state would be written twice on the recomputation
+
+        if input_ids is not None:
+            if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
+                bad = input_ids[(input_ids < 0) | (input_ids >= self.config.vocab_size)][0].item()
+                raise ValueError(
+                    f"input id {bad} is outside the vocabulary [0, {self.config.vocab_size}); tokenize with the "
+                    "tokenizer this model was trained with, or resize the embeddings (resize_token_embeddings)"
+                )
+            inputs_embeds = self.embed_tokens(input_ids)
+        b, t = inputs_embeds.shape[:2]
+
+        if use_cache and past_key_values is None:
+            past_key_values = RetNetCache(self.config.num_hidden_layers)
+        mask = torch.ones(b, t, dtype=torch.long, device=inputs_embeds.device)
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != b or attention_mask.shape[1] < t:
+                raise ValueError(
+                    f"attention_mask must be [batch, seq_len] (or [batch, past + seq_len]); got "
+                    f"{tuple(attention_mask.shape)} for inputs of shape {(b, t)}"
+                )
+            mask = attention_mask[:, -t:].to(device=mask.device, dtype=torch.long)
+        time = mask.cumsum(-1).float()  # [B, T] effective time: real tokens read so far in this call
+        seen = None if past_key_values is None else past_key_values.seen_tokens
+        positions = (time - 1).clamp(min=0) + (0 if seen is None else seen.to(time.device).unsqueeze(-1))
+        cos, sin = self.rotary_emb(positions)
+
+        hidden_states = inputs_embeds
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        for i, layer in enumerate(self.layers):
+            state = past_key_values.get_state(i) if past_key_values is not None else None
+            hidden_states, state = layer(hidden_states, cos, sin, mask, time, state, mode)
+            if past_key_values is not None:
+                past_key_values.set_state(i, state)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states = all_hidden_states[:-1] + (hidden_states,)
+        if past_key_values is not None:
+            past_key_values.advance(mask)
+
+        cache = past_key_values if use_cache else None
+        if not return_dict:
+            return tuple(x for x in (hidden_states, cache, all_hidden_states) if x is not None)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states, past_key_values=cache, hidden_states=all_hidden_states
+        )
+
+
+class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
+    """RetNet with a language-modelling head; `generate()` decodes recurrently from a RetNetCache."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: RetNetConfig):
+        super().__init__(config)
+        self.model = RetNetModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: RetNetCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        retention_mode: str | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast | tuple:
+        """labels: [B, T] token ids (shifted inside the loss), -100 where no loss is taken."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            retention_mode=retention_mode,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])  # [B, T', V]
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        if not return_dict:
+            out = (logits, outputs.past_key_values, outputs.hidden_states)
+            out = tuple(x for x in out if x is not None)
+            return (loss,) + out if loss is not None else out
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+        )
+
+
+__all__ = ["RetNetCache", "RetNetPreTrainedModel", "RetNetModel", "RetNetForCausalLM"]
