@@ -1,0 +1,39 @@
+"""Teacher-logit sources (direct, cached, network) behind one `TeacherSource` interface, and the factory the
+trainer uses to build one from a `DistillationConfig`."""
+
+from __future__ import annotations
+
+from .base import TeacherOutput, TeacherSource
+from .direct import DirectTeacher, load_teacher_model
+
+__all__ = ["DirectTeacher", "TeacherOutput", "TeacherSource", "build_teacher_source", "load_teacher_model"]
+
+
+def build_teacher_source(config, device=None) -> TeacherSource:
+    """The source `config.teacher_source` names, placed on `config.teacher_device` or else `device`.
+
+    direct: `DirectTeacher(teacher_model, teacher_adapter, teacher_dtype)`, full logits when `full_vocab_kd`.
+    cached: `CachedTeacher(teacher_cache)`; network: `NetworkTeacher(teacher_url, api_key=teacher_api_key)`.
+    """
+    kind = config.teacher_source
+    if kind == "direct":
+        return DirectTeacher(
+            config.teacher_model,
+            adapter=config.teacher_adapter,
+            dtype=config.teacher_dtype,
+            device=config.teacher_device or device,
+            return_full_logits=bool(config.full_vocab_kd),
+        )
+    if kind == "cached":
+        try:
+            from .cached import CachedTeacher
+        except ImportError as err:
+            raise ValueError(f"teacher_source=cached is not available in this install ({err})") from None
+        return CachedTeacher(config.teacher_cache)
+    if kind == "network":
+        try:
+            from .network import NetworkTeacher
+        except ImportError as err:
+            raise ValueError(f"teacher_source=network is not available in this install ({err})") from None
+        return NetworkTeacher(config.teacher_url, api_key=config.teacher_api_key)
+    raise ValueError(f"config key 'teacher_source': {kind!r} is not one of ('direct', 'cached', 'network')")
