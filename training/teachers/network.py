@@ -1,0 +1,361 @@
+"""NetworkTeacher: the teacher's top-k over HTTP, from `python -m training.serve_teacher` (`/v1/topk`)
+or, as a fallback, from any stock vLLM OpenAI-compatible server (`/v1/completions` + `prompt_logprobs`).
+
+Rows are sent without their padding and the answer is re-padded here. Every answer is checked against
+the request (row lengths, k, an input checksum, id range, finite sorted log-probs) and retried with
+exponential backoff when the server is down, overloaded or sends a broken answer; after the retry
+budget a `TeacherUnavailableError` says so. A failed or partial answer is never returned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import torch
+
+from training.wire import (
+    BINARY_MEDIA_TYPE,
+    JSON_MEDIA_TYPE,
+    TopKAnswer,
+    WireFormatError,
+    decode_binary,
+    decode_json,
+    input_checksum,
+    topk_from_logprob_dicts,
+)
+
+from .base import TeacherOutput
+
+logger = logging.getLogger(__name__)
+API_KEY_ENV = "HF_RETNET_TEACHER_API_KEY"
+TOKEN_ID_PREFIX = "token_id:"  # vLLM's key format under return_tokens_as_token_ids
+
+
+class TeacherRequestError(ValueError):
+    """The server refused the request itself (4xx): retrying cannot help; the message says what to change."""
+
+
+class TeacherAuthError(TeacherRequestError):
+    """401/403: the API key is missing or wrong."""
+
+
+class TeacherAnswerError(ValueError):
+    """The server answered, but the answer does not match the request (shapes, ids, values)."""
+
+
+class TeacherUnavailableError(RuntimeError):
+    """No valid answer within the retry budget (server down, timing out, or answering garbage)."""
+
+
+class NetworkTeacher:
+    """A `TeacherSource` backed by a teacher server.
+
+    Args:
+        url: server root, e.g. "http://10.0.0.5:8080" (a trailing "/v1" is accepted).
+        api_key: sent as "Authorization: Bearer ..."; defaults to $HF_RETNET_TEACHER_API_KEY.
+        timeout: seconds for one request to complete (read/write/pool); connect has its own `connect_timeout`.
+        retries: extra attempts after the first on connection errors, timeouts, 5xx/429 and broken answers.
+        backoff: first wait between attempts; doubles each time up to `max_backoff`.
+        binary: ask `/v1/topk` for the packed binary answer (default) instead of JSON.
+        protocol: "topk" (our server) or "openai" (stock vLLM `/v1/completions`, temperature 1 only).
+        model: model id for the "openai" protocol (default: the first one `/v1/models` lists).
+        vocab_size: the teacher's vocabulary; asked from `/v1/models` when None (stock vLLM does not say,
+            so pass it for the "openai" protocol).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None = None,
+        timeout: float = 300.0,
+        retries: int = 5,
+        backoff: float = 0.5,
+        binary: bool = True,
+        protocol: str = "topk",
+        *,
+        max_backoff: float = 30.0,
+        connect_timeout: float = 10.0,
+        model: str | None = None,
+        vocab_size: int | None = None,
+    ):
+        if protocol not in ("topk", "openai"):
+            raise ValueError(f"protocol={protocol!r} must be 'topk' (our /v1/topk) or 'openai' (vLLM /v1/completions)")
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"teacher_url={url!r} must start with http:// or https:// (e.g. http://127.0.0.1:8080)")
+        if retries < 0 or backoff < 0 or timeout <= 0:
+            raise ValueError(f"need retries >= 0, backoff >= 0, timeout > 0; got {retries}, {backoff}, {timeout}")
+        url = url.rstrip("/")
+        self.url = url[: -len("/v1")] if url.endswith("/v1") else url
+        self.protocol = protocol
+        self.binary = binary
+        self.retries, self.backoff, self.max_backoff = retries, backoff, max_backoff
+        self.model = model
+        self._vocab_size = vocab_size
+        api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = httpx.Client(
+            base_url=self.url,
+            headers=headers,
+            timeout=httpx.Timeout(timeout, connect=connect_timeout),
+            limits=httpx.Limits(max_connections=8, max_keepalive_connections=4),
+        )
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: dict[str, Future] = {}
+        self._lock = threading.Lock()
+
+    # ---------------------------------------------------------------- TeacherSource
+
+    @property
+    def vocab_size(self) -> int:
+        if self._vocab_size is None:
+            entry = self._first_model()
+            if "vocab_size" not in entry:
+                raise ValueError(
+                    f"the server at {self.url} does not report vocab_size (a stock vLLM server does not); "
+                    "pass vocab_size=<the teacher's vocabulary size> to NetworkTeacher"
+                )
+            self._vocab_size = int(entry["vocab_size"])
+        return self._vocab_size
+
+    def topk(self, input_ids, attention_mask=None, k: int = 512, temperature: float = 1.0) -> TeacherOutput:
+        """input_ids/attention_mask [B, T] -> TeacherOutput [B, T, k] on input_ids' device."""
+        start = time.perf_counter()
+        key = self._key(input_ids, attention_mask, k, temperature)
+        with self._lock:
+            future = self._pending.pop(key, None)
+        out = future.result() if future is not None else self._fetch(input_ids, attention_mask, k, temperature)
+        out.seconds = time.perf_counter() - start  # time the trainer actually waited
+        return TeacherOutput(out.token_ids.to(input_ids.device), out.logprobs.to(input_ids.device), None, out.seconds)
+
+    def prefetch(self, input_ids, attention_mask=None, k: int = 512, temperature: float = 1.0) -> None:
+        """Start fetching this batch's answer in the background; a later `topk` with the same inputs takes it."""
+        key = self._key(input_ids, attention_mask, k, temperature)
+        ids = input_ids.detach().to("cpu", copy=True)
+        mask = attention_mask.detach().to("cpu", copy=True) if attention_mask is not None else None
+        with self._lock:
+            if key in self._pending:
+                return
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="teacher-prefetch")
+            while len(self._pending) >= 2:  # a prefetch nobody asked for: forget the oldest
+                self._pending.pop(next(iter(self._pending)))
+            self._pending[key] = self._executor.submit(self._fetch, ids, mask, k, temperature)
+
+    def close(self) -> None:
+        with self._lock:
+            self._pending.clear()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+        self._client.close()
+
+    def __enter__(self) -> "NetworkTeacher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- request / answer
+
+    @staticmethod
+    def _key(input_ids, attention_mask, k, temperature) -> str:
+        digest = hashlib.blake2b(digest_size=16)
+        digest.update(np.ascontiguousarray(input_ids.detach().cpu().numpy()).tobytes())
+        digest.update(str(tuple(input_ids.shape)).encode())
+        if attention_mask is not None:
+            digest.update(np.ascontiguousarray(attention_mask.detach().cpu().numpy()).tobytes())
+        digest.update(f"{k}:{temperature!r}".encode())
+        return digest.hexdigest()
+
+    def _fetch(self, input_ids, attention_mask, k: int, temperature: float) -> TeacherOutput:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
+        if not 0 < k <= self.vocab_size:
+            raise ValueError(f"teacher_topk={k} must be in [1, vocab_size={self.vocab_size}]")
+        if not temperature > 0:
+            raise ValueError(f"temperature={temperature} must be > 0")
+        ids = input_ids.detach().cpu()
+        mask = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.detach().cpu().bool()
+        batch, seq_len = ids.shape
+        rows = [ids[b][mask[b]].tolist() for b in range(batch)]  # each row without its padding
+        sent = [b for b in range(batch) if rows[b]]
+        # Padding positions get a harmless uniform stand-in; the trainer never trains on them.
+        token_ids = torch.arange(k, dtype=torch.int64).expand(batch, seq_len, k).clone()  # [B, T, k]
+        logprobs = torch.full((batch, seq_len, k), -math.log(k), dtype=torch.float32)  # [B, T, k]
+        if sent:
+            send_rows = [rows[b] for b in sent]
+            answer = self._request_with_retries(send_rows, k, temperature)
+            flat_ids = torch.from_numpy(answer.token_ids.astype(np.int64, copy=False))  # [N, k]
+            flat_lps = torch.from_numpy(np.array(answer.logprobs, dtype=np.float32))  # [N, k]
+            sent_mask = torch.zeros_like(mask)
+            sent_mask[sent] = mask[sent]
+            token_ids[sent_mask] = flat_ids
+            logprobs[sent_mask] = flat_lps
+        return TeacherOutput(token_ids, logprobs).validate(batch, seq_len, k)
+
+    def _request_with_retries(self, rows: list[list[int]], k: int, temperature: float) -> TopKAnswer:
+        if self.protocol == "openai" and temperature != 1.0:
+            raise ValueError(
+                f"temperature={temperature}: a stock vLLM server returns raw (temperature 1) prompt log-probs and "
+                "top-k alone cannot be re-tempered exactly; use temperature 1.0 or our /v1/topk server"
+            )
+        started, last_error = time.monotonic(), None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                wait = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
+                logger.warning("teacher request failed (%s); retry %d/%d in %.2fs", last_error, attempt, self.retries, wait)
+                time.sleep(wait)
+            try:
+                if self.protocol == "topk":
+                    return self._topk_once(rows, k, temperature)
+                return self._openai_once(rows, k)
+            except (httpx.TransportError, _RetryableStatus, TeacherAnswerError) as err:
+                last_error = err
+        raise TeacherUnavailableError(
+            f"no valid answer from the teacher server at {self.url} after {self.retries + 1} attempts over "
+            f"{time.monotonic() - started:.1f}s; last error: {last_error!r}. Check that `python -m "
+            "training.serve_teacher` is running and reachable, or raise retries/backoff to wait longer."
+        ) from last_error
+
+    def _post(self, path: str, payload: dict, accept: str) -> httpx.Response:
+        response = self._client.post(path, json=payload, headers={"Accept": accept})
+        status = response.status_code
+        if status == 200:
+            return response
+        detail = _detail(response)
+        if status in (401, 403):
+            raise TeacherAuthError(
+                f"the teacher server at {self.url} refused the API key ({status}: {detail}); set teacher_api_key "
+                f"(or ${API_KEY_ENV}) to the key the server was started with"
+            )
+        if status in (408, 425, 429) or status >= 500:
+            raise _RetryableStatus(f"{status} from {path}: {detail}")
+        raise TeacherRequestError(f"the teacher server at {self.url} rejected the request ({status}): {detail}")
+
+    def _topk_once(self, rows: list[list[int]], k: int, temperature: float) -> TopKAnswer:
+        accept = BINARY_MEDIA_TYPE if self.binary else JSON_MEDIA_TYPE
+        response = self._post("/v1/topk", {"input_ids": rows, "k": k, "temperature": temperature}, accept)
+        try:
+            is_binary = response.headers.get("content-type", "").startswith(BINARY_MEDIA_TYPE)
+            answer = decode_binary(response.content) if is_binary else decode_json(response.content)
+        except WireFormatError as err:
+            raise TeacherAnswerError(f"undecodable answer: {err}") from None
+        if answer.input_crc32 != input_checksum(rows):
+            raise TeacherAnswerError("the answer's input checksum does not match the request: answer to other tokens")
+        if abs(answer.temperature - temperature) > 1e-6 * max(1.0, temperature):
+            raise TeacherAnswerError(f"answer applied temperature {answer.temperature}, asked for {temperature}")
+        return self._check(answer, rows, k)
+
+    def _openai_once(self, rows: list[list[int]], k: int) -> TopKAnswer:
+        """vLLM /v1/completions with token-id prompts and one generated token.
+
+        vLLM's `prompt_logprobs[t]` (t >= 1) scores token t given tokens < t, and entry 0 is None; our
+        position t is "the next token after reading 0..t", so position t = prompt_logprobs[t + 1] for
+        t < T-1, and the last position is the distribution of the one generated token (`logprobs=k`,
+        `top_logprobs[0]`, keyed "token_id:<id>" under `return_tokens_as_token_ids`). Entries may hold
+        k+1 items (the scored token rides along); we keep the k largest.
+        """
+        payload = {
+            "model": self.model or self._first_model()["id"],
+            "prompt": rows,
+            "max_tokens": 1,
+            "temperature": 1.0,
+            "prompt_logprobs": k,
+            "logprobs": k,
+            "return_tokens_as_token_ids": True,
+            "echo": False,
+            "stream": False,
+        }
+        data = self._post("/v1/completions", payload, JSON_MEDIA_TYPE).json()
+        try:
+            choices = sorted(data["choices"], key=lambda c: c["index"])
+            if len(choices) != len(rows):
+                raise TeacherAnswerError(f"{len(choices)} choices for {len(rows)} prompts")
+            ids, lps = [], []
+            for b, (choice, row) in enumerate(zip(choices, rows)):
+                prompt = choice["prompt_logprobs"]
+                if prompt is None or len(prompt) != len(row):
+                    got = None if prompt is None else len(prompt)
+                    raise TeacherAnswerError(f"prompt {b}: {got} prompt_logprobs entries for {len(row)} tokens")
+                positions = [{int(tid): float(e["logprob"]) for tid, e in entry.items()} for entry in prompt[1:]]
+                generated = choice["logprobs"]["top_logprobs"][0]
+                if any(not key.startswith(TOKEN_ID_PREFIX) for key in generated):
+                    raise TeacherAnswerError("top_logprobs are keyed by text, not 'token_id:<id>' (vLLM too old?)")
+                positions.append({int(key[len(TOKEN_ID_PREFIX):]): float(lp) for key, lp in generated.items()})
+                row_ids, row_lps = topk_from_logprob_dicts(positions, k)
+                ids.append(row_ids)
+                lps.append(row_lps)
+        except (KeyError, TypeError, IndexError, AttributeError, ValueError) as err:
+            if isinstance(err, TeacherAnswerError):
+                raise
+            raise TeacherAnswerError(f"not a vLLM prompt_logprobs completion: {err!r}") from None
+        answer = TopKAnswer(np.asarray([len(r) for r in rows], np.int64), np.concatenate(ids), np.concatenate(lps))
+        return self._check(answer, rows, k)
+
+    def _check(self, answer: TopKAnswer, rows: list[list[int]], k: int) -> TopKAnswer:
+        """Reject any answer that is not exactly the one asked for."""
+        want = [len(r) for r in rows]
+        if answer.lengths.tolist() != want:
+            raise TeacherAnswerError(f"answer rows have lengths {answer.lengths.tolist()}, request had {want}")
+        if answer.token_ids.shape != (sum(want), k) or answer.logprobs.shape != (sum(want), k):
+            raise TeacherAnswerError(
+                f"answer arrays are {answer.token_ids.shape}/{answer.logprobs.shape}, expected {(sum(want), k)}"
+            )
+        if answer.token_ids.size:
+            lo, hi = int(answer.token_ids.min()), int(answer.token_ids.max())
+            if lo < 0 or hi >= self.vocab_size:
+                raise TeacherAnswerError(f"answer holds token ids in [{lo}, {hi}], outside [0, {self.vocab_size})")
+            lps = answer.logprobs
+            if not np.isfinite(lps).all() or lps.max() > 1e-4:
+                raise TeacherAnswerError("answer holds non-finite or positive log-probabilities")
+            if (np.diff(lps, axis=1) > 1e-6).any():
+                raise TeacherAnswerError("answer log-probabilities are not sorted in descending order")
+        return answer
+
+    def _first_model(self) -> dict:
+        last_error = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(min(self.max_backoff, self.backoff * 2 ** (attempt - 1)))
+            try:
+                response = self._client.get("/v1/models")
+            except httpx.TransportError as err:
+                last_error = err
+                continue
+            if response.status_code in (401, 403):
+                raise TeacherAuthError(
+                    f"the teacher server at {self.url} refused the API key ({response.status_code}: "
+                    f"{_detail(response)}); set teacher_api_key (or ${API_KEY_ENV}) to the server's key"
+                )
+            if response.status_code != 200:
+                last_error = _RetryableStatus(f"{response.status_code} from /v1/models: {_detail(response)}")
+                continue
+            data = response.json().get("data") or []
+            if not data:
+                raise TeacherRequestError(f"the server at {self.url} lists no models at /v1/models")
+            return data[0]
+        raise TeacherUnavailableError(
+            f"the teacher server at {self.url} did not answer /v1/models after {self.retries + 1} attempts; "
+            f"last error: {last_error!r}. Is it running and reachable?"
+        ) from last_error
+
+
+class _RetryableStatus(Exception):
+    """A status worth retrying (5xx, 429, 408)."""
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        detail = response.json().get("detail", response.text)
+    except ValueError:
+        detail = response.text
+    return str(detail)[:500]

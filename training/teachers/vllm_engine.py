@@ -1,0 +1,67 @@
+"""Optional `--engine vllm` for the teacher server: vLLM's engine computes prompt log-probabilities.
+
+Only importable where vLLM is installed (`pip install 'hf-retnet[vllm]'`, Linux + CUDA). The engine is
+started with `max_logprobs` raised to the server's --max-k and without detokenization; the answer is
+shifted to the next-token convention exactly as `NetworkTeacher`'s OpenAI fallback does (see there).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+try:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+except ImportError as err:  # pragma: no cover - depends on the machine
+    raise ImportError(
+        "the vllm engine needs vLLM: `pip install 'hf-retnet[vllm]'` on a Linux machine with CUDA GPUs, "
+        "or serve with `--engine hf` (transformers, CPU or GPU)"
+    ) from err
+
+from training.wire import topk_from_logprob_dicts
+
+
+class VLLMEngine:
+    """Teacher forward through vLLM; `topk_rows` has the same contract as the server's `HFEngine`.
+
+    Temperature: vLLM reports prompt log-probabilities of the raw model output, so only temperature 1
+    is exact here; other temperatures raise (serve with `--engine hf` to distil at T != 1).
+    """
+
+    name = "vllm"
+
+    def __init__(self, model: str, adapter: str | None = None, max_k: int = 1024, dtype: str = "auto",
+                 tensor_parallel_size: int = 1, **engine_kwargs):
+        if adapter is not None:
+            raise ValueError(
+                "--engine vllm does not merge peft adapters here; merge it first (peft merge_and_unload + "
+                "save_pretrained) and pass the merged folder as --model, or use --engine hf --adapter"
+            )
+        self.llm = LLM(
+            model=model,
+            dtype=dtype,
+            tensor_parallel_size=tensor_parallel_size,
+            max_logprobs=max_k,
+            enable_prefix_caching=False,  # prefix caching would skip prompt positions we need scored
+            **engine_kwargs,
+        )
+        self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
+
+    def topk_rows(self, rows: list[list[int]], k: int, temperature: float) -> tuple[np.ndarray, np.ndarray]:
+        """rows: B lists of ids -> (ids [N, k] int64, logprobs [N, k] float32) in row order."""
+        if temperature != 1.0:
+            raise ValueError(f"temperature={temperature}: the vllm engine serves temperature 1.0 only")
+        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=k, logprobs=k, detokenize=False)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=r) for r in rows], params, use_tqdm=False)
+        ids, lps = [], []
+        for row, out in zip(rows, outputs):
+            # prompt_logprobs[t] scores token t given < t (entry 0 is None): shift by one, then the
+            # generated token's distribution is the last position's next-token distribution.
+            positions = [{tid: lp.logprob for tid, lp in entry.items()} for entry in out.prompt_logprobs[1:]]
+            positions.append({tid: lp.logprob for tid, lp in out.outputs[0].logprobs[0].items()})
+            if len(positions) != len(row):
+                raise RuntimeError(f"vLLM scored {len(positions)} positions for a row of {len(row)} tokens")
+            row_ids, row_lps = topk_from_logprob_dicts(positions, k)
+            ids.append(row_ids)
+            lps.append(row_lps)
+        return np.concatenate(ids), np.concatenate(lps)
