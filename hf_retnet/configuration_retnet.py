@@ -5,7 +5,7 @@ from transformers.configuration_utils import PretrainedConfig
 RETENTION_MODES = ("parallel", "chunkwise", "recurrent")
 
 # The seed's two student sizes, on the Llama-3 vocabulary so a Llama-3 teacher's tokenizer is reused as is.
-# Parameter counts (tied embeddings): 350M -> 347.0M, 500M -> 504.5M (printed by tests/hf_retnet/test_config.py).
+# Parameter counts (tied embeddings): 350M -> 351.6M, 500M -> 508.3M (printed by tests/hf_retnet/test_config.py).
 VARIANTS = {
     "350M": dict(hidden_size=1024, num_hidden_layers=15, num_heads=8, intermediate_size=2048),
     "500M": dict(hidden_size=1280, num_hidden_layers=15, num_heads=10, intermediate_size=2560),
