@@ -1,0 +1,366 @@
+"""On-disk format of the teacher top-k cache: sequence keys, encodings, shard files and the manifest.
+
+A cache is a folder with `manifest.json` and shards `shard-00000.safetensors`, ... Each shard is one
+safetensors file (header + raw little-endian arrays), so it is written atomically with one `os.replace`
+and read memory-mapped with `np.memmap` at the offsets the header gives. Every sequence is stored under
+a 128-bit hash of its (unpadded) input ids, so an entry can never be applied to another sample.
+The full specification, with byte layouts, is `docs/cache_format.md`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+
+FORMAT_NAME = "hf-retnet-teacher-cache"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+KEY_BYTES = 16
+KEY_SCHEME = "blake2b-128 of the unpadded input ids as little-endian int32"
+ENCODINGS = ("naive", "compact")
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Keys and fingerprints
+
+
+def sequence_key(input_ids) -> bytes:
+    """The 16-byte key of one sequence: blake2b-128 over its ids as little-endian int32 (no padding)."""
+    ids = np.ascontiguousarray(np.asarray(input_ids), dtype="<i4")
+    return hashlib.blake2b(ids.tobytes(), digest_size=KEY_BYTES).digest()
+
+
+def canonical_json(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def sha256_hex(data: bytes | str) -> str:
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
+
+
+def file_sha256(path: str, chunk: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of everything that decides token ids: the backend tokenizer's JSON (vocab, merges, normalizer,
+    pre-tokenizer, post-processor, added tokens). Two tokenizers with the same fingerprint tokenize alike."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return sha256_hex(canonical_json(json.loads(backend.to_str())))
+    return sha256_hex(canonical_json(sorted(tokenizer.get_vocab().items())))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bit packing: value i of width w occupies bits [w*i, w*i + w) of a little-endian bit stream.
+
+
+def pack_bits(values: np.ndarray, width: int) -> np.ndarray:
+    """[E] unsigned ints < 2**width -> uint8 bit stream, plus 8 zero bytes so any 8-byte window can be read."""
+    if not 1 <= width <= 57:
+        raise ValueError(f"bit width {width} must be in [1, 57]")
+    values = np.asarray(values, dtype=np.uint64)
+    bits = ((values[:, None] >> np.arange(width, dtype=np.uint64)) & np.uint64(1)).astype(np.uint8)  # [E, w]
+    stream = np.packbits(bits.reshape(-1), bitorder="little")
+    return np.concatenate([stream, np.zeros(8, dtype=np.uint8)])
+
+
+def unpack_bits(stream: np.ndarray, width: int, start: int, count: int) -> np.ndarray:
+    """Values start .. start+count-1 of a stream written by `pack_bits` -> [count] uint64."""
+    if count == 0:
+        return np.zeros(0, dtype=np.uint64)
+    bit = np.arange(start, start + count, dtype=np.int64) * width  # [E]
+    first = int(bit[0] >> 3)
+    window = np.asarray(stream[first : int(bit[-1] >> 3) + 8])  # the bytes we need, copied out of the mmap
+    offsets = (bit >> 3) - first
+    words = window[offsets[:, None] + np.arange(8)].view("<u8")[:, 0]  # [E] 8-byte little-endian windows
+    return (words >> (bit & 7).astype(np.uint64)) & np.uint64((1 << width) - 1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Encodings. Both take one batch of tokens' top-k answers (ids [N, k] int64, logprobs [N, k] float32, sorted
+# by descending log-probability) and give `Staged` arrays; `pack` joins the staged parts of a shard into the
+# arrays that are written; `decode` reads tokens back into [N, k] int64 ids and float32 logprobs.
+
+
+@dataclass
+class Staged:
+    """Per-token arrays (first axis N) and per-entry arrays (first axis E) of some tokens, before packing."""
+
+    tokens: dict[str, np.ndarray]
+    entries: dict[str, np.ndarray] = field(default_factory=dict)
+    num_entries: int = 0
+
+
+class NaiveEncoding:
+    """int32 ids + float16 log-probs, all k entries of every token: 6 bytes per entry, exact up to fp16."""
+
+    name = "naive"
+
+    def __init__(self, k: int, vocab_size: int):
+        self.k, self.vocab_size = k, vocab_size
+
+    @property
+    def spec(self) -> dict:
+        return {"name": self.name}
+
+    def encode(self, ids: np.ndarray, logprobs: np.ndarray) -> Staged:
+        n = ids.shape[0]
+        return Staged(
+            tokens={"token_ids": ids.astype("<i4"), "logprobs": logprobs.astype("<f2")}, num_entries=n * self.k
+        )
+
+    def pack(self, parts: list[Staged]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """-> (arrays to write, per-part entry counts)."""
+        arrays = {
+            "token_ids": _concat([p.tokens["token_ids"] for p in parts], (0, self.k), "<i4"),
+            "logprobs": _concat([p.tokens["logprobs"] for p in parts], (0, self.k), "<f2"),
+        }
+        return arrays, np.array([p.num_entries for p in parts], dtype=np.int64)
+
+    def decode(self, arrays, token_ranges, entry_ranges, k: int):
+        ids = np.concatenate([arrays["token_ids"][a:b, :k] for a, b in token_ranges]).astype(np.int64)
+        logprobs = np.concatenate([arrays["logprobs"][a:b, :k] for a, b in token_ranges]).astype(np.float32)
+        return ids, logprobs
+
+
+class CompactEncoding:
+    """Keeps, per token, the fewest top entries whose probability reaches `mass` (at most k), the log of the
+    mass left out (`log_tail`, so nothing is lost from the partition {kept, rest}), and each kept entry as one
+    bit-packed word: id (ceil(log2 V) bits) | q (logprob_bits), with q the distance of the entry's log-prob
+    below the token's best one, quantized uniformly on [0, max distance of that token] (`scale` per token).
+    Decoding renormalizes the kept entries to 1 - tail. Bytes per token: 6 + m * (id_bits + logprob_bits) / 8.
+    """
+
+    name = "compact"
+
+    def __init__(self, k: int, vocab_size: int, mass: float = 0.999, logprob_bits: int = 8):
+        if not 0.0 < mass <= 1.0:
+            raise ValueError(f"compact encoding mass={mass} must be in (0, 1]")
+        if not 2 <= logprob_bits <= 16:
+            raise ValueError(f"compact encoding logprob_bits={logprob_bits} must be in [2, 16]")
+        if k > 65535:
+            raise ValueError(f"compact encoding stores per-token counts as uint16; k={k} is too large")
+        self.k, self.vocab_size, self.mass, self.logprob_bits = k, vocab_size, float(mass), int(logprob_bits)
+        self.id_bits = max(1, math.ceil(math.log2(vocab_size)))
+        self.levels = (1 << self.logprob_bits) - 1
+
+    @property
+    def spec(self) -> dict:
+        return {"name": self.name, "mass": self.mass, "logprob_bits": self.logprob_bits, "id_bits": self.id_bits}
+
+    def encode(self, ids: np.ndarray, logprobs: np.ndarray) -> Staged:
+        n, k = ids.shape
+        lp = logprobs.astype(np.float64)  # [N, k]
+        cum = np.cumsum(np.exp(lp), axis=1)  # [N, k]
+        counts = np.minimum((cum < self.mass).sum(axis=1) + 1, k)  # [N] smallest prefix reaching `mass`
+        counts = np.maximum(np.minimum(counts, np.isfinite(lp).sum(axis=1)), 1)  # never keep p = 0 entries
+        kept_mass = cum[np.arange(n), counts - 1]
+        tail = np.clip(1.0 - kept_mass, 0.0, 1.0)
+        with np.errstate(divide="ignore"):
+            log_tail = np.log(tail).astype("<f2")  # -inf when the kept entries hold everything
+        dist = lp[:, :1] - lp  # [N, k] >= 0, non-decreasing along k
+        dist_max = dist[np.arange(n), counts - 1]
+        scale = (dist_max / self.levels).astype("<f2")  # [N] nats per quantization step
+        safe = np.where(scale > 0, scale.astype(np.float64), 1.0)
+        q = np.clip(np.rint(dist / safe[:, None]), 0, self.levels).astype(np.uint64)  # [N, k]
+        keep = np.arange(k)[None, :] < counts[:, None]  # [N, k]
+        words = ids.astype(np.uint64)[keep] | (q[keep] << np.uint64(self.id_bits))  # [E] row-major = token order
+        return Staged(
+            tokens={"counts": counts.astype("<u2"), "log_tail": log_tail, "scale": scale},
+            entries={"words": words},
+            num_entries=int(counts.sum()),
+        )
+
+    def pack(self, parts: list[Staged]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        words = np.concatenate([p.entries["words"] for p in parts]) if parts else np.zeros(0, np.uint64)
+        arrays = {
+            "counts": _concat([p.tokens["counts"] for p in parts], (0,), "<u2"),
+            "log_tail": _concat([p.tokens["log_tail"] for p in parts], (0,), "<f2"),
+            "scale": _concat([p.tokens["scale"] for p in parts], (0,), "<f2"),
+            "entries": pack_bits(words, self.id_bits + self.logprob_bits),
+        }
+        return arrays, np.array([p.num_entries for p in parts], dtype=np.int64)
+
+    def decode(self, arrays, token_ranges, entry_ranges, k: int):
+        """-> ids [N, k] int64, logprobs [N, k] float32; slots past a token's kept count hold logprob -inf
+        and an id not used elsewhere in that token (see `fill_missing`)."""
+        width = self.id_bits + self.logprob_bits
+        words = np.concatenate([unpack_bits(arrays["entries"], width, a, b - a) for a, b in entry_ranges])
+        counts = np.concatenate([arrays["counts"][a:b] for a, b in token_ranges]).astype(np.int64)  # [N]
+        scale = np.concatenate([arrays["scale"][a:b] for a, b in token_ranges]).astype(np.float32)
+        log_tail = np.concatenate([arrays["log_tail"][a:b] for a, b in token_ranges]).astype(np.float32)
+        n = counts.shape[0]
+        token_of = np.repeat(np.arange(n), counts)  # [E]
+        starts = np.cumsum(counts) - counts
+        slot = np.arange(words.shape[0]) - starts[token_of]  # [E] rank of the entry within its token
+        neg_dist = -(words >> np.uint64(self.id_bits)).astype(np.float32) * scale[token_of]  # [E] <= 0
+        # log-probs: kept entries renormalized to 1 - tail; the best entry has neg_dist 0 so the sum is >= 1.
+        norm = np.log(np.add.reduceat(np.exp(neg_dist), starts)) if n else np.zeros(0, np.float32)  # [N]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            log_kept = np.log1p(-np.exp(log_tail.astype(np.float64))).astype(np.float32)  # log(1 - tail)
+        lp_entries = neg_dist + (log_kept - norm)[token_of]
+        ids = np.zeros((n, k), dtype=np.int64)
+        logprobs = np.full((n, k), -np.inf, dtype=np.float32)
+        take = slot < k
+        ids[token_of[take], slot[take]] = (words[take] & np.uint64((1 << self.id_bits) - 1)).astype(np.int64)
+        logprobs[token_of[take], slot[take]] = lp_entries[take]
+        fill_missing(ids, np.minimum(counts, k), self.vocab_size)
+        return ids, logprobs
+
+
+def fill_missing(ids: np.ndarray, counts: np.ndarray, vocab_size: int) -> None:
+    """In place: slots j >= counts[i] of row i get distinct ids not among that row's first counts[i] ids, so a
+    [N, k] answer never names one token twice. Their log-probs are -inf: the loss counts them in the tail."""
+    n, k = ids.shape
+    short = np.nonzero(counts < k)[0]
+    if short.size == 0:
+        return
+    width = min(vocab_size, 2 * k)
+    used = np.zeros((short.size, width), dtype=bool)
+    kept = ids[short]
+    valid = (np.arange(k)[None, :] < counts[short, None]) & (kept < width)
+    rows = np.broadcast_to(np.arange(short.size)[:, None], kept.shape)
+    used[rows[valid], kept[valid]] = True
+    free = np.argsort(used, axis=1, kind="stable")  # [S, width] unused candidate ids first, ascending
+    slot = np.arange(k)[None, :] - counts[short, None]  # [S, k] index into the free list, >= 0 where missing
+    r, c = np.nonzero(slot >= 0)
+    ids[short[r], c] = free[r, slot[r, c]]
+
+
+def _concat(arrays: list[np.ndarray], empty_shape: tuple, dtype: str) -> np.ndarray:
+    return np.ascontiguousarray(np.concatenate(arrays)) if arrays else np.zeros(empty_shape, dtype=dtype)
+
+
+def make_encoding(spec: str | dict, k: int, vocab_size: int):
+    """An encoding from its manifest spec ({"name": ..., params}) or a CLI string such as
+    "naive", "compact", "compact:mass=0.995,bits=6"."""
+    if isinstance(spec, str):
+        name, _, params = spec.partition(":")
+        kwargs = {}
+        for item in filter(None, params.split(",")):
+            key, _, value = item.partition("=")
+            key = {"bits": "logprob_bits"}.get(key.strip(), key.strip())
+            kwargs[key] = float(value) if key == "mass" else int(value)
+        spec = {"name": name.strip(), **kwargs}
+    spec = dict(spec)
+    name = spec.pop("name", None)
+    spec.pop("id_bits", None)  # derived from the vocabulary
+    if name == "naive" and not spec:
+        return NaiveEncoding(k, vocab_size)
+    if name == "compact":
+        unknown = set(spec) - {"mass", "logprob_bits"}
+        if not unknown:
+            return CompactEncoding(k, vocab_size, **spec)
+        raise ValueError(f"unknown compact encoding parameter(s) {sorted(unknown)}; known: mass, bits")
+    raise ValueError(
+        f"unknown cache encoding {name!r} with parameters {spec}; use one of {ENCODINGS}, "
+        "e.g. 'naive', 'compact' or 'compact:mass=0.999,bits=8'"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shard files: safetensors layout (8-byte little-endian header size, JSON header, raw data).
+
+SEQUENCE_ARRAYS = ("keys", "lengths", "token_offsets", "entry_offsets")
+
+
+def shard_bytes(arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
+    from safetensors.numpy import save
+
+    return save({name: np.ascontiguousarray(a) for name, a in arrays.items()}, metadata=metadata)
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then os.replace: readers see all or nothing."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+_DTYPES = {"U8": "u1", "I8": "i1", "U16": "<u2", "I16": "<i2", "U32": "<u4", "I32": "<i4", "U64": "<u8",
+           "I64": "<i8", "F16": "<f2", "F32": "<f4", "F64": "<f8", "BOOL": "?"}
+
+
+def read_shard_header(path: str) -> tuple[dict, dict[str, str], int]:
+    """-> (tensor table, metadata, data start offset); ValueError naming the file when it is not a valid shard."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise ValueError(f"cache shard {path} is truncated ({size} bytes): rebuild the cache")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > min(size - 8, 1 << 28):
+            raise ValueError(f"cache shard {path} is truncated or corrupted (header length {header_len}, "
+                             f"file {size} bytes): rebuild the cache")
+        try:
+            header = json.loads(handle.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"cache shard {path} has a corrupted header ({err}): rebuild the cache") from None
+    metadata = header.pop("__metadata__", {}) or {}
+    start = 8 + header_len
+    end = max((t["data_offsets"][1] for t in header.values()), default=0)
+    if start + end != size:
+        raise ValueError(f"cache shard {path} is truncated or corrupted: its header describes {start + end} "
+                         f"bytes, the file has {size}; rebuild the cache")
+    return header, metadata, start
+
+
+def open_shard(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Memory-map every array of a shard (read only, zero copy)."""
+    header, metadata, start = read_shard_header(path)
+    whole = np.memmap(path, dtype=np.uint8, mode="r")
+    arrays = {}
+    for name, info in header.items():
+        lo, hi = info["data_offsets"]
+        dtype = np.dtype(_DTYPES[info["dtype"]])
+        arrays[name] = whole[start + lo : start + hi].view(dtype).reshape(info["shape"])
+    return arrays, metadata
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Manifest
+
+
+def read_manifest(cache_dir: str) -> dict:
+    path = os.path.join(cache_dir, MANIFEST_NAME)
+    if not os.path.isdir(cache_dir):
+        raise FileNotFoundError(f"teacher cache folder {cache_dir!r} does not exist; build one with "
+                                "`python -m training.cache_teacher_logits --output <folder> ...`")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path} is missing: the cache is incomplete (was its producer interrupted?). Rerun "
+            "`python -m training.cache_teacher_logits` with the same arguments to finish it."
+        )
+    try:
+        with open(path, encoding="utf-8") as handle:
+            manifest = json.load(handle)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); rebuild the cache") from None
+    if manifest.get("format") != FORMAT_NAME or manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path} is not a {FORMAT_NAME} v{FORMAT_VERSION} manifest "
+                         f"(format={manifest.get('format')!r}, version={manifest.get('format_version')!r})")
+    return manifest
+
+
+def write_manifest(cache_dir: str, manifest: dict) -> None:
+    text = json.dumps(manifest, sort_keys=True, indent=2) + "\n"
+    write_atomic(os.path.join(cache_dir, MANIFEST_NAME), text.encode())
