@@ -42,7 +42,7 @@ from training.wire import (
 )
 
 logger = logging.getLogger("training.serve_teacher")
-API_KEY_ENV = "HF_RETNET_TEACHER_API_KEY"
+API_KEY_ENV = "TEACHER_API_KEY"
 
 
 class TopKRequest(BaseModel):

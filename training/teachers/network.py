@@ -35,7 +35,7 @@ from training.wire import (
 from .base import TeacherOutput
 
 logger = logging.getLogger(__name__)
-API_KEY_ENV = "HF_RETNET_TEACHER_API_KEY"
+API_KEY_ENV = "TEACHER_API_KEY"
 TOKEN_ID_PREFIX = "token_id:"  # vLLM's key format under return_tokens_as_token_ids
 
 
@@ -60,7 +60,7 @@ class NetworkTeacher:
 
     Args:
         url: server root, e.g. "http://10.0.0.5:8080" (a trailing "/v1" is accepted).
-        api_key: sent as "Authorization: Bearer ..."; defaults to $HF_RETNET_TEACHER_API_KEY.
+        api_key: sent as "Authorization: Bearer ..."; defaults to $TEACHER_API_KEY.
         timeout: seconds for one request to complete (read/write/pool); connect has its own `connect_timeout`.
         retries: extra attempts after the first on connection errors, timeouts, 5xx/429 and broken answers.
         backoff: first wait between attempts; doubles each time up to `max_backoff`.

@@ -1,0 +1,330 @@
+"""NetworkTeacher against real servers on 127.0.0.1: our /v1/topk (subprocess), a vLLM-shaped
+/v1/completions peer and a misbehaving /v1/topk peer (uvicorn threads), plus faults."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from training.serve_teacher import ServerProcess, free_port
+from training.teachers.direct import DirectTeacher
+from training.teachers.network import (
+    NetworkTeacher,
+    TeacherAnswerError,
+    TeacherAuthError,
+    TeacherRequestError,
+    TeacherUnavailableError,
+)
+from training.wire import BINARY_MEDIA_TYPE, TopKAnswer, encode_binary, encode_json, input_checksum
+
+KEY = "network-test-key"
+
+
+@pytest.fixture(autouse=True)
+def _no_key_in_env(monkeypatch):
+    monkeypatch.delenv("TEACHER_API_KEY", raising=False)
+
+
+@pytest.fixture(scope="module")
+def direct(tiny_teacher_dir):
+    return DirectTeacher(tiny_teacher_dir)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_teacher_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with ServerProcess(["--model", tiny_teacher_dir, "--api-key", KEY, "--max-tokens-per-request", "1024"],
+                       log_path=str(log)) as proc:
+        yield proc
+
+
+class ThreadServer:
+    """A FastAPI app served by uvicorn on a thread of this process, on 127.0.0.1."""
+
+    def __init__(self, app: FastAPI):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            assert time.monotonic() < deadline, "uvicorn thread did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self._server.should_exit = True
+        self._thread.join(10)
+
+
+def padded_batch(rows: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, row in enumerate(rows):
+        span = slice(0, len(row)) if side == "right" else slice(width - len(row), width)
+        ids[b, span] = torch.tensor(row)
+        mask[b, span] = 1
+    return ids, mask
+
+
+# ---------------------------------------------------------------- our /v1/topk
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+@pytest.mark.parametrize("batch,seq_len,k", [(1, 5, 1), (4, 33, 16)])
+def test_topk_equals_direct(server, direct, binary, batch, seq_len, k):
+    torch.manual_seed(seq_len)
+    input_ids = torch.randint(0, direct.vocab_size, (batch, seq_len))
+    with NetworkTeacher(server.url, api_key=KEY, binary=binary) as teacher:
+        assert teacher.vocab_size == direct.vocab_size
+        out = teacher.topk(input_ids, torch.ones_like(input_ids), k=k, temperature=1.5)
+    want = direct.topk(input_ids, None, k=k, temperature=1.5)
+    assert out.token_ids.dtype == torch.int64 and out.logprobs.dtype == torch.float32
+    torch.testing.assert_close(out.token_ids, want.token_ids, rtol=0, atol=0)
+    torch.testing.assert_close(out.logprobs, want.logprobs, rtol=0, atol=1e-5)
+    assert out.full_logits is None and out.seconds > 0
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padding_is_stripped_and_the_answer_re_padded(server, direct, side):
+    torch.manual_seed(5)
+    rows = [torch.randint(0, direct.vocab_size, (n,)).tolist() for n in (20, 7, 13)]
+    ids, mask = padded_batch(rows, side)
+    with NetworkTeacher(server.url, api_key=KEY) as teacher:
+        out = teacher.topk(ids, mask, k=8)
+    # The teacher sees each row unpadded at positions 0..n-1, i.e. as a right-padded batch.
+    right_ids, right_mask = padded_batch(rows, "right")
+    want = direct.topk(right_ids, right_mask, k=8)
+    torch.testing.assert_close(out.token_ids[mask.bool()], want.token_ids[right_mask.bool()], rtol=0, atol=0)
+    torch.testing.assert_close(out.logprobs[mask.bool()], want.logprobs[right_mask.bool()], rtol=0, atol=1e-5)
+
+
+def test_fully_padded_rows_are_not_sent(server, direct):
+    ids = torch.randint(0, direct.vocab_size, (2, 6))
+    mask = torch.tensor([[1] * 6, [0] * 6])
+    with NetworkTeacher(server.url, api_key=KEY) as teacher:
+        out = teacher.topk(ids, mask, k=4)
+    torch.testing.assert_close(out.logprobs[0], direct.topk(ids[:1], None, k=4).logprobs[0], rtol=0, atol=1e-5)
+    assert torch.isfinite(out.logprobs[1]).all()
+
+
+def test_prefetch_answers_the_later_topk(server, direct):
+    torch.manual_seed(9)
+    first, second = (torch.randint(0, direct.vocab_size, (2, 16)) for _ in range(2))
+    with NetworkTeacher(server.url, api_key=KEY) as teacher:
+        teacher.prefetch(second, None, k=8)
+        assert len(teacher._pending) == 1
+        out_first = teacher.topk(first, None, k=8)  # not prefetched: fetched now; the prefetch stays
+        assert len(teacher._pending) == 1
+        out_second = teacher.topk(second, None, k=8)
+        assert len(teacher._pending) == 0
+    torch.testing.assert_close(out_first.logprobs, direct.topk(first, None, k=8).logprobs, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out_second.token_ids, direct.topk(second, None, k=8).token_ids, rtol=0, atol=0)
+
+
+def test_wrong_api_key_is_a_clear_error_without_retries(server):
+    started = time.monotonic()
+    with NetworkTeacher(server.url, api_key="wrong", retries=5, backoff=1.0, vocab_size=300) as teacher:
+        with pytest.raises(TeacherAuthError, match="API key"):
+            teacher.topk(torch.ones(1, 4, dtype=torch.long), None, k=2)
+    assert time.monotonic() - started < 1.0  # a 401 is not retried
+
+
+def test_oversized_request_is_a_clear_error(server):
+    with NetworkTeacher(server.url, api_key=KEY, retries=3) as teacher:
+        with pytest.raises(TeacherRequestError, match="413.*max-tokens-per-request"):
+            teacher.topk(torch.ones(2, 600, dtype=torch.long), None, k=2)
+
+
+def test_bad_arguments_fail_before_any_request():
+    with pytest.raises(ValueError, match="protocol"):
+        NetworkTeacher("http://127.0.0.1:1", protocol="grpc")
+    with pytest.raises(ValueError, match="http://"):
+        NetworkTeacher("127.0.0.1:8080")
+    with NetworkTeacher("http://127.0.0.1:1", vocab_size=10) as teacher:
+        with pytest.raises(ValueError, match="teacher_topk"):
+            teacher.topk(torch.ones(1, 3, dtype=torch.long), None, k=11)
+
+
+# ---------------------------------------------------------------- faults
+
+
+def test_server_killed_and_restarted_mid_sequence(tiny_teacher_dir, direct, tmp_path):
+    torch.manual_seed(13)
+    batches = [torch.randint(0, direct.vocab_size, (2, 12)) for _ in range(5)]
+    proc = ServerProcess(["--model", tiny_teacher_dir], log_path=str(tmp_path / "server.log")).start()
+    try:
+        with NetworkTeacher(proc.url, retries=12, backoff=0.2, max_backoff=2.0) as teacher:
+            outs = []
+            for i, batch in enumerate(batches):
+                if i == 2:
+                    proc.kill()  # the teacher machine dies ...
+                    proc.start(wait=False)  # ... and comes back while the client is retrying
+                outs.append(teacher.topk(batch, None, k=8))
+        for batch, out in zip(batches, outs):
+            torch.testing.assert_close(out.token_ids, direct.topk(batch, None, k=8).token_ids, rtol=0, atol=0)
+    finally:
+        proc.stop()
+
+
+def test_server_down_longer_than_the_retry_budget(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}"  # nobody listens here
+    started = time.monotonic()
+    with NetworkTeacher(url, retries=2, backoff=0.05, vocab_size=100) as teacher:
+        with pytest.raises(TeacherUnavailableError, match="after 3 attempts") as info:
+            teacher.topk(torch.ones(1, 4, dtype=torch.long), None, k=2)
+    assert "serve_teacher" in str(info.value)
+    assert time.monotonic() - started < 5
+
+
+BROKEN = ["short_row", "wrong_k", "truncated", "other_tokens", "ids_out_of_vocab", "unsorted", "json_ragged", "http_500"]
+
+
+def broken_topk_app(kind: str, vocab_size: int) -> FastAPI:
+    """A /v1/topk peer that answers every request with a specific defect."""
+    app = FastAPI()
+
+    @app.post("/v1/topk")
+    async def topk(request: Request):
+        body = await request.json()
+        rows, k = body["input_ids"], body["k"]
+        lengths = np.asarray([len(r) for r in rows])
+        n = int(lengths.sum())
+        ids = np.tile(np.arange(k), (n, 1))
+        lps = np.tile(-np.arange(1, k + 1, dtype=np.float32), (n, 1))
+        crc = input_checksum(rows)
+        if kind == "http_500":
+            return JSONResponse(status_code=500, content={"detail": "CUDA out of memory"})
+        if kind == "short_row":
+            lengths[0] -= 1
+            ids, lps = ids[1:], lps[1:]
+        elif kind == "wrong_k":
+            ids, lps = ids[:, :-1], lps[:, :-1]
+        elif kind == "other_tokens":
+            crc ^= 1
+        elif kind == "ids_out_of_vocab":
+            ids = ids + vocab_size
+        elif kind == "unsorted":
+            lps = lps[:, ::-1].copy()
+        answer = TopKAnswer(lengths, ids, lps, 1.0, crc)
+        if kind == "json_ragged":
+            data = json.loads(encode_json(answer))
+            data["token_ids"][0][0].pop()  # one position with k-1 entries
+            data["logprobs"][0][0].pop()
+            return JSONResponse(data)
+        content = encode_binary(answer)
+        if kind == "truncated":
+            content = content[:-4]
+        return Response(content, media_type=BINARY_MEDIA_TYPE)
+
+    return app
+
+
+@pytest.mark.parametrize("kind", BROKEN)
+def test_broken_answers_are_detected_and_never_returned(kind):
+    with ThreadServer(broken_topk_app(kind, vocab_size=50)) as peer:
+        with NetworkTeacher(peer.url, retries=1, backoff=0.0, vocab_size=50) as teacher:
+            with pytest.raises(TeacherUnavailableError, match="after 2 attempts") as info:
+                teacher.topk(torch.ones(2, 5, dtype=torch.long), None, k=4)
+    expected_cause = Exception if kind == "http_500" else TeacherAnswerError
+    assert isinstance(info.value.__cause__, expected_cause)
+
+
+# ---------------------------------------------------------------- stock vLLM OpenAI-compatible peer
+
+
+def vllm_completions_app(model_dir: str, max_logprobs: int = 20) -> FastAPI:
+    """Serves /v1/completions the way a stock vLLM server does for token-id prompts with max_tokens=1,
+    prompt_logprobs and logprobs: prompt_logprobs[0] is None, prompt_logprobs[t] maps str(token_id) ->
+    {logprob, rank, decoded_token} for the top-n plus the prompt token t itself, scored given tokens < t;
+    `logprobs.top_logprobs[0]` covers the one generated token, keyed "token_id:<id>"."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    app = FastAPI()
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": "tiny-teacher", "object": "model", "max_model_len": 4096}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await request.json()
+        n, n_prompt = body["logprobs"], body["prompt_logprobs"]
+        if max(n, n_prompt) > max_logprobs:
+            return JSONResponse(status_code=400, content={
+                "object": "error", "type": "BadRequestError", "code": 400,
+                "message": f"Requested sample logprobs of {max(n, n_prompt)}, which is greater than max allowed: "
+                           f"{max_logprobs}"})
+        choices = []
+        for index, prompt in enumerate(body["prompt"]):
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt])).logits[0]  # [T, V], one prompt at a time like vLLM
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            ranks = logprobs.argsort(dim=-1, descending=True).argsort(dim=-1) + 1  # [T, V], 1 = best
+
+            def entry(t: int, ids: list[int]) -> dict:
+                return {str(i): {"logprob": logprobs[t, i].item(), "rank": ranks[t, i].item(),
+                                 "decoded_token": tokenizer.decode([i])} for i in ids}
+
+            prompt_logprobs = [None]
+            for t in range(1, len(prompt)):
+                top = logprobs[t - 1].topk(n_prompt).indices.tolist()
+                prompt_logprobs.append(entry(t - 1, top + [prompt[t]] if prompt[t] not in top else top))
+            sampled = int(torch.multinomial(logprobs[-1].exp(), 1))
+            top = logprobs[-1].topk(n).indices.tolist()
+            generated = {f"token_id:{i}": logprobs[-1, i].item() for i in [sampled] + top}
+            choices.append({
+                "index": index, "text": tokenizer.decode([sampled]), "finish_reason": "length", "stop_reason": None,
+                "logprobs": {"text_offset": [0], "token_logprobs": [logprobs[-1, sampled].item()],
+                             "tokens": [f"token_id:{sampled}"], "top_logprobs": [generated]},
+                "prompt_logprobs": prompt_logprobs,
+            })
+        return {"id": "cmpl-test", "object": "text_completion", "model": body["model"], "choices": choices,
+                "usage": {"prompt_tokens": sum(map(len, body["prompt"])), "completion_tokens": len(choices)}}
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def vllm_peer(tiny_teacher_dir):
+    with ThreadServer(vllm_completions_app(tiny_teacher_dir)) as peer:
+        yield peer
+
+
+@pytest.mark.parametrize("k", [1, 8, 20])
+def test_openai_fallback_equals_direct(vllm_peer, direct, k):
+    torch.manual_seed(k)
+    rows = [torch.randint(0, direct.vocab_size, (n,)).tolist() for n in (9, 1, 14)]
+    ids, mask = padded_batch(rows, "right")
+    with NetworkTeacher(vllm_peer.url, protocol="openai", vocab_size=direct.vocab_size) as teacher:
+        out = teacher.topk(ids, mask, k=k)
+    for b, row in enumerate(rows):  # vLLM scores each prompt on its own
+        want = direct.topk(torch.tensor([row]), None, k=k)
+        torch.testing.assert_close(out.token_ids[b, : len(row)], want.token_ids[0], rtol=0, atol=0)
+        torch.testing.assert_close(out.logprobs[b, : len(row)], want.logprobs[0], rtol=0, atol=1e-5)
+
+
+def test_openai_fallback_refuses_what_it_cannot_do_exactly(vllm_peer, direct):
+    ids = torch.ones(1, 4, dtype=torch.long)
+    with NetworkTeacher(vllm_peer.url, protocol="openai", vocab_size=direct.vocab_size) as teacher:
+        with pytest.raises(ValueError, match="temperature"):
+            teacher.topk(ids, None, k=4, temperature=2.0)
+        with pytest.raises(TeacherRequestError, match="400.*max allowed"):
+            teacher.topk(ids, None, k=21)
+    with NetworkTeacher(vllm_peer.url, protocol="openai") as teacher:
+        with pytest.raises(ValueError, match="vocab_size"):
+            teacher.vocab_size
