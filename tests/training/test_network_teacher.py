@@ -328,3 +328,77 @@ def test_openai_fallback_refuses_what_it_cannot_do_exactly(vllm_peer, direct):
     with NetworkTeacher(vllm_peer.url, protocol="openai") as teacher:
         with pytest.raises(ValueError, match="vocab_size"):
             teacher.vocab_size
+
+
+# ---------------------------------------------------------------- the trainer in network mode
+
+
+def distill(tmp_path, teacher_dir, tokenizer, name: str, teacher=None, callbacks=None, **overrides):
+    """A few DistillationTrainer steps of a tiny RetNet student on variable-length, right-padded batches."""
+    from hf_retnet import RetNetConfig, RetNetForCausalLM
+    from training.config import DistillationConfig
+    from training.data import PaddingCollator
+    from training.tiny_models import default_texts
+    from training.trainer import DistillationTrainer
+
+    items = []
+    for i, text in enumerate(default_texts(24)):
+        ids = tokenizer(text * (1 + i % 3))["input_ids"][:48]
+        items.append({"input_ids": ids, "labels": [-100] + ids[1:]})
+    values = dict(
+        output_dir=str(tmp_path / name), teacher_model=teacher_dir, student="350M", teacher_topk=32,
+        distill_alpha=0.5, temperature=1.0, per_device_train_batch_size=4, max_steps=4, learning_rate=3e-3,
+        lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=0,
+        train_sampling_strategy="sequential", dataloader_num_workers=0,
+    )
+    values.update(overrides)
+    torch.manual_seed(0)
+    student = RetNetForCausalLM(RetNetConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2,
+                                             num_heads=4, intermediate_size=128, chunk_size=16))
+    trainer = DistillationTrainer(model=student, args=DistillationConfig(**values), teacher=teacher,
+                                  train_dataset=items, data_collator=PaddingCollator(tokenizer.pad_token_id),
+                                  callbacks=callbacks)
+    trainer.train()
+    return trainer
+
+
+def test_network_mode_gives_the_same_losses_as_direct_mode(server, tiny_teacher_dir, tiny_tokenizer, tmp_path):
+    direct_run = distill(tmp_path, tiny_teacher_dir, tiny_tokenizer, "direct")
+    # teacher built by the trainer's own factory from teacher_source/teacher_url/teacher_api_key
+    network_run = distill(tmp_path, tiny_teacher_dir, tiny_tokenizer, "network", teacher_source="network",
+                          teacher_url=server.url, teacher_api_key=KEY)
+    assert isinstance(network_run.teacher, NetworkTeacher)
+
+    def losses(trainer):
+        return [(h["step"], h["loss"], h["loss/ce"], h["loss/kd"]) for h in trainer.state.log_history if "loss" in h]
+
+    want, got = losses(direct_run), losses(network_run)
+    assert len(want) == 4 and [s for s, *_ in got] == [s for s, *_ in want]
+    for (_, *a), (_, *b) in zip(want, got):
+        assert b == pytest.approx(a, rel=1e-5, abs=1e-6)
+
+
+def test_teacher_gone_for_longer_than_the_retry_budget_stops_the_run_with_checkpoints_intact(
+        tiny_teacher_dir, tiny_tokenizer, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    proc = ServerProcess(["--model", tiny_teacher_dir], log_path=str(tmp_path / "server.log")).start()
+
+    class KillTeacherAfterStep3(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                proc.kill()
+
+    teacher = NetworkTeacher(proc.url, retries=2, backoff=0.05)
+    try:
+        with pytest.raises(TeacherUnavailableError, match="after 3 attempts"):
+            distill(tmp_path, tiny_teacher_dir, tiny_tokenizer, "killed", teacher=teacher,
+                    callbacks=[KillTeacherAfterStep3()], max_steps=8, save_strategy="steps", save_steps=2)
+    finally:
+        teacher.close()
+        proc.kill()
+    checkpoint = tmp_path / "killed" / "checkpoint-2"
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    assert load_file(str(checkpoint / "model.safetensors"))  # complete, loadable weights
