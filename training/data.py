@@ -1,0 +1,404 @@
+"""Training data: the pretokenized shard dataset, the padding collator and `build_dataset`.
+
+Shards are the Parquet files (+ manifest.json) that `python -m training.preprocess` writes; the
+format is in docs/data_format.md. They are read through `datasets` (converted once to its Arrow
+cache, then memory-mapped), so the data itself never lives in the Python heap. Memory-mapped pages
+still count as resident memory once touched, so the dataset re-opens its maps after a bounded number
+of mapped bytes (`max_mapped_bytes`): resident memory stays flat whatever the dataset size.
+
+Items are `{"input_ids": LongTensor [T], "labels": LongTensor [T]}` with -100 where not trained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = -100
+MANIFEST_NAME = "manifest.json"
+FORMAT_NAME = "hf-retnet-pretokenized-shards"
+FORMAT_VERSION = 1
+SHARD_TEMPLATE = "shard-{:05d}.parquet"
+ARROW_CACHE_DIRNAME = ".arrow_cache"
+_PAGE_WINDOW = 64 * 1024  # Linux maps file pages in 64 KiB "fault-around" windows
+
+
+# ----------------------------------------------------------------------------- tokenizer identity
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A stable hash of everything that decides token ids: vocabulary, merges, normalisation,
+    special tokens and chat template. Runtime state (padding/truncation settings) is left out, so a
+    tokenizer reloaded from disk has the same fingerprint as the one that was saved."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        state = json.loads(backend.to_str())
+        state.pop("truncation", None)
+        state.pop("padding", None)
+    else:  # slow tokenizer: the vocabulary is the best stable description available
+        state = {"vocab": sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])}
+    payload = {
+        "backend": state,
+        "chat_template": getattr(tokenizer, "chat_template", None),
+        "special": {k: str(getattr(tokenizer, k, None)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")},
+    }
+    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    return "sha256:" + hashlib.sha256(blob).hexdigest()
+
+
+def describe_tokenizer(tokenizer) -> dict:
+    """The manifest's `tokenizer` entry."""
+    return {
+        "name_or_path": str(getattr(tokenizer, "name_or_path", "") or ""),
+        "fingerprint": tokenizer_fingerprint(tokenizer),
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+def check_tokenizer_matches(manifest: dict, tokenizer, manifest_path: str) -> None:
+    """Raise a ValueError when `tokenizer` is not the one the shards were made with."""
+    want = manifest["tokenizer"]
+    got = tokenizer_fingerprint(tokenizer)
+    if got != want["fingerprint"]:
+        name = getattr(tokenizer, "name_or_path", "") or "<in-memory tokenizer>"
+        raise ValueError(
+            f"{manifest_path}: these shards were tokenized with {want.get('name_or_path') or '<unnamed>'} "
+            f"(fingerprint {want['fingerprint']}), but the tokenizer given is {name} (fingerprint {got}); "
+            "token ids would not mean the same thing. Use the tokenizer the shards were made with, or "
+            "re-run `python -m training.preprocess --tokenizer <yours>` into a new --output folder."
+        )
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+def sha256_file(path: str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(folder: str | os.PathLike) -> dict:
+    """Load and sanity-check `folder/manifest.json`; errors name the file and say how to fix it."""
+    folder = os.fspath(folder)
+    path = os.path.join(folder, MANIFEST_NAME)
+    if not os.path.isfile(path):
+        hint = ""
+        if os.path.isdir(folder) and any(n.startswith("shard-") for n in os.listdir(folder)):
+            hint = " The folder has shards but no manifest: preprocessing did not finish; re-run it (it resumes)."
+        raise FileNotFoundError(f"{path}: no manifest; expected a folder written by `python -m training.preprocess`.{hint}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: manifest is not valid JSON ({e.msg}); re-run preprocessing") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise ValueError(f"{path}: not a {FORMAT_NAME} manifest (format={manifest.get('format')!r})")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: format_version {manifest.get('format_version')!r} is not supported (this code reads "
+            f"{FORMAT_VERSION}); re-run preprocessing with this version"
+        )
+    for key in ("tokenizer", "shards", "totals"):
+        if key not in manifest:
+            raise ValueError(f"{path}: manifest has no {key!r} entry; re-run preprocessing")
+    return manifest
+
+
+# ----------------------------------------------------------------------------- the shard dataset
+
+
+class PretokenizedShardDataset(torch.utils.data.Dataset):
+    """Map-style dataset over a shard folder: memory-mapped, deterministically shuffled by `seed`
+    (and the epoch, via `set_epoch`), filtered to sequences of at least `min_length` tokens and
+    truncated to `max_seq_length`. Being map-style with a fixed order for (seed, epoch), it works
+    with the Trainer's samplers, `DistributedSampler` sharding, DataLoader workers and mid-epoch
+    resume (the Trainer skips batches of the same order).
+
+    `tokenizer`, when given, must be the one the shards were made with (checked by fingerprint).
+    `cache_dir` holds `datasets`' Arrow copy of the shards (default: `<folder>/.arrow_cache`).
+    `max_mapped_bytes` bounds how much of the memory maps may become resident before they are
+    re-opened (per process; each DataLoader worker has its own)."""
+
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        max_seq_length: int | None = None,
+        min_length: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        *,
+        tokenizer=None,
+        cache_dir: str | None = None,
+        verify_checksums: bool = False,
+        max_mapped_bytes: int = 128 * 1024 * 1024,
+    ):
+        import datasets
+
+        if max_seq_length is not None and max_seq_length < 1:
+            raise ValueError(f"max_seq_length must be >= 1 or None, got {max_seq_length}")
+        if min_length < 0:
+            raise ValueError(f"min_length must be >= 0, got {min_length}")
+        self.folder = os.fspath(folder)
+        self.manifest_path = os.path.join(self.folder, MANIFEST_NAME)
+        self.manifest = read_manifest(self.folder)
+        if tokenizer is not None:
+            check_tokenizer_matches(self.manifest, tokenizer, self.manifest_path)
+        self.max_seq_length, self.min_length, self.seed, self.shuffle = max_seq_length, min_length, seed, shuffle
+        self.max_mapped_bytes = max_mapped_bytes
+        shard_paths = self._check_shards(verify_checksums)
+        if not shard_paths:
+            raise ValueError(f"{self.manifest_path}: the manifest lists no shards; re-run preprocessing on non-empty input")
+
+        if cache_dir is None:
+            cache_dir = os.path.join(self.folder, ARROW_CACHE_DIRNAME) if os.access(self.folder, os.W_OK) else None
+        full = datasets.load_dataset(
+            "parquet", data_files=shard_paths, split="train", cache_dir=cache_dir, keep_in_memory=False
+        )
+        expected = self.manifest["totals"]["num_sequences"]
+        if full.num_rows != expected:
+            raise ValueError(f"{self.manifest_path}: manifest says {expected} sequences, shards hold {full.num_rows}")
+        self._arrow_files = [c["filename"] for c in full.cache_files]
+        lengths = full.data.column("length").to_numpy().astype(np.int64)  # [N] reads one small column
+        del full  # drop its maps; items are read through per-file datasets below
+
+        counts = [datasets.Dataset.from_file(f).num_rows for f in self._arrow_files]
+        self._file_starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # [F+1]
+        self._rows = np.flatnonzero(lengths >= max(min_length, 1))  # [n] kept row ids
+        if len(self._rows) == 0:
+            raise ValueError(
+                f"{self.folder}: no sequence has at least min_length={min_length} tokens "
+                f"(longest is {int(lengths.max()) if len(lengths) else 0}); lower min_length"
+            )
+        self._row_lengths = lengths[self._rows]
+        self._open: dict[int, object] = {}
+        self._mapped = 0
+        self.epoch = 0
+        self._order = self._permutation()
+
+    # -- ordering
+
+    def _permutation(self) -> np.ndarray:
+        n = len(self._rows)
+        if not self.shuffle:
+            return np.arange(n)
+        return np.random.default_rng([self.seed, self.epoch]).permutation(n)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle for `epoch` (deterministic in (seed, epoch)); the Trainer/accelerate call this."""
+        if epoch != self.epoch:
+            self.epoch = int(epoch)
+            self._order = self._permutation()
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """[len(self)] token counts in item order (after truncation), e.g. for length-grouped sampling."""
+        lens = self._row_lengths[self._order]
+        return np.minimum(lens, self.max_seq_length) if self.max_seq_length else lens
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    # -- reading
+
+    def _check_shards(self, verify_checksums: bool) -> list[str]:
+        paths = []
+        for entry in self.manifest["shards"]:
+            path = os.path.join(self.folder, entry["file"])
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path}: listed in {self.manifest_path} but missing; re-run preprocessing")
+            size = os.path.getsize(path)
+            if size != entry["num_bytes"]:
+                raise ValueError(
+                    f"{path}: {size} bytes but the manifest says {entry['num_bytes']}; the shard was changed "
+                    "or truncated, re-run preprocessing"
+                )
+            if verify_checksums and sha256_file(path) != entry["sha256"]:
+                raise ValueError(f"{path}: sha256 differs from {self.manifest_path}; re-run preprocessing")
+            paths.append(path)
+        return paths
+
+    def _dataset_for(self, file_idx: int):
+        ds = self._open.get(file_idx)
+        if ds is None:
+            import datasets
+
+            ds = datasets.Dataset.from_file(self._arrow_files[file_idx]).with_format(
+                "numpy", columns=["input_ids", "labels"]
+            )
+            self._open[file_idx] = ds
+        return ds
+
+    def _account(self, nbytes_per_column: int) -> None:
+        """Bound resident mapped pages: each column read maps its bytes plus at most one extra
+        fault-around window on each side; past the budget, close the maps (pages stay in the OS
+        page cache, so re-opening is cheap) and start counting again."""
+        windows = -(-nbytes_per_column // _PAGE_WINDOW) + 1
+        self._mapped += 2 * windows * _PAGE_WINDOW
+        if self._mapped > self.max_mapped_bytes:
+            self._open.clear()
+            self._mapped = 0
+
+    def read_row(self, row: int) -> dict[str, torch.Tensor]:
+        """Row `row` of the shards in file order (no shuffling, filtering or truncation)."""
+        file_idx = int(np.searchsorted(self._file_starts, row, side="right") - 1)
+        item = self._dataset_for(file_idx)[int(row - self._file_starts[file_idx])]
+        ids = torch.from_numpy(item["input_ids"].astype(np.int64))  # [T] copy: no view into the map
+        labels = torch.from_numpy(item["labels"].astype(np.int64))  # [T]
+        self._account(item["input_ids"].nbytes)
+        return {"input_ids": ids, "labels": labels}
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} sequences")
+        item = self.read_row(int(self._rows[self._order[index]]))
+        if self.max_seq_length is not None:
+            item = {k: v[: self.max_seq_length] for k, v in item.items()}
+        return item
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_open"], state["_mapped"] = {}, 0  # maps re-open lazily in the receiving process
+        return state
+
+    def __repr__(self) -> str:
+        return (
+            f"PretokenizedShardDataset({self.folder!r}, sequences={len(self)}, "
+            f"tokens={self.manifest['totals']['num_tokens']}, seed={self.seed}, shuffle={self.shuffle})"
+        )
+
+
+# ----------------------------------------------------------------------------- collator
+
+
+class PaddingCollator:
+    """List of items -> {"input_ids" [B,T], "attention_mask" [B,T], "labels" [B,T]} (int64), padded
+    to the longest item (rounded up to `pad_to_multiple_of`); labels are -100 on padding."""
+
+    def __init__(self, pad_token_id: int, padding_side: str = "right", pad_to_multiple_of: int | None = None):
+        if pad_token_id is None:
+            raise ValueError("pad_token_id is None; set tokenizer.pad_token (e.g. to the eos token) first")
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+        if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
+        self.pad_token_id, self.padding_side, self.pad_to_multiple_of = pad_token_id, padding_side, pad_to_multiple_of
+
+    def __call__(self, items: Sequence[dict]) -> dict[str, torch.Tensor]:
+        if not items:
+            raise ValueError("PaddingCollator got an empty batch")
+        ids = [torch.as_tensor(it["input_ids"], dtype=torch.long) for it in items]
+        labels = [torch.as_tensor(it.get("labels", it["input_ids"]), dtype=torch.long) for it in items]
+        for i, (a, b) in enumerate(zip(ids, labels)):
+            if a.shape != b.shape or a.dim() != 1:
+                raise ValueError(f"item {i}: input_ids {tuple(a.shape)} and labels {tuple(b.shape)} must be equal 1-D")
+        width = max(len(a) for a in ids)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = len(ids)
+        out_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)  # [B,T]
+        out_mask = torch.zeros((batch, width), dtype=torch.long)  # [B,T]
+        out_labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)  # [B,T]
+        for i, (a, b) in enumerate(zip(ids, labels)):
+            n = len(a)
+            sl = slice(0, n) if self.padding_side == "right" else slice(width - n, width)
+            out_ids[i, sl], out_labels[i, sl], out_mask[i, sl] = a, b, 1
+        return {"input_ids": out_ids, "attention_mask": out_mask, "labels": out_labels}
+
+
+# ----------------------------------------------------------------------------- on-the-fly tokenization
+
+
+class TokenizedRecordsDataset(torch.utils.data.Dataset):
+    """Raw records (text or chat) tokenized when read, with the same rules as preprocessing.
+    For small and medium data; large corpora should be preprocessed into shards once."""
+
+    def __init__(self, records, tokenizer, max_seq_length: int | None = None, seed: int = 0, shuffle: bool = True):
+        self.records, self.tokenizer, self.max_seq_length = records, tokenizer, max_seq_length
+        self.seed, self.shuffle, self.epoch = seed, shuffle, 0
+        if len(records) == 0:
+            raise ValueError("no records to build a dataset from")
+        self._order = self._permutation()
+
+    def _permutation(self) -> np.ndarray:
+        n = len(self.records)
+        return np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else np.arange(n)
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch = int(epoch)
+            self._order = self._permutation()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        from training.preprocess import encode_record, normalize_record
+
+        where, obj = self.records[int(self._order[index])]
+        record = normalize_record(obj, where)
+        if record is None:  # empty text: an EOS-only sequence keeps indices stable
+            ids = [self.tokenizer.eos_token_id]
+            labels = list(ids)
+        else:
+            ids, labels = encode_record(record, self.tokenizer, where)
+        if self.max_seq_length is not None:
+            ids, labels = ids[: self.max_seq_length], labels[: self.max_seq_length]
+        return {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
+
+
+class _HubRecords:
+    """Rows of a `datasets` split as (where, record) pairs, read lazily."""
+
+    def __init__(self, ds, name: str):
+        self.ds, self.name = ds, name
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        return f"{self.name} row {i}", self.ds[int(i)]
+
+
+def build_dataset(spec, tokenizer, max_seq_length: int | None, seed: int = 0, shuffle: bool = True):
+    """A Dataset of {"input_ids", "labels"} items from `spec`: a shard folder (checked against
+    `tokenizer`), a JSONL / Parquet / text file or folder of them (tokenized on the fly), or a
+    `datasets` id ("owner/name" or "owner/name:split"). `tokenizer` may be a tokenizer or its path/id."""
+    from training import preprocess
+
+    if isinstance(tokenizer, (str, os.PathLike)):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer))
+    specs = [os.fspath(s) for s in spec] if isinstance(spec, (list, tuple)) else [os.fspath(spec)]
+    if len(specs) == 1 and os.path.isfile(os.path.join(specs[0], MANIFEST_NAME)):
+        return PretokenizedShardDataset(specs[0], max_seq_length, seed=seed, shuffle=shuffle, tokenizer=tokenizer)
+    sources = preprocess.discover_sources(specs, recursive=False)
+    if len(sources) == 1 and sources[0].kind == "hub":
+        src = sources[0]
+        ds = preprocess.load_hub_split(src)
+        records = _HubRecords(ds, src.path)
+    else:
+        records = []
+        for src in sources:
+            if src.kind == "hub":
+                raise ValueError(f"{src.path}: mix of a datasets id and local files; give one id or local files only")
+            count_before = len(records)
+            records.extend(preprocess.iter_source_records(src))
+            if len(records) == count_before:
+                raise ValueError(f"{src.path}: no records (the file is empty); remove it or add data")
+        for where, obj in records:  # fail now, naming file and line, not mid-training
+            preprocess.normalize_record(obj, where)
+    return TokenizedRecordsDataset(records, tokenizer, max_seq_length, seed=seed, shuffle=shuffle)

@@ -1,0 +1,723 @@
+"""Tokenize text and chat data into Parquet shards plus a manifest (format: docs/data_format.md).
+
+    python -m training.preprocess --input data/distillation --recursive --output data/shards \
+        --tokenizer meta-llama/Llama-3.2-1B-Instruct --max-seq-length 2048 --pack --num-proc 8
+
+Why it is built this way:
+- The input is cut into *units* (a fixed number of records of one file) before any work starts;
+  unit i always becomes `shard-0000i.parquet`. Shards therefore do not depend on the number of
+  processes or on the order units finish in, and a rerun after a crash skips every shard whose
+  stored key (input bytes hash, tokenizer fingerprint, options) still matches: finished shards are
+  not redone, and the result is byte-identical to an uninterrupted run.
+- Every file is written to a temporary name in the same folder and then `os.replace`d, so a crash
+  never leaves a half-written shard or manifest under its final name.
+- Chat data is trained on assistant turns only: the chat template's `{% generation %}` markers give
+  the assistant tokens when present; otherwise assistant spans are found by rendering the
+  conversation prefix by prefix and mapping the character spans to tokens with offsets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import re
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from training.data import (
+    ARROW_CACHE_DIRNAME,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    IGNORE_INDEX,
+    MANIFEST_NAME,
+    SHARD_TEMPLATE,
+    describe_tokenizer,
+    read_manifest,
+    sha256_file,
+)
+
+EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".txt": "text", ".md": "text"}
+SHARD_METADATA_KEY = b"hf_retnet"
+ROW_GROUP_SIZE = 1024
+_SHARD_RE = re.compile(r"^shard-(\d{5,})\.parquet$")
+_TMP_RE = re.compile(r"^\.(shard-\d{5,}\.parquet|manifest\.json)\.tmp-\d+$")
+_GENERATION_RE = re.compile(r"\{%-?\s*generation\s*-?%\}")
+_ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
+                 "bot": "assistant", "chatgpt": "assistant", "system": "system", "tool": "tool", "ipython": "ipython"}
+_PROMPT_KEYS = ("prompt", "instruction", "question", "query", "problem")
+_RESPONSE_KEYS = ("response", "output", "completion", "answer", "solution")
+_SHAPES_HINT = ('use one JSON object per line shaped like {"text": "..."}, '
+                '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]} '
+                'or {"prompt": "...", "response": "..."}')
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input: a local file (kind jsonl | parquet | text) or a `datasets` id (kind hub)."""
+
+    kind: str
+    path: str
+    split: str = "train"
+    config: str | None = None
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    base = spec.split(":", 1)[0]
+    return (
+        not os.path.isabs(spec)
+        and not spec.startswith(".")
+        and os.path.splitext(base)[1].lower() not in EXTENSIONS
+        and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", base) is not None
+    )
+
+
+def discover_sources(inputs, recursive: bool = False, split: str = "train", config: str | None = None) -> list[Source]:
+    """Expand files, folders (sorted; subfolders with `recursive`) and `datasets` ids into Sources."""
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    if not inputs:
+        raise ValueError("no input given; pass --input with files, folders or a datasets id")
+    out: list[Source] = []
+    for spec in map(os.fspath, inputs):
+        if os.path.isfile(spec):
+            kind = EXTENSIONS.get(os.path.splitext(spec)[1].lower())
+            if kind is None:
+                raise ValueError(f"{spec}: unsupported file type; supported: {', '.join(sorted(EXTENSIONS))}")
+            out.append(Source(kind, os.path.abspath(spec)))
+        elif os.path.isdir(spec):
+            found = []
+            for root, dirs, files in os.walk(spec):
+                dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
+                for name in sorted(files):
+                    kind = EXTENSIONS.get(os.path.splitext(name)[1].lower())
+                    if kind and not name.startswith("."):
+                        found.append(Source(kind, os.path.abspath(os.path.join(root, name))))
+            if not found:
+                more = "" if recursive else " (add --recursive to include subfolders)"
+                raise ValueError(f"{spec}: no {'/'.join(sorted(EXTENSIONS))} files in this folder{more}")
+            out.extend(sorted(found, key=lambda s: s.path))
+        elif _looks_like_hub_id(spec):
+            name, _, spec_split = spec.partition(":")
+            out.append(Source("hub", name, spec_split or split, config))
+        else:
+            raise FileNotFoundError(f"{spec}: no such file or folder (and not a datasets id like 'owner/name')")
+    return out
+
+
+def load_hub_split(src: Source):
+    """The `datasets` split for a hub source; fails with a message naming the id when unreachable."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(src.path, src.config, split=src.split)
+    except Exception as e:  # datasets raises many types for "not found / offline"
+        raise ValueError(
+            f"{src.path}: could not load split {src.split!r} with datasets.load_dataset ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); check the id, the network or HF_HUB_OFFLINE, or "
+            "download it first with `python -m training.download_datasets`"
+        ) from e
+
+
+def _decode(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start}); re-encode the file as UTF-8") from e
+
+
+def _parse_json_line(text: str, where: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); {_SHAPES_HINT}") from e
+
+
+def _iter_lines(path: str, start: int, stop: int | None, first_line: int):
+    """(line_no, raw bytes) for the lines in the byte range [start, stop)."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        offset, line_no = start, first_line
+        for raw in f:
+            if stop is not None and offset >= stop:
+                break
+            yield line_no, raw
+            offset += len(raw)
+            line_no += 1
+
+
+def _records_from_lines(src: Source, lines):
+    """(where, record) pairs: one JSON object per non-blank line, or one text per paragraph."""
+    if src.kind == "jsonl":
+        for line_no, raw in lines:
+            if raw.strip():
+                where = f"{src.path}:{line_no}"
+                yield where, _parse_json_line(_decode(raw, where), where)
+        return
+    para: list[str] = []
+    para_line = 0
+    for line_no, raw in lines:
+        if raw.strip():
+            if not para:
+                para_line = line_no
+            para.append(_decode(raw, f"{src.path}:{line_no}"))
+        elif para:
+            yield f"{src.path}:{para_line}", {"text": "".join(para).rstrip("\r\n")}
+            para = []
+    if para:
+        yield f"{src.path}:{para_line}", {"text": "".join(para).rstrip("\r\n")}
+
+
+def iter_source_records(src: Source):
+    """All (where, record) pairs of a local source, in order."""
+    if src.kind in ("jsonl", "text"):
+        yield from _records_from_lines(src, _iter_lines(src.path, 0, None, 1))
+    elif src.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        for i, row in enumerate(pq.read_table(src.path).to_pylist()):
+            yield f"{src.path} row {i}", row
+    else:
+        for i, row in enumerate(load_hub_split(src)):
+            yield f"{src.path} row {i}", row
+
+
+# ----------------------------------------------------------------------------- records -> tokens
+
+
+def _normalize_messages(messages, where: str) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
+    out = []
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ValueError(f"{where}: message {j} is {type(m).__name__}, expected an object with role and content")
+        role = m.get("role", m.get("from"))
+        content = m.get("content", m.get("value"))
+        if not isinstance(role, str):
+            raise ValueError(f"{where}: message {j} has no 'role' (or 'from') string")
+        if content is None:
+            content = ""
+        if not isinstance(content, str):
+            raise ValueError(f"{where}: message {j} content is {type(content).__name__}; only text content is supported")
+        out.append({"role": _ROLE_ALIASES.get(role.lower(), role), "content": content})
+    if not any(m["role"] == "assistant" for m in out):
+        roles = ", ".join(m["role"] for m in out)
+        raise ValueError(
+            f"{where}: conversation has no assistant turn (roles: {roles}); only assistant turns are trained, so "
+            'a chat needs at least one message with role "assistant" (plain text goes in {"text": "..."})'
+        )
+    return out
+
+
+def normalize_record(obj, where: str):
+    """A record -> ("text", str) | ("chat", messages) | None (empty text, skipped). Accepts
+    {"text"|"content"}, {"messages"|"conversations"} (role/content or ShareGPT from/value) and
+    instruction pairs {"prompt"|"instruction"|"question"|... , "response"|"output"|"answer"|...}."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}; {_SHAPES_HINT}")
+    for key in ("messages", "conversations", "conversation"):
+        if key in obj:
+            return "chat", _normalize_messages(obj[key], where)
+    prompt_key = next((k for k in _PROMPT_KEYS if k in obj), None)
+    response_key = next((k for k in _RESPONSE_KEYS if k in obj), None)
+    if prompt_key and response_key:
+        prompt, response = obj[prompt_key], obj[response_key]
+        extra = obj.get("input") or obj.get("context")
+        if not isinstance(prompt, str) or not isinstance(response, str) or (extra and not isinstance(extra, str)):
+            raise ValueError(f"{where}: {prompt_key!r} and {response_key!r} must be strings")
+        if extra:
+            prompt = f"{prompt}\n\n{extra}"
+        return "chat", [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+    for key in ("text", "content"):
+        if key in obj:
+            text = obj[key]
+            if not isinstance(text, str):
+                raise ValueError(f"{where}: {key!r} is {type(text).__name__}, expected a string")
+            return ("text", text) if text.strip() else None
+    keys = ", ".join(sorted(map(str, obj))) or "none"
+    raise ValueError(f"{where}: record has no field this reader understands (keys: {keys}); {_SHAPES_HINT}")
+
+
+def _assistant_mask_by_prefix(tokenizer, messages: list[dict], where: str) -> tuple[list[int], list[int]]:
+    """For templates without {% generation %}: render growing prefixes of the conversation; an
+    assistant turn's characters are those between "prefix + generation prompt" and "prefix + turn".
+    Characters are mapped to tokens with the fast tokenizer's offsets."""
+    name = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        after = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not (after.startswith(before) and full.startswith(after)):
+            raise ValueError(
+                f"{where}: the chat template of {name} does not render conversations prefix by prefix, so the "
+                "assistant turns cannot be located; add {% generation %} ... {% endgeneration %} around the "
+                "assistant content in the template"
+            )
+        spans.append((len(before), len(after)))
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"{where}: {name} is a slow tokenizer; assistant masking needs a fast tokenizer (offsets)")
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    mask = [int(any(s <= start < e for s, e in spans)) for start, _ in enc["offset_mapping"]]
+    return list(enc["input_ids"]), mask
+
+
+def encode_record(record, tokenizer, where: str) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) for a normalized record. Text: tokenizer special tokens (BOS) + EOS,
+    every token trained. Chat: the chat template, labels only on assistant turns (-100 elsewhere)."""
+    kind, payload = record
+    if kind == "text":
+        ids = list(tokenizer(payload, add_special_tokens=True)["input_ids"])
+        eos = tokenizer.eos_token_id
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids.append(eos)
+        return ids, list(ids)
+    template = getattr(tokenizer, "chat_template", None)
+    name = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+    if not template:
+        raise ValueError(f"{where}: chat record, but {name} has no chat template; use an instruct tokenizer")
+    if isinstance(template, str) and _GENERATION_RE.search(template):
+        out = tokenizer.apply_chat_template(
+            payload, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
+    else:
+        ids, mask = _assistant_mask_by_prefix(tokenizer, payload, where)
+    if not any(mask):
+        raise ValueError(f"{where}: the chat template of {name} produced no assistant tokens; check its template")
+    return ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
+
+
+# ----------------------------------------------------------------------------- shard files
+
+
+def _atomic_replace(tmp: str, path: str) -> None:
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def write_shard(path: str, input_ids: np.ndarray, labels: np.ndarray, lengths: np.ndarray, metadata: dict) -> None:
+    """Atomically write one shard. input_ids/labels: flat [sum(lengths)] int32; lengths: [N] int32."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    lengths = np.asarray(lengths, dtype=np.int64)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    if offsets[-1] >= 2**31:
+        raise ValueError(f"{path}: {offsets[-1]} tokens in one shard; lower --shard-size")
+    offsets_arr = pa.array(offsets.astype(np.int32))
+    ids_col = pa.ListArray.from_arrays(offsets_arr, pa.array(np.asarray(input_ids, dtype=np.int32)))
+    lab_col = pa.ListArray.from_arrays(offsets_arr, pa.array(np.asarray(labels, dtype=np.int32)))
+    schema = pa.schema(
+        [("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())), ("length", pa.int32())],
+        metadata={SHARD_METADATA_KEY: json.dumps(metadata, sort_keys=True).encode("utf-8")},
+    )
+    table = pa.Table.from_arrays([ids_col, lab_col, pa.array(lengths.astype(np.int32))], schema=schema)
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
+    try:
+        pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_SIZE)
+        _atomic_replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_shard_metadata(path: str) -> dict | None:
+    """The JSON stored in a shard's Parquet metadata, or None if the file is missing or unreadable."""
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.read_schema(path).metadata or {}
+        return json.loads(meta[SHARD_METADATA_KEY])
+    except Exception:
+        return None
+
+
+def write_manifest(output: str, tokenizer_info: dict, options: dict, inputs: list[dict], num_shards: int) -> dict:
+    """Collect every shard's stored stats and checksum into manifest.json (atomic write)."""
+    shards, totals = [], {}
+    for i in range(num_shards):
+        name = SHARD_TEMPLATE.format(i)
+        path = os.path.join(output, name)
+        meta = read_shard_metadata(path)
+        if meta is None:
+            raise ValueError(f"{path}: missing or unreadable shard; re-run preprocessing")
+        stats = meta["stats"]
+        shards.append({"file": name, "num_bytes": os.path.getsize(path), "sha256": sha256_file(path), **stats})
+        for k, v in stats.items():
+            if isinstance(v, int):
+                totals[k] = totals.get(k, 0) + v
+    totals["num_shards"] = num_shards
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "tokenizer": tokenizer_info,
+        "options": options,
+        "columns": {
+            "input_ids": "list<int32> token ids",
+            "labels": f"list<int32> same length; {IGNORE_INDEX} where not trained (labels are not shifted)",
+            "length": "int32 number of tokens",
+        },
+        "inputs": inputs,
+        "shards": shards,
+        "totals": totals,
+    }
+    path = os.path.join(output, MANIFEST_NAME)
+    tmp = os.path.join(output, f".{MANIFEST_NAME}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True)
+        f.write("\n")
+    _atomic_replace(tmp, path)
+    return manifest
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+@dataclass
+class Unit:
+    """Records [start, stop) of one source: byte offsets (jsonl, text), row groups (parquet) or
+    rows (hub). Unit `index` becomes shard `index`."""
+
+    index: int
+    source: Source
+    start: int
+    stop: int
+    first: int  # first line (1-based; jsonl/text) or first row (0-based; parquet/hub)
+    last: int
+    num_records: int
+    content_sha256: str
+
+    def location(self) -> dict:
+        unit = "line" if self.source.kind in ("jsonl", "text") else "row"
+        return {"path": self.source.path, f"first_{unit}": self.first, f"last_{unit}": self.last}
+
+
+def _plan_lines(src: Source, shard_size: int) -> tuple[list[dict], dict]:
+    """Cut a JSONL (one record per non-blank line) or text (one record per paragraph) file into
+    ranges of `shard_size` records, hashing the bytes of each range."""
+    paragraphs = src.kind == "text"
+    units: list[dict] = []
+    file_hash = hashlib.sha256()
+    cur = None
+    offset, line_no, prev_blank, num_records = 0, 0, True, 0
+    with open(src.path, "rb") as f:
+        for raw in f:
+            line_no += 1
+            file_hash.update(raw)
+            blank = not raw.strip()
+            if not blank and (not paragraphs or prev_blank):  # a record starts here
+                if num_records == 0 and not paragraphs:  # catch "not JSON lines" before any work
+                    where = f"{src.path}:{line_no}"
+                    _parse_json_line(_decode(raw, where), where)
+                if cur is not None and cur["num_records"] == shard_size:
+                    cur["stop"] = offset
+                    units.append(cur)
+                    cur = None
+                if cur is None:
+                    cur = {"start": offset, "first": line_no, "num_records": 0, "hash": hashlib.sha256()}
+                cur["num_records"] += 1
+                num_records += 1
+            if cur is not None:
+                cur["hash"].update(raw)
+                if not blank:
+                    cur["last"] = line_no
+            offset += len(raw)
+            prev_blank = blank
+    if cur is not None:
+        cur["stop"] = offset
+        units.append(cur)
+    if num_records == 0:
+        what = "file is empty" if offset == 0 else "file has only blank lines"
+        raise ValueError(f"{src.path}: no records (the {what}); remove it from the input or add data")
+    for u in units:
+        u["content_sha256"] = u.pop("hash").hexdigest()
+    return units, {"num_records": num_records, "num_bytes": offset, "sha256": file_hash.hexdigest()}
+
+
+def _plan_parquet(src: Source, shard_size: int) -> tuple[list[dict], dict]:
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(src.path).metadata
+    if meta.num_rows == 0:
+        raise ValueError(f"{src.path}: no records (the Parquet file has 0 rows); remove it or add data")
+    digest = sha256_file(src.path)
+    units, group, rows, first = [], 0, 0, 0
+    for g in range(meta.num_row_groups):
+        rows += meta.row_group(g).num_rows
+        if rows >= shard_size or g == meta.num_row_groups - 1:
+            units.append({"start": group, "stop": g + 1, "first": first, "last": first + rows - 1,
+                          "num_records": rows, "content_sha256": f"{digest}:{group}-{g + 1}"})
+            group, first, rows = g + 1, first + rows, 0
+    return units, {"num_records": meta.num_rows, "num_bytes": os.path.getsize(src.path), "sha256": digest}
+
+
+def _plan_hub(src: Source, shard_size: int) -> tuple[list[dict], dict]:
+    ds = load_hub_split(src)
+    n = len(ds)
+    if n == 0:
+        raise ValueError(f"{src.path}: split {src.split!r} has no rows")
+    fp = getattr(ds, "_fingerprint", None) or f"{src.path}:{src.split}:{n}"
+    units = [{"start": s, "stop": min(s + shard_size, n), "first": s, "last": min(s + shard_size, n) - 1,
+              "num_records": min(s + shard_size, n) - s, "content_sha256": f"{fp}:{s}"} for s in range(0, n, shard_size)]
+    return units, {"num_records": n, "fingerprint": fp, "split": src.split, "config": src.config}
+
+
+def plan_units(sources: list[Source], shard_size: int, progress: bool = True) -> tuple[list[Unit], list[dict]]:
+    """Deterministic unit list for all sources, and the manifest's `inputs` entries."""
+    from tqdm.auto import tqdm
+
+    units: list[Unit] = []
+    inputs = []
+    for src in tqdm(sources, desc="planning", unit="file", disable=not progress or len(sources) < 2):
+        planner = {"jsonl": _plan_lines, "text": _plan_lines, "parquet": _plan_parquet, "hub": _plan_hub}[src.kind]
+        spans, info = planner(src, shard_size)
+        for s in spans:
+            units.append(Unit(index=len(units), source=src, **s))
+        inputs.append({"kind": src.kind, "path": src.path, "num_shards": len(spans), **info})
+    return units, inputs
+
+
+def unit_key(unit: Unit, fingerprint: str, options: dict) -> dict:
+    """Everything a shard's content depends on; a stored shard with this key is reused as is."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "tokenizer_fingerprint": fingerprint,
+        "options": {k: options[k] for k in ("max_seq_length", "pack")},
+        "source": asdict(unit.source),
+        "range": [unit.start, unit.stop],
+        "content_sha256": unit.content_sha256,
+    }
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(tokenizer, options: dict, output: str, fingerprint: str) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _WORKER.update(tokenizer=tokenizer, options=options, output=output, fingerprint=fingerprint, hub={})
+
+
+def _read_unit(unit: Unit):
+    src = unit.source
+    if src.kind in ("jsonl", "text"):
+        yield from _records_from_lines(src, _iter_lines(src.path, unit.start, unit.stop, unit.first))
+    elif src.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.ParquetFile(src.path).read_row_groups(list(range(unit.start, unit.stop)))
+        for i, row in enumerate(table.to_pylist()):
+            yield f"{src.path} row {unit.first + i}", row
+    else:
+        ds = _WORKER["hub"].get(src) or _WORKER["hub"].setdefault(src, load_hub_split(src))
+        for i, row in enumerate(ds.select(range(unit.start, unit.stop))):
+            yield f"{src.path} row {unit.first + i}", row
+
+
+def process_unit(unit: Unit) -> tuple[int, int]:
+    """Tokenize one unit and write its shard; returns (unit index, records read)."""
+    tokenizer, options = _WORKER["tokenizer"], _WORKER["options"]
+    max_len, pack = options["max_seq_length"], options["pack"]
+    stats = {"num_records": 0, "num_skipped_empty": 0, "num_truncated": 0, "num_dropped_no_labels": 0}
+    seqs: list[tuple[list[int], list[int]]] = []
+    buf_ids: list[int] = []
+    buf_labels: list[int] = []
+    for where, obj in _read_unit(unit):
+        stats["num_records"] += 1
+        record = normalize_record(obj, where)
+        if record is None:
+            stats["num_skipped_empty"] += 1
+            continue
+        ids, labels = encode_record(record, tokenizer, where)
+        if pack:
+            buf_ids += ids
+            buf_labels += labels
+            while len(buf_ids) >= max_len:
+                seqs.append((buf_ids[:max_len], buf_labels[:max_len]))
+                buf_ids, buf_labels = buf_ids[max_len:], buf_labels[max_len:]
+            continue
+        if max_len is not None and len(ids) > max_len:
+            stats["num_truncated"] += 1
+            ids, labels = ids[:max_len], labels[:max_len]
+            if all(lab == IGNORE_INDEX for lab in labels):
+                stats["num_dropped_no_labels"] += 1
+                continue
+        seqs.append((ids, labels))
+    if buf_ids:
+        seqs.append((buf_ids, buf_labels))
+
+    lengths = np.array([len(s[0]) for s in seqs], dtype=np.int32)  # [N]
+    flat_ids = np.array([t for s in seqs for t in s[0]], dtype=np.int32)  # [sum(lengths)]
+    flat_labels = np.array([t for s in seqs for t in s[1]], dtype=np.int32)  # [sum(lengths)]
+    stats.update(
+        num_sequences=len(seqs),
+        num_tokens=int(lengths.sum()),
+        num_label_tokens=int((flat_labels != IGNORE_INDEX).sum()),
+        source=unit.location(),
+    )
+    metadata = {"key": unit_key(unit, _WORKER["fingerprint"], options), "stats": stats}
+    path = os.path.join(_WORKER["output"], SHARD_TEMPLATE.format(unit.index))
+    write_shard(path, flat_ids, flat_labels, lengths, metadata)
+    return unit.index, unit.num_records
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+
+def _prepare_output(output: str, overwrite: bool, info: dict, options: dict) -> None:
+    os.makedirs(output, exist_ok=True)
+    names = os.listdir(output)
+    if overwrite:
+        for name in names:
+            if _SHARD_RE.match(name) or _TMP_RE.match(name) or name == MANIFEST_NAME:
+                os.unlink(os.path.join(output, name))
+        shutil.rmtree(os.path.join(output, ARROW_CACHE_DIRNAME), ignore_errors=True)
+        return
+    for name in names:  # leftovers of a crashed run: never complete files
+        if _TMP_RE.match(name):
+            os.unlink(os.path.join(output, name))
+    manifest_path = os.path.join(output, MANIFEST_NAME)
+    if os.path.exists(manifest_path):
+        old = read_manifest(output)
+        if old["tokenizer"]["fingerprint"] != info["fingerprint"]:
+            raise ValueError(
+                f"{manifest_path}: {output} already holds shards made with tokenizer "
+                f"{old['tokenizer'].get('name_or_path')} (fingerprint {old['tokenizer']['fingerprint']}), but "
+                f"--tokenizer {info['name_or_path']} has fingerprint {info['fingerprint']}; use a new --output "
+                "folder or pass --overwrite"
+            )
+        for k in ("max_seq_length", "pack"):
+            if old.get("options", {}).get(k) != options[k]:
+                raise ValueError(
+                    f"{manifest_path}: {output} was made with {k}={old.get('options', {}).get(k)!r}, not "
+                    f"{options[k]!r}; use a new --output folder or pass --overwrite"
+                )
+
+
+def preprocess(
+    inputs,
+    output: str | os.PathLike,
+    tokenizer,
+    *,
+    recursive: bool = False,
+    max_seq_length: int | None = None,
+    pack: bool = False,
+    num_proc: int = 1,
+    shard_size: int = 10000,
+    split: str = "train",
+    dataset_config: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Tokenize `inputs` into `output` (resuming a previous run there) and return the manifest."""
+    from tqdm.auto import tqdm
+
+    if pack and not max_seq_length:
+        raise ValueError("--pack needs --max-seq-length (the length packed sequences are cut to)")
+    if max_seq_length is not None and max_seq_length < 2:
+        raise ValueError(f"--max-seq-length must be >= 2, got {max_seq_length}")
+    if shard_size < 1 or num_proc < 1:
+        raise ValueError(f"--shard-size and --num-proc must be >= 1, got {shard_size} and {num_proc}")
+    if isinstance(tokenizer, (str, os.PathLike)):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer))
+    output = os.path.abspath(os.fspath(output))
+    info = describe_tokenizer(tokenizer)
+    options = {"max_seq_length": max_seq_length, "pack": bool(pack), "shard_size": shard_size}
+
+    sources = discover_sources(inputs, recursive=recursive, split=split, config=dataset_config)
+    _prepare_output(output, overwrite, info, options)
+    units, input_info = plan_units(sources, shard_size, progress)
+
+    done = []
+    for u in units:
+        meta = read_shard_metadata(os.path.join(output, SHARD_TEMPLATE.format(u.index)))
+        done.append(meta is not None and meta.get("key") == unit_key(u, info["fingerprint"], options))
+    pending = [u for u, ok in zip(units, done) if not ok]
+    stale = [n for n in os.listdir(output) if (m := _SHARD_RE.match(n)) and int(m.group(1)) >= len(units)]
+    if pending or stale:  # the folder is about to change: no reader may trust the old manifest
+        if os.path.exists(os.path.join(output, MANIFEST_NAME)):
+            os.unlink(os.path.join(output, MANIFEST_NAME))
+        for name in stale:
+            os.unlink(os.path.join(output, name))
+
+    total = sum(u.num_records for u in units)
+    bar = tqdm(total=total, desc="tokenizing", unit="rec", disable=not progress)
+    bar.update(sum(u.num_records for u, ok in zip(units, done) if ok))
+    init_args = (tokenizer, options, output, info["fingerprint"])
+    try:
+        if num_proc == 1 or len(pending) <= 1:
+            _init_worker(*init_args)
+            for u in pending:
+                bar.update(process_unit(u)[1])
+        else:
+            method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+            ctx = mp.get_context(method)
+            with ctx.Pool(min(num_proc, len(pending)), initializer=_init_worker, initargs=init_args) as pool:
+                for _, n in pool.imap_unordered(process_unit, pending, chunksize=1):
+                    bar.update(n)
+    finally:
+        bar.close()
+    return write_manifest(output, info, options, input_info, len(units))
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+@dataclass
+class PreprocessArguments:
+    input: list[str] = field(metadata={"help": "JSONL/JSON-lines, Parquet or text files, folders of them, or a "
+                                               "datasets id (owner/name or owner/name:split)", "nargs": "+"})
+    output: str = field(metadata={"help": "folder for the shards and manifest.json (a rerun resumes there)"})
+    tokenizer: str = field(metadata={"help": "tokenizer folder or Hub id (the teacher's)"})
+    recursive: bool = field(default=False, metadata={"help": "include files in subfolders of input folders"})
+    max_seq_length: int | None = field(default=None, metadata={"help": "truncate (or, with --pack, cut) to this length"})
+    pack: bool = field(default=False, metadata={"help": "concatenate records and cut into max-seq-length blocks"})
+    num_proc: int = field(default=1, metadata={"help": "worker processes"})
+    shard_size: int = field(default=10000, metadata={"help": "input records per shard"})
+    split: str = field(default="train", metadata={"help": "split for datasets ids"})
+    dataset_config: str | None = field(default=None, metadata={"help": "config name for datasets ids"})
+    overwrite: bool = field(default=False, metadata={"help": "delete shards and manifest already in --output"})
+
+
+def main(argv: list[str] | None = None) -> int:
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(PreprocessArguments, prog="python -m training.preprocess",
+                              description="Tokenize text/chat data into Parquet shards + manifest.json.")
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    try:
+        kwargs = {k: v for k, v in asdict(args).items() if k != "input"}
+        manifest = preprocess(args.input, **kwargs)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"preprocess: error: {e}", file=sys.stderr)
+        return 2
+    t = manifest["totals"]
+    print(f"wrote {t['num_shards']} shards: {t['num_sequences']} sequences, {t['num_tokens']} tokens "
+          f"({t['num_label_tokens']} trained) from {t['num_records']} records to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
