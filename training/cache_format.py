@@ -139,7 +139,7 @@ class NaiveEncoding:
 
 
 class CompactEncoding:
-    """Keeps, per token, the fewest top entries whose probability reaches `mass` (at most k), the log of the
+    """Keeps, per token, the fewest top entries holding `mass` of the top-k's probability, the log of the
     mass left out (`log_tail`, so nothing is lost from the partition {kept, rest}), and each kept entry as one
     bit-packed word: id (ceil(log2 V) bits) | q (logprob_bits), with q the distance of the entry's log-prob
     below the token's best one, quantized uniformly on [0, max distance of that token] (`scale` per token).
@@ -167,7 +167,8 @@ class CompactEncoding:
         n, k = ids.shape
         lp = logprobs.astype(np.float64)  # [N, k]
         cum = np.cumsum(np.exp(lp), axis=1)  # [N, k]
-        counts = np.minimum((cum < self.mass).sum(axis=1) + 1, k)  # [N] smallest prefix reaching `mass`
+        target = self.mass * cum[:, -1:]  # [N, 1] a share of the top-k's own mass (the rest is tail already)
+        counts = np.minimum((cum < target).sum(axis=1) + 1, k)  # [N] smallest prefix reaching it
         counts = np.maximum(np.minimum(counts, np.isfinite(lp).sum(axis=1)), 1)  # never keep p = 0 entries
         kept_mass = cum[np.arange(n), counts - 1]
         tail = np.clip(1.0 - kept_mass, 0.0, 1.0)
@@ -276,13 +277,28 @@ def make_encoding(spec: str | dict, k: int, vocab_size: int):
 # ----------------------------------------------------------------------------------------------------------
 # Shard files: safetensors layout (8-byte little-endian header size, JSON header, raw data).
 
-SEQUENCE_ARRAYS = ("keys", "lengths", "token_offsets", "entry_offsets")
+_DTYPES = {"U8": "|u1", "I8": "|i1", "U16": "<u2", "I16": "<i2", "U32": "<u4", "I32": "<i4", "U64": "<u8",
+           "I64": "<i8", "F16": "<f2", "F32": "<f4", "F64": "<f8", "BOOL": "|b1"}
+_CODES = {v: k for k, v in _DTYPES.items()}
 
 
 def shard_bytes(arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
-    from safetensors.numpy import save
-
-    return save({name: np.ascontiguousarray(a) for name, a in arrays.items()}, metadata=metadata)
+    """Serialize to the safetensors layout, deterministically (sorted JSON keys: the `safetensors` writer orders
+    metadata by a randomized hash map, which would break byte-identical reruns). Arrays are laid out by
+    decreasing item size, then name, so every array is aligned to its item size. Readable by `safetensors`."""
+    names = sorted(arrays, key=lambda n: (-arrays[n].dtype.itemsize, n))
+    header: dict = {"__metadata__": dict(sorted(metadata.items()))}
+    offset, blobs = 0, []
+    for name in names:
+        array = np.ascontiguousarray(arrays[name])
+        code = _CODES[array.dtype.newbyteorder("<").str if array.dtype.itemsize > 1 else array.dtype.str]
+        blob = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+        header[name] = {"dtype": code, "shape": list(array.shape), "data_offsets": [offset, offset + len(blob)]}
+        offset += len(blob)
+        blobs.append(blob)
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + b"".join(blobs)
 
 
 def write_atomic(path: str, data: bytes) -> None:
@@ -296,8 +312,6 @@ def write_atomic(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-_DTYPES = {"U8": "u1", "I8": "i1", "U16": "<u2", "I16": "<i2", "U32": "<u4", "I32": "<i4", "U64": "<u8",
-           "I64": "<i8", "F16": "<f2", "F32": "<f4", "F64": "<f8", "BOOL": "?"}
 
 
 def read_shard_header(path: str) -> tuple[dict, dict[str, str], int]:

@@ -58,6 +58,21 @@ class SequenceSource:
         return np.asarray(self._get(index), dtype=np.int64)[: int(self.lengths[index])]
 
 
+def concat_sources(sources: list[SequenceSource]) -> SequenceSource:
+    """Several inputs (e.g. train and eval data) as one sequence list, in the order given."""
+    if len(sources) == 1:
+        return sources[0]
+    starts = np.cumsum([0] + [len(s) for s in sources])
+
+    def get(i: int):
+        j = int(np.searchsorted(starts, i, side="right") - 1)
+        return sources[j].get(i - int(starts[j]))
+
+    lengths = np.concatenate([s.lengths for s in sources])
+    return SequenceSource(get, lengths, " + ".join(s.description for s in sources),
+                          sha256_hex(canonical_json([s.fingerprint for s in sources])))
+
+
 def data_fingerprint(spec: str) -> str:
     """sha256 naming the dataset: of its manifest when the folder has one (written by `training.preprocess`),
     else of the names and contents of its data files. Used to tell caches of different data apart."""
@@ -87,25 +102,59 @@ def _list_array_source(column, description: str, max_len: int | None, fingerprin
     return SequenceSource(lambda i: values[offsets[i] : offsets[i + 1]], lengths, description, fingerprint)
 
 
-def open_sequences(spec: str, max_seq_length: int | None = None) -> SequenceSource:
-    """The sequences to cache: a folder of shards from `training.preprocess` (read with the data engineer's
-    `PretokenizedShardDataset` when available), Parquet files / folders with an `input_ids` column, or a
-    JSONL file with an `input_ids` list per line. Order is the data's order (never shuffled)."""
+def open_sequences(spec: str, tokenizer=None, max_seq_length: int | None = None) -> SequenceSource:
+    """The sequences to cache, exactly as the trainer will see them (same truncation, never shuffled).
+
+    Parquet / JSONL files (or a folder of Parquet files) that already hold an `input_ids` column are read
+    directly; everything else (a shard folder from `training.preprocess`, text/chat JSONL, a `datasets` id)
+    goes through `training.data.build_dataset`, the trainer's own reader."""
     path = os.path.expanduser(spec)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"--data {spec!r} does not exist; pass a shard folder, Parquet or JSONL file")
-    fingerprint = data_fingerprint(path)
-    dataset = _try_pretokenized(path, max_seq_length)
-    if dataset is not None:
-        lengths = np.array([len(dataset[i]["input_ids"]) for i in range(len(dataset))], dtype=np.int64)
-        return SequenceSource(lambda i: dataset[i]["input_ids"], lengths, path, fingerprint)
-    if os.path.isdir(path):
-        files = sorted(glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True))
-        if not files:
-            raise ValueError(f"--data folder {spec!r} holds no *.parquet shards with an 'input_ids' column")
+    direct = _pretokenized_files(path)
+    if direct is not None:
+        return _read_pretokenized(direct, path, max_seq_length)
+    try:
+        from training.data import build_dataset
+    except ImportError as err:
+        raise ValueError(f"--data {spec!r}: reading it needs training.data ({err}); give Parquet/JSONL files "
+                         "with an 'input_ids' column instead") from None
+    if tokenizer is None:
+        raise ValueError(f"--data {spec!r} needs a tokenizer to be read")
+    dataset = build_dataset(spec, tokenizer, max_seq_length, shuffle=False)
+    if hasattr(dataset, "lengths"):
+        lengths = np.asarray(dataset.lengths, dtype=np.int64)
     else:
+        lengths = np.array([len(dataset[i]["input_ids"]) for i in range(len(dataset))], dtype=np.int64)
+    fingerprint = data_fingerprint(path) if os.path.exists(path) else sha256_hex(f"datasets:{spec}")
+    return SequenceSource(lambda i: dataset[i]["input_ids"], lengths, spec, fingerprint)
+
+
+def _pretokenized_files(path: str) -> list[str] | None:
+    """The Parquet/JSONL files at `path` when they carry `input_ids` (and `path` is no preprocess shard folder)."""
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, MANIFEST_NAME)):
+            return None  # a shard folder: the data engineer's reader handles it (manifest checks, filtering)
+        files = sorted(glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True))
+    elif os.path.isfile(path) and path.endswith((".parquet", ".jsonl")):
         files = [path]
-    if files[0].endswith((".jsonl", ".json")):
+    else:
+        return None
+    if not files:
+        return None
+    if files[0].endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        return files if all("input_ids" in pq.read_schema(f).names for f in files) else None
+    with open(files[0], encoding="utf-8") as handle:
+        first = next((line for line in handle if line.strip()), "")
+    try:
+        return files if "input_ids" in json.loads(first) else None
+    except (json.JSONDecodeError, TypeError):
+        return None
+
+
+def _read_pretokenized(files: list[str], path: str, max_seq_length: int | None) -> SequenceSource:
+    fingerprint = data_fingerprint(path)
+    if files[0].endswith(".jsonl"):
         rows = []
         with open(files[0], encoding="utf-8") as handle:
             for line_no, line in enumerate(handle, 1):
@@ -113,9 +162,9 @@ def open_sequences(spec: str, max_seq_length: int | None = None) -> SequenceSour
                     continue
                 try:
                     rows.append(np.asarray(json.loads(line)["input_ids"], dtype=np.int64))
-                except (json.JSONDecodeError, KeyError, TypeError) as err:
-                    raise ValueError(f"{files[0]}:{line_no}: expected a JSON object with an 'input_ids' list "
-                                     f"({err!r})") from None
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+                    raise ValueError(f"{files[0]}:{line_no}: expected a JSON object with an 'input_ids' list of "
+                                     f"ints ({err!r})") from None
         lengths = np.array([len(r) for r in rows], dtype=np.int64)
         if max_seq_length:
             lengths = np.minimum(lengths, max_seq_length)
@@ -123,27 +172,10 @@ def open_sequences(spec: str, max_seq_length: int | None = None) -> SequenceSour
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    columns = []
+    chunks = []
     for f in files:
-        schema = pq.read_schema(f)
-        if "input_ids" not in schema.names:
-            raise ValueError(f"{f} has no 'input_ids' column (columns: {schema.names}); tokenize it first with "
-                             "`python -m training.preprocess`")
-        columns.extend(pq.read_table(f, columns=["input_ids"], memory_map=True).column("input_ids").chunks)
-    return _list_array_source(pa.chunked_array(columns), path, max_seq_length, fingerprint)
-
-
-def _try_pretokenized(path: str, max_seq_length: int | None):
-    """`training.data.PretokenizedShardDataset` over a preprocess shard folder (unshuffled), or None."""
-    if not os.path.isdir(path):
-        return None
-    try:
-        from training.data import PretokenizedShardDataset
-    except ImportError:
-        return None
-    if not glob.glob(os.path.join(path, "*manifest*.json")):
-        return None
-    return PretokenizedShardDataset(path, max_seq_length=max_seq_length, min_length=1, shuffle=False)
+        chunks.extend(pq.read_table(f, columns=["input_ids"], memory_map=True).column("input_ids").chunks)
+    return _list_array_source(pa.chunked_array(chunks), path, max_seq_length, fingerprint)
 
 
 def plan_shards(lengths: np.ndarray, shard_tokens: int) -> list[tuple[int, int]]:
@@ -274,8 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use a running `training.serve_teacher` (or vLLM) server as the producer instead")
     p.add_argument("--teacher-api-key", default=None, help="API key for --teacher-url (default $TEACHER_API_KEY)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder or id (default: --teacher)")
-    p.add_argument("--data", required=True,
-                   help="folder of shards from `training.preprocess`, or Parquet/JSONL with an input_ids column")
+    p.add_argument("--data", required=True, nargs="+",
+                   help="the training (and eval) data exactly as the config names it: a shard folder from "
+                   "`training.preprocess`, a JSONL / Parquet / text file or a datasets id; Parquet/JSONL with an "
+                   "input_ids column are taken as already tokenized. Several may be given.")
     p.add_argument("--output", required=True, help="cache folder to write (created; resumed if it exists)")
     p.add_argument("--topk", type=int, default=512, help="entries per position (default 512)")
     p.add_argument("--temperature", type=float, default=1.0, help="teacher softening temperature (default 1)")
@@ -326,9 +360,11 @@ def main(argv=None) -> int:
     state = PartialState()
     rank, world = state.process_index, state.num_processes
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.teacher)
-    sequences = open_sequences(args.data, args.max_seq_length)
-    if len(sequences) == 0:
-        raise ValueError(f"--data {args.data!r} holds no sequences")
+    inputs = [open_sequences(spec, tokenizer, args.max_seq_length) for spec in args.data]
+    for spec, source in zip(args.data, inputs):
+        if len(source) == 0:
+            raise ValueError(f"--data {spec!r} holds no sequences")
+    sequences = concat_sources(inputs)
     plan = plan_shards(sequences.lengths, args.shard_tokens)
     os.makedirs(args.output, exist_ok=True)
     if state.is_main_process:
@@ -349,7 +385,9 @@ def main(argv=None) -> int:
         "topk": args.topk,
         "temperature": args.temperature,
         "encoding": encoding.spec,
-        "data": {"fingerprint": sequences.fingerprint, "max_seq_length": args.max_seq_length},
+        "data": {"fingerprint": sequences.fingerprint, "max_seq_length": args.max_seq_length,
+                 "sources": [{"path": src.description, "fingerprint": src.fingerprint, "num_sequences": len(src),
+                              "num_tokens": int(src.lengths.sum())} for src in inputs]},
         "shard_tokens": args.shard_tokens,
     }
     settings_fp = sha256_hex(canonical_json(settings))

@@ -104,16 +104,23 @@ class CachedTeacher:
             )
 
     def _check_data(self, data) -> None:
+        """Every spec in `data` (a path, or a list of them) must be one of the inputs the cache was made from."""
         from training.cache_teacher_logits import data_fingerprint
 
-        fingerprint = data if (isinstance(data, str) and not os.path.exists(os.path.expanduser(data))
-                               and len(data) == 64) else data_fingerprint(str(data))
-        if fingerprint != self.manifest["data"]["fingerprint"]:
-            raise ValueError(
-                f"the training data {data!r} is not the data the cache was made from ({self.manifest_path} "
-                f"records {self.manifest['data']['path']!r}, fingerprint "
-                f"{self.manifest['data']['fingerprint'][:12]}); rebuild the cache for this data"
-            )
+        known = {src["fingerprint"]: src["path"] for src in self.manifest["data"]["sources"]}
+        for spec in [data] if isinstance(data, (str, os.PathLike)) else list(data):
+            path = os.path.expanduser(os.fspath(spec))
+            if os.path.exists(path):
+                fingerprint = data_fingerprint(path)
+            else:  # a datasets id
+                from training.cache_format import sha256_hex
+
+                fingerprint = sha256_hex(f"datasets:{spec}")
+            if fingerprint not in known:
+                raise ValueError(
+                    f"the training data {os.fspath(spec)!r} is not data the cache was made from ({self.manifest_path} "
+                    f"lists {sorted(known.values())}); rebuild the cache with `--data {os.fspath(spec)}`"
+                )
 
     def _open(self, entry: dict, verify: str) -> dict:
         path = os.path.join(self.cache_dir, entry["file"])

@@ -1,0 +1,155 @@
+"""The cache's encodings, bit packing, shard files and sequence keys, on synthetic top-k answers."""
+
+import numpy as np
+import pytest
+
+from training.cache_format import (
+    CompactEncoding,
+    NaiveEncoding,
+    make_encoding,
+    open_shard,
+    pack_bits,
+    read_shard_header,
+    sequence_key,
+    shard_bytes,
+    unpack_bits,
+    write_atomic,
+)
+
+
+def topk_answer(n: int, vocab: int, k: int, sharpness: float, seed: int = 0):
+    """[n, k] ids and fp32 log-probs of peaked random distributions (sorted descending), like a trained LM's."""
+    rng = np.random.default_rng(seed)
+    logits = rng.standard_normal((n, vocab)) * sharpness  # [n, V]
+    logits[np.arange(n), rng.integers(0, vocab, n)] += 2 * sharpness  # a clear favourite per row
+    logprobs = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    ids = np.argsort(-logprobs, axis=1, kind="stable")[:, :k]
+    return ids.astype(np.int64), np.take_along_axis(logprobs, ids, 1).astype(np.float32)
+
+
+@pytest.mark.parametrize("width", [1, 7, 9, 17, 25, 33, 57])
+def test_pack_bits_round_trip(width):
+    rng = np.random.default_rng(width)
+    values = rng.integers(0, 1 << width, size=1001, dtype=np.uint64)
+    stream = pack_bits(values, width)
+    assert stream.nbytes == -(-1001 * width // 8) + 8
+    np.testing.assert_array_equal(unpack_bits(stream, width, 0, 1001), values)
+    np.testing.assert_array_equal(unpack_bits(stream, width, 333, 101), values[333:434])
+    assert unpack_bits(stream, width, 5, 0).shape == (0,)
+
+
+def test_sequence_key_depends_on_every_id_and_not_on_dtype():
+    ids = [5, 17, 3, 0, 300000]
+    assert sequence_key(ids) == sequence_key(np.array(ids, dtype=np.int64))
+    assert len(sequence_key(ids)) == 16
+    assert sequence_key(ids) != sequence_key(ids[:-1])
+    assert sequence_key(ids) != sequence_key([5, 17, 3, 1, 300000])
+
+
+@pytest.mark.parametrize("k", [1, 8, 64])
+def test_naive_round_trip_is_exact_up_to_fp16(k):
+    ids, logprobs = topk_answer(50, 300, k, sharpness=2.0)
+    enc = NaiveEncoding(k, 300)
+    arrays, entries = enc.pack([enc.encode(ids[:20], logprobs[:20]), enc.encode(ids[20:], logprobs[20:])])
+    assert arrays["token_ids"].nbytes + arrays["logprobs"].nbytes == 50 * k * 6
+    out_ids, out_lp = enc.decode(arrays, [(0, 20), (20, 50)], [(0, 20 * k), (20 * k, 50 * k)], k)
+    np.testing.assert_array_equal(out_ids, ids)
+    np.testing.assert_allclose(out_lp, logprobs, rtol=1e-3, atol=1e-3)
+    assert out_ids.dtype == np.int64 and out_lp.dtype == np.float32
+
+
+@pytest.mark.parametrize("k,vocab,mass,bits", [(64, 5000, 0.999, 8), (128, 128256, 0.99, 6), (32, 100, 1.0, 8)])
+def test_compact_keeps_mass_tail_and_order(k, vocab, mass, bits):
+    n = 200
+    ids, logprobs = topk_answer(n, vocab, k, sharpness=3.0, seed=k)
+    enc = CompactEncoding(k, vocab, mass=mass, logprob_bits=bits)
+    staged = enc.encode(ids, logprobs)
+    arrays, entries = enc.pack([staged])
+    out_ids, out_lp = enc.decode(arrays, [(0, n)], [(0, int(entries[0]))], k)
+    counts = arrays["counts"].astype(int)
+    p = np.exp(logprobs.astype(np.float64))
+    for i in range(n):  # the kept prefix is the shortest one that reaches `mass` (or all k)
+        m = counts[i]
+        assert p[i, :m].sum() >= mass * p[i].sum() - 1e-6
+        assert m == 1 or p[i, : m - 1].sum() < mass * p[i].sum()
+    kept = np.arange(k)[None, :] < counts[:, None]
+    np.testing.assert_array_equal(out_ids[kept], ids[kept])
+    assert np.isneginf(out_lp[~kept]).all()
+    # every row still names k distinct ids; the missing slots' ids are not among the kept ones
+    assert all(len(set(row)) == k for row in out_ids)
+    # decoded mass + stored tail == 1, and the tail is the exact mass outside the kept entries (fp16 log)
+    decoded_mass = np.exp(out_lp.astype(np.float64)).sum(1)
+    true_tail = 1.0 - (p * kept).sum(1)
+    np.testing.assert_allclose(decoded_mass, 1.0 - np.exp(arrays["log_tail"].astype(np.float64)), atol=1e-5)
+    np.testing.assert_allclose(1.0 - decoded_mass, true_tail, atol=2e-3 * true_tail.max() + 1e-6)
+    # quantization error of each kept log-prob is at most half a step (plus the renormalization shift)
+    step = arrays["scale"].astype(np.float64)[:, None]
+    err = np.abs(out_lp.astype(np.float64) - logprobs)[kept]
+    assert (err <= (np.broadcast_to(step, kept.shape)[kept] * 0.5 + 0.02)).all()
+    assert (np.diff(np.where(kept, out_lp, -1e30), axis=1) <= 0).all()  # still sorted
+    # bytes: 6 per token + packed words
+    width = enc.id_bits + bits
+    assert arrays["entries"].nbytes == -(-int(counts.sum()) * width // 8) + 8
+
+
+def test_compact_decode_smaller_k_is_a_prefix():
+    ids, logprobs = topk_answer(30, 1000, 64, sharpness=1.0)
+    enc = CompactEncoding(64, 1000, mass=0.99)
+    arrays, entries = enc.pack([enc.encode(ids, logprobs)])
+    full_ids, full_lp = enc.decode(arrays, [(0, 30)], [(0, int(entries[0]))], 64)
+    ids8, lp8 = enc.decode(arrays, [(0, 30)], [(0, int(entries[0]))], 8)
+    finite = np.isfinite(lp8)
+    np.testing.assert_array_equal(ids8[finite], full_ids[:, :8][finite])
+    np.testing.assert_array_equal(lp8[finite], full_lp[:, :8][finite])
+
+
+def test_compact_is_much_smaller_on_peaked_distributions():
+    """A few plausible tokens hold almost all the mass (as for a trained LM): far fewer entries are kept."""
+    k, vocab, n = 512, 128256, 64
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((n, vocab))
+    for i in range(n):
+        logits[i, rng.integers(0, vocab, 20)] += rng.uniform(10, 16, 20)
+    logprobs = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    ids = np.argsort(-logprobs, axis=1)[:, :k]
+    logprobs = np.take_along_axis(logprobs, ids, 1).astype(np.float32)
+    naive, compact = NaiveEncoding(k, vocab), CompactEncoding(k, vocab)
+    size = {e.name: sum(a.nbytes for a in e.pack([e.encode(ids, logprobs)])[0].values()) for e in (naive, compact)}
+    assert size["compact"] <= 0.2 * size["naive"]
+
+
+@pytest.mark.parametrize("spec,expect", [
+    ("naive", {"name": "naive"}),
+    ("compact", {"name": "compact", "mass": 0.999, "logprob_bits": 8, "id_bits": 17}),
+    ("compact:mass=0.99,bits=6", {"name": "compact", "mass": 0.99, "logprob_bits": 6, "id_bits": 17}),
+])
+def test_make_encoding_from_cli_string_and_spec(spec, expect):
+    enc = make_encoding(spec, 64, 128256)
+    assert enc.spec == expect
+    assert make_encoding(enc.spec, 64, 128256).spec == expect  # manifest spec round trip
+
+
+@pytest.mark.parametrize("spec", ["zstd", "compact:foo=1", "compact:mass=1.5", "naive:mass=0.9"])
+def test_make_encoding_rejects_unknown(spec):
+    with pytest.raises(ValueError):
+        make_encoding(spec, 64, 1000)
+
+
+def test_shard_file_round_trip_is_memory_mapped_and_detects_truncation(tmp_path):
+    arrays = {"keys": np.arange(32, dtype=np.uint8).reshape(2, 16), "lengths": np.array([3, 4], "<i4"),
+              "logprobs": np.linspace(-3, 0, 14, dtype="<f2").reshape(7, 2)}
+    path = str(tmp_path / "shard-00000.safetensors")
+    write_atomic(path, shard_bytes(arrays, {"hello": "world"}))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-00000.safetensors"]  # no temp file left
+    mapped, metadata = open_shard(path)
+    assert metadata == {"hello": "world"}
+    for name, value in arrays.items():
+        np.testing.assert_array_equal(mapped[name], value)
+        assert isinstance(mapped[name].base, np.memmap) or isinstance(mapped[name], np.memmap)
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:-5])
+    with pytest.raises(ValueError, match="truncated"):
+        read_shard_header(path)
+    open(path, "wb").write(data[:5])
+    with pytest.raises(ValueError, match="truncated"):
+        read_shard_header(path)
