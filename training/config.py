@@ -196,8 +196,13 @@ class DistillationConfig(TrainingArguments):
             raise bad("student_overrides", f"must be a mapping, got {type(self.student_overrides).__name__}")
         if not self.student:
             raise bad("student", "empty; give a variant name ('350M', '500M') or a folder")
-        if _looks_like_path(self.student) and not os.path.isdir(os.path.expanduser(self.student)):
-            raise FileNotFoundError(f"config key 'student': folder {self.student!r} does not exist")
+        if not os.path.isdir(os.path.expanduser(self.student)):
+            from hf_retnet import VARIANTS
+
+            if self.student not in VARIANTS:
+                if _looks_like_path(self.student):
+                    raise FileNotFoundError(f"config key 'student': folder {self.student!r} does not exist")
+                raise bad("student", f"{self.student!r} is neither a variant {sorted(VARIANTS)} nor an existing folder")
 
         if self.teacher_source not in TEACHER_SOURCES:
             raise bad("teacher_source", f"{self.teacher_source!r} is not one of {TEACHER_SOURCES}")

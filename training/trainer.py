@@ -236,9 +236,10 @@ class DistillationTrainer(Trainer):
             logs["teacher_seconds"] = seconds / batches
             logs["teacher_wait_seconds"] = waited / batches
             self._window_start_step = self.state.global_step
-        if "loss" in logs:
-            logs["alpha"] = self.args.alpha_at(self.state.global_step)
-            logs["temperature"] = self.args.temperature_at(self.state.global_step)
+        if "loss" in logs:  # the values the window's last optimizer step trained with
+            last = max(0, self.state.global_step - 1)
+            logs["alpha"] = self.args.alpha_at(last)
+            logs["temperature"] = self.args.temperature_at(last)
         prefix = next((k[: -len("_loss")] for k in logs if k.endswith("_loss") and k != "train_loss"), None)
         if prefix is not None and self._window["eval"][3] > 0:
             ce, kd, div, batches = self._gathered("eval").tolist()

@@ -1,0 +1,283 @@
+"""DistillationTrainer on CPU: tiny Llama teacher (real folder, DirectTeacher) + tiny RetNet student."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from hf_retnet import RetNetConfig, RetNetForCausalLM
+from training.config import DistillationConfig
+from training.teachers import DirectTeacher
+from training.tiny_models import default_texts, save_tiny_teacher
+from training.trainer import DistillationTrainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def sharp_teacher_dir(tmp_path_factory):
+    """A tiny Llama with a peaked (not near-uniform) next-token distribution, so KL to it is a real signal."""
+    return save_tiny_teacher(tmp_path_factory.mktemp("sharp-teacher"), initializer_range=0.2)
+
+
+@pytest.fixture(scope="module")
+def tok(sharp_teacher_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(sharp_teacher_dir)
+
+
+def make_items(tok, texts, max_len=40):
+    """Variable-length items with the data contract's shape; the first two tokens of each are not trained."""
+    items = []
+    for text in texts:
+        ids = tok(text)["input_ids"][:max_len]
+        items.append({"input_ids": ids, "labels": [-100, -100] + ids[2:]})
+    return items
+
+
+def collate(pad_id):
+    def fn(batch):
+        width = max(len(b["input_ids"]) for b in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, b in enumerate(batch):
+            n = len(b["input_ids"])
+            ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(b["input_ids"]), torch.tensor(b["labels"]), 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    return fn
+
+
+def tiny_student(vocab_size, seed=0):
+    torch.manual_seed(seed)
+    return RetNetForCausalLM(RetNetConfig(
+        vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_heads=4, intermediate_size=128, chunk_size=16
+    ))
+
+
+def make_config(out, teacher_dir, **overrides):
+    values = dict(
+        output_dir=str(out), teacher_model=teacher_dir, student="350M", teacher_topk=64, distill_alpha=0.5,
+        per_device_train_batch_size=4, max_steps=4, learning_rate=3e-3, lr_scheduler_type="constant",
+        logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=0,
+        train_sampling_strategy="sequential", dataloader_num_workers=0,
+    )
+    values.update(overrides)
+    return DistillationConfig(**values)
+
+
+def make_trainer(config, tok, items, teacher=None, student=None, **kwargs):
+    student = student if student is not None else tiny_student(len(tok))
+    return DistillationTrainer(
+        model=student, args=config, teacher=teacher, train_dataset=items,
+        data_collator=collate(tok.pad_token_id), **kwargs,
+    )
+
+
+def step_losses(trainer):
+    return {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
+
+
+@torch.no_grad()
+def heldout_kl(student, teacher_model, batches):
+    """Token-mean full-vocabulary KL(teacher || student) over trained positions."""
+    total, count = 0.0, 0
+    student.eval()
+    for batch in batches:
+        keep = (batch["labels"][:, 1:] != -100) & batch["attention_mask"][:, 1:].bool()
+        t = torch.log_softmax(teacher_model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits, -1)
+        s = torch.log_softmax(student(batch["input_ids"], attention_mask=batch["attention_mask"]).logits, -1)
+        t, s = t[:, :-1][keep], s[:, :-1][keep]
+        total += (t.exp() * (t - s)).sum().item()
+        count += int(keep.sum())
+    return total / count
+
+
+def test_direct_run_lowers_heldout_kl(tmp_path, sharp_teacher_dir, tok):
+    texts = default_texts(200)
+    train, heldout = make_items(tok, texts[:160]), make_items(tok, texts[160:])
+    fn = collate(tok.pad_token_id)
+    held_batches = [fn(heldout[i:i + 8]) for i in range(0, len(heldout), 8)]
+    config = make_config(tmp_path / "run", sharp_teacher_dir, max_steps=30, optim="muon", distill_alpha=0.1,
+                         train_sampling_strategy="random", logging_steps=10)
+    trainer = make_trainer(config, tok, train)
+    teacher_model = trainer.teacher.model
+    before = heldout_kl(trainer.model, teacher_model, held_batches)
+    trainer.train()
+    after = heldout_kl(trainer.model, teacher_model, held_batches)
+    print(f"held-out KL(teacher || student): {before:.3f} -> {after:.3f}")
+    assert after < 0.85 * before
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    for key in ("loss/ce", "loss/kd", "loss/diversity", "alpha", "temperature", "teacher_seconds"):
+        assert key in logs[-1], key
+    # the Trainer's loss is alpha * CE + (1 - alpha) * KD, averaged over the same window
+    assert logs[-1]["loss"] == pytest.approx(0.1 * logs[-1]["loss/ce"] + 0.9 * logs[-1]["loss/kd"], rel=1e-4)
+
+
+def test_gradient_accumulation_is_exact(tmp_path, sharp_teacher_dir, tok):
+    """4 sequences of different lengths as one batch or as 2 x 2 micro-batches: same loss, same update."""
+    items = make_items(tok, [t * (1 + i % 3) for i, t in enumerate(default_texts(16))], max_len=48)
+    teacher = DirectTeacher(sharp_teacher_dir)
+    runs = {}
+    for name, (bs, ga) in {"one": (4, 1), "accumulated": (2, 2)}.items():
+        config = make_config(tmp_path / name, sharp_teacher_dir, per_device_train_batch_size=bs,
+                             gradient_accumulation_steps=ga, max_steps=2, optim="sgd", learning_rate=0.5)
+        trainer = make_trainer(config, tok, items, teacher=teacher)
+        trainer.train()
+        norms = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
+        runs[name] = (step_losses(trainer), norms, [p.detach().clone() for p in trainer.model.parameters()])
+    (loss_one, norm_one, params_one), (loss_acc, norm_acc, params_acc) = runs["one"], runs["accumulated"]
+    assert loss_one[1] == pytest.approx(loss_acc[1], rel=1e-5)
+    assert loss_one[2] == pytest.approx(loss_acc[2], rel=1e-5)
+    assert norm_one == pytest.approx(norm_acc, rel=1e-5)
+    for a, b in zip(params_one, params_acc):  # SGD: the update is the gradient, so equal params = equal gradients
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_alpha_temperature_schedules_are_logged(tmp_path, sharp_teacher_dir, tok):
+    config = make_config(tmp_path / "sched", sharp_teacher_dir, max_steps=4, distill_alpha=0.5,
+                         distill_alpha_start=0.9, alpha_schedule_steps=4, temperature=1.0, temperature_start=2.0,
+                         temperature_schedule_steps=2)
+    trainer = make_trainer(config, tok, make_items(tok, default_texts(16)))
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    # each log shows the values its step trained with: step s (1-based) uses the schedule at s - 1
+    assert [round(h["alpha"], 6) for h in logs] == [0.9, 0.8, 0.7, 0.6]
+    assert [h["temperature"] for h in logs] == [2.0, 1.5, 1.0, 1.0]
+
+
+def first_loss(tmp_path, name, teacher_dir, tok, teacher, **overrides):
+    config = make_config(tmp_path / name, teacher_dir, max_steps=1, **overrides)
+    trainer = make_trainer(config, tok, make_items(tok, default_texts(8)), teacher=teacher)
+    trainer.train()
+    return step_losses(trainer)[1]
+
+
+def test_reverse_kl_warmup_uses_reverse_kl_first(tmp_path, sharp_teacher_dir, tok):
+    teacher = DirectTeacher(sharp_teacher_dir)
+    warm = first_loss(tmp_path, "warm", sharp_teacher_dir, tok, teacher, kd_loss="forward_kl",
+                      reverse_kl_warmup_steps=1)
+    reverse = first_loss(tmp_path, "rev", sharp_teacher_dir, tok, teacher, kd_loss="reverse_kl")
+    forward = first_loss(tmp_path, "fwd", sharp_teacher_dir, tok, teacher, kd_loss="forward_kl")
+    assert warm == pytest.approx(reverse, rel=1e-6)
+    assert abs(warm - forward) > 1e-3
+
+
+def test_full_vocab_kd_in_direct_mode(tmp_path, sharp_teacher_dir, tok):
+    """With k = V the sparse loss is the full-vocabulary loss, so both modes give the same first step."""
+    vocab = len(tok)
+    sparse = first_loss(tmp_path, "sparse", sharp_teacher_dir, tok, DirectTeacher(sharp_teacher_dir),
+                        teacher_topk=vocab)
+    full = first_loss(tmp_path, "full", sharp_teacher_dir, tok,
+                      DirectTeacher(sharp_teacher_dir, return_full_logits=True), teacher_topk=vocab,
+                      full_vocab_kd=True)
+    assert sparse == pytest.approx(full, rel=1e-4)
+
+
+class RecordingTeacher:
+    """A real DirectTeacher with a prefetch() that records the order of prefetch and topk calls."""
+
+    def __init__(self, inner):
+        self.inner, self.vocab_size, self.events = inner, inner.vocab_size, []
+
+    def prefetch(self, input_ids, attention_mask, k, temperature=1.0):
+        self.events.append(("prefetch", input_ids.clone()))
+
+    def topk(self, input_ids, attention_mask, k, temperature=1.0):
+        self.events.append(("topk", input_ids.clone()))
+        return self.inner.topk(input_ids, attention_mask, k, temperature)
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_prefetch_runs_one_batch_ahead(tmp_path, sharp_teacher_dir, tok, accumulation):
+    teacher = RecordingTeacher(DirectTeacher(sharp_teacher_dir))
+    config = make_config(tmp_path / "pf", sharp_teacher_dir, per_device_train_batch_size=2,
+                         gradient_accumulation_steps=accumulation, max_steps=3)
+    make_trainer(config, tok, make_items(tok, default_texts(40)), teacher=teacher).train()
+    kinds = [kind for kind, _ in teacher.events]
+    topks = [ids for kind, ids in teacher.events if kind == "topk"]
+    prefetches = [ids for kind, ids in teacher.events if kind == "prefetch"]
+    assert len(topks) == 3 * accumulation
+    # every batch was prefetched before the teacher was asked for it, and the next one right after
+    assert kinds[:2] == ["prefetch", "topk"]
+    for i, ids in enumerate(topks):
+        assert torch.equal(prefetches[i], ids)
+    assert kinds[2::2] == ["prefetch"] * (len(kinds[2::2]))
+
+
+def test_vocabulary_mismatch_is_a_clear_error(tmp_path, sharp_teacher_dir, tok):
+    out = tmp_path / "never-written"
+    config = make_config(out, sharp_teacher_dir)
+    with pytest.raises(ValueError, match=r"teacher vocabulary \(\d+ tokens\) and student vocabulary \(300\)"):
+        make_trainer(config, tok, make_items(tok, default_texts(8)), student=tiny_student(300))
+    assert not out.exists()
+
+
+def test_topk_larger_than_vocabulary_is_a_clear_error(tmp_path, sharp_teacher_dir, tok):
+    out = tmp_path / "never-written"
+    config = make_config(out, sharp_teacher_dir, teacher_topk=len(tok) + 1)
+    with pytest.raises(ValueError, match="teacher_topk"):
+        make_trainer(config, tok, make_items(tok, default_texts(8)))
+    assert not out.exists()
+
+
+KILLED_RUN = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, {tests!r})
+    from transformers import AutoTokenizer, TrainerCallback
+    from training.tiny_models import default_texts
+    import test_trainer as t
+
+    class KillAfter(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 4:
+                os.kill(os.getpid(), signal.SIGKILL)  # a real crash: no cleanup, no final save
+
+    tok = AutoTokenizer.from_pretrained({teacher!r})
+    config = t.make_config({out!r}, {teacher!r}, **{config!r})
+    t.make_trainer(config, tok, t.make_items(tok, default_texts(48)), callbacks=[KillAfter()]).train()
+""")
+
+
+def test_kill_and_resume_continues_with_the_same_losses(tmp_path, sharp_teacher_dir, tok):
+    settings = dict(max_steps=6, save_strategy="steps", save_steps=3, optim="muon",
+                    train_sampling_strategy="random", lr_scheduler_type="linear")
+    items = make_items(tok, default_texts(48))
+    whole = make_trainer(make_config(tmp_path / "whole", sharp_teacher_dir, **settings), tok, items)
+    whole.train()
+    expected = step_losses(whole)
+
+    out = tmp_path / "killed"
+    script = tmp_path / "killed_run.py"
+    script.write_text(KILLED_RUN.format(tests=os.path.dirname(__file__), teacher=sharp_teacher_dir, out=str(out),
+                                        config=settings))
+    env = dict(os.environ, PYTHONPATH=REPO, WANDB_MODE="offline", HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, str(script)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    checkpoint = out / "checkpoint-3"
+    optimizer_state = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    assert set(optimizer_state) == {"muon", "adamw"} and optimizer_state["muon"]["state"], "Muon state not saved"
+    assert not (out / "checkpoint-6").exists()
+
+    resumed = make_trainer(make_config(out, sharp_teacher_dir, **settings), tok, items)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    got = step_losses(resumed)  # steps 1-3 come back from the checkpoint's trainer_state.json
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]
+    for step in range(1, 7):
+        assert got[step] == pytest.approx(expected[step], rel=1e-5), (step, got, expected)
+
+
+def test_eval_reports_distillation_terms(tmp_path, sharp_teacher_dir, tok):
+    config = make_config(tmp_path / "ev", sharp_teacher_dir, max_steps=1)
+    trainer = make_trainer(config, tok, make_items(tok, default_texts(8)),
+                           eval_dataset=make_items(tok, default_texts(24)[16:]))
+    metrics = trainer.evaluate()
+    assert metrics["eval_loss"] == pytest.approx(0.5 * metrics["eval_ce"] + 0.5 * metrics["eval_kd"], rel=1e-4)
+    assert json.dumps(metrics)  # plain floats, loggable

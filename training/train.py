@@ -1,0 +1,149 @@
+"""Distil a teacher into a RetNet student.
+
+    python -m training.train --config examples/configs/train_direct.yaml [--key value ...]
+    accelerate launch --config_file examples/accelerate/ddp.yaml -m training.train --config ... [--key value ...]
+
+Everything that can be checked cheaply (config keys and ranges, folders, vocabularies, top-k) is checked before
+any weights load or anything is written; the final student and tokenizer land in `output_dir` at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+
+from .config import DistillationConfig, load_config
+
+
+def _split_argv(argv: list[str]) -> tuple[str | None, list[str], bool]:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    pre.add_argument("-h", "--help", action="store_true")
+    known, rest = pre.parse_known_args(argv)
+    return known.config, rest, known.help
+
+
+def build_tokenizer(config: DistillationConfig):
+    from transformers import AutoTokenizer
+
+    if not config.tokenizer:
+        raise ValueError("config key 'tokenizer': required unless teacher_source=direct (then the teacher's is used)")
+    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # Llama-3 base tokenizers ship without a pad token
+    return tokenizer
+
+
+def teacher_vocab_size(config: DistillationConfig, source=None) -> int:
+    """The teacher's vocabulary from its config (direct) or from the source (cached/network): no weights load."""
+    if source is not None:
+        return int(source.vocab_size)
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(config.teacher_model).vocab_size)
+
+
+def build_student_config(config: DistillationConfig, tokenizer):
+    """`RetNetConfig.from_variant(student, **student_overrides)` or the folder's config plus the overrides."""
+    from hf_retnet import RetNetConfig
+
+    overrides = dict(config.student_overrides or {})
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        overrides.setdefault(key, getattr(tokenizer, key))
+    if os.path.isdir(config.student):
+        student_config = RetNetConfig.from_pretrained(config.student)
+        for key, value in overrides.items():
+            setattr(student_config, key, value)
+        return student_config
+    return RetNetConfig.from_variant(config.student, **overrides)
+
+
+def build_student(config: DistillationConfig, student_config):
+    """Weights from the folder when it holds a checkpoint, otherwise a fresh init seeded by `config.seed`."""
+    from transformers import set_seed
+
+    from hf_retnet import RetNetForCausalLM
+
+    set_seed(config.seed)
+    has_weights = os.path.isdir(config.student) and any(
+        name.endswith(".safetensors") for name in os.listdir(config.student)
+    )
+    if has_weights:
+        return RetNetForCausalLM.from_pretrained(config.student, config=student_config, use_safetensors=True)
+    return RetNetForCausalLM(student_config)
+
+
+def save_final(trainer, tokenizer, output_dir: str) -> None:
+    """Write the student + tokenizer to a hidden folder next to the results, then move the files in (atomic each)."""
+    staging = os.path.join(output_dir, ".final-staging")
+    trainer.save_model(staging)
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(staging)
+        for name in os.listdir(staging):
+            os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+
+
+def run(config: DistillationConfig):
+    """Build everything from `config`, train, save. Returns the trainer (tests read its state)."""
+    from .data import PaddingCollator, build_dataset
+    from .teachers import build_teacher_source
+    from .trainer import DistillationTrainer, check_teacher_student
+
+    tokenizer = build_tokenizer(config)
+    source = None if config.teacher_source == "direct" else build_teacher_source(config, device=config.device)
+    vocab = teacher_vocab_size(config, source)
+    student_config = build_student_config(config, tokenizer)
+    check_teacher_student(vocab, student_config.vocab_size, config.teacher_topk)
+    if not config.train_data:
+        raise ValueError("config key 'train_data': required (a shard folder, a JSONL/Parquet/text file or a dataset id)")
+    train_dataset = build_dataset(config.train_data, tokenizer, config.max_seq_length, seed=config.seed)
+    eval_dataset = (
+        build_dataset(config.eval_data, tokenizer, config.max_seq_length, seed=config.seed)
+        if config.eval_data else None
+    )
+
+    student = build_student(config, student_config)
+    if source is None:
+        source = build_teacher_source(config, device=config.device)
+    trainer = DistillationTrainer(
+        model=student,
+        args=config,
+        teacher=source,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=PaddingCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+    )
+    resume = config.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "last", "latest"):
+        resume = True
+    trainer.train(resume_from_checkpoint=resume)
+    save_final(trainer, tokenizer, config.output_dir)
+    return trainer
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    config_path, overrides, want_help = _split_argv(argv)
+    if want_help:
+        from transformers import HfArgumentParser
+
+        parser = HfArgumentParser(DistillationConfig)
+        parser.prog = "python -m training.train --config CONFIG.yaml"
+        parser.print_help()
+        return 0
+    config = load_config(config_path, overrides)
+    if config.cuda_expandable_segments:
+        from .callbacks import configure_cuda_allocator
+
+        configure_cuda_allocator(expandable_segments=True)  # must run before CUDA allocates anything
+    run(config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
