@@ -183,6 +183,7 @@ class PretokenizedShardDataset(torch.utils.data.Dataset):
         self._row_lengths = lengths[self._rows]
         self._open: dict[int, object] = {}
         self._mapped = 0
+        self.num_remaps = 0  # how often the maps were closed to keep resident memory bounded
         self.epoch = 0
         self._order = self._permutation()
 
@@ -248,6 +249,7 @@ class PretokenizedShardDataset(torch.utils.data.Dataset):
         if self._mapped > self.max_mapped_bytes:
             self._open.clear()
             self._mapped = 0
+            self.num_remaps += 1
 
     def read_row(self, row: int) -> dict[str, torch.Tensor]:
         """Row `row` of the shards in file order (no shuffling, filtering or truncation)."""
