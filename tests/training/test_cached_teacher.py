@@ -1,0 +1,187 @@
+"""CachedTeacher: trains like direct mode, looks rows up by hash whatever the padding, and refuses caches that
+do not fit (other data, other tokenizer, truncated / corrupted / missing shard, k or temperature mismatch)."""
+
+import json
+import os
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from training.cache_format import MANIFEST_NAME, shard_name
+from training.cache_teacher_logits import main as cache_main
+from training.teachers import TeacherSource
+from training.teachers.cached import CachedTeacher
+from training.tiny_models import build_tiny_tokenizer, default_texts
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY_CONFIG = os.path.join(REPO, "examples", "configs", "train_tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def rows(tiny_tokenizer):
+    return [tiny_tokenizer(t)["input_ids"] for t in default_texts(24)]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory, tiny_teacher_dir, rows):
+    """A naive k=16 cache over 24 sequences in several shards."""
+    folder = tmp_path_factory.mktemp("cached-teacher")
+    data = str(folder / "data.parquet")
+    pq.write_table(pa.table({"input_ids": rows}), data)
+    out = folder / "cache"
+    assert cache_main(["--teacher", tiny_teacher_dir, "--data", data, "--output", str(out), "--topk", "16",
+                       "--encoding", "naive", "--dtype", "float32", "--shard-tokens", "100", "--no-progress"]) == 0
+    return str(out)
+
+
+@pytest.fixture
+def cache_copy(cache_dir, tmp_path):
+    """A private copy to damage."""
+    return shutil.copytree(cache_dir, tmp_path / "cache")
+
+
+def batch(rows, side="right"):
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        span = slice(0, len(r)) if side == "right" else slice(width - len(r), width)
+        ids[i, span], mask[i, span] = torch.tensor(r), 1
+    return ids, mask
+
+
+def test_is_a_teacher_source_and_reports_its_cache(cache_dir, tiny_tokenizer, rows):
+    teacher = CachedTeacher(cache_dir, topk=16, temperature=1.0, tokenizer=tiny_tokenizer)
+    assert isinstance(teacher, TeacherSource)
+    assert teacher.vocab_size == len(tiny_tokenizer) and teacher.k == 16 and len(teacher) == len(rows)
+
+
+@pytest.mark.parametrize("k", [16, 5])
+def test_left_and_right_padding_give_the_same_answers(cache_dir, rows, k):
+    teacher = CachedTeacher(cache_dir)
+    chosen = [rows[3], rows[20], rows[11]]
+    right_ids, right_mask = batch(chosen, "right")
+    left_ids, left_mask = batch(chosen, "left")
+    right = teacher.topk(right_ids, right_mask, k).validate(3, right_ids.shape[1], k)
+    left = teacher.topk(left_ids, left_mask, k)
+    for i, r in enumerate(chosen):
+        n = len(r)
+        assert torch.equal(right.token_ids[i, :n], left.token_ids[i, -n:])
+        assert torch.equal(right.logprobs[i, :n], left.logprobs[i, -n:])
+        assert torch.isfinite(right.logprobs[i]).all()  # padding positions hold a valid finite distribution
+    single = teacher.topk(torch.tensor([rows[20]]), None, k)  # no mask: every position is real
+    assert torch.equal(single.token_ids[0], right.token_ids[1, : len(rows[20])])
+
+
+def test_prefetch_returns_the_same_answer(cache_dir, rows):
+    teacher = CachedTeacher(cache_dir)
+    ids, mask = batch(rows[:4])
+    teacher.prefetch(ids, mask, 16, 1.0)
+    ahead = teacher.topk(ids, mask, 16, 1.0)
+    again = teacher.topk(ids, mask, 16, 1.0)
+    assert torch.equal(ahead.token_ids, again.token_ids) and torch.equal(ahead.logprobs, again.logprobs)
+    teacher.close()
+
+
+def test_a_sequence_not_in_the_cache_is_refused(cache_dir, rows, tiny_tokenizer):
+    teacher = CachedTeacher(cache_dir)
+    other = tiny_tokenizer("a sentence that was never cached at all")["input_ids"]
+    with pytest.raises(ValueError, match=f"batch row 1 .* not in the teacher cache {cache_dir}"):
+        teacher.topk(*batch([rows[0], other]), 16)
+    with pytest.raises(ValueError, match="not in the teacher cache"):  # a truncated version of a cached row
+        teacher.topk(*batch([rows[0][:-1]]), 16)
+
+
+def test_other_data_and_other_tokenizer_are_refused(cache_dir, tmp_path, tiny_teacher_dir):
+    other = tmp_path / "other.parquet"
+    pq.write_table(pa.table({"input_ids": [[1, 2, 3]]}), str(other))
+    with pytest.raises(ValueError, match=f"not data the cache was made from .*{MANIFEST_NAME}"):
+        CachedTeacher(cache_dir, data=str(other))
+    manifest = json.load(open(os.path.join(cache_dir, MANIFEST_NAME)))
+    CachedTeacher(cache_dir, data=manifest["data"]["sources"][0]["path"])  # the right data passes
+    other_tok = build_tiny_tokenizer(["completely different words make another vocabulary"] * 50, vocab_size=300)
+    with pytest.raises(ValueError, match=f"tokenizer .* not the one the cache was made with .*{MANIFEST_NAME}"):
+        CachedTeacher(cache_dir, tokenizer=other_tok)
+    CachedTeacher(cache_dir, tokenizer=tiny_teacher_dir)  # the teacher's own tokenizer passes
+
+
+def test_k_or_temperature_beyond_the_cache_is_refused(cache_dir, rows):
+    with pytest.raises(ValueError, match=f"teacher_topk=32 is larger than the cache's k=16 .*{MANIFEST_NAME}"):
+        CachedTeacher(cache_dir, topk=32)
+    teacher = CachedTeacher(cache_dir)
+    with pytest.raises(ValueError, match="larger than the cache's k=16"):
+        teacher.topk(*batch(rows[:1]), 17)
+    with pytest.raises(ValueError, match="temperature=2.0 differs from the cache's temperature=1.0"):
+        teacher.topk(*batch(rows[:1]), 16, temperature=2.0)
+
+
+def test_truncated_corrupted_and_missing_shards_are_named(cache_copy):
+    path = os.path.join(cache_copy, shard_name(1))
+    original = open(path, "rb").read()
+    open(path, "wb").write(original[:-100])
+    with pytest.raises(ValueError, match=f"{path} is truncated"):
+        CachedTeacher(str(cache_copy))
+    with pytest.raises(ValueError, match=f"{path} is truncated"):  # even without the manifest's size check
+        CachedTeacher(str(cache_copy), verify="none")
+    corrupted = bytearray(original)
+    corrupted[-7] ^= 0x55  # one flipped byte in the data
+    open(path, "wb").write(bytes(corrupted))
+    with pytest.raises(ValueError, match=f"{path} is corrupted"):
+        CachedTeacher(str(cache_copy))
+    os.remove(path)
+    with pytest.raises(FileNotFoundError, match=f"{path} listed in .* is missing"):
+        CachedTeacher(str(cache_copy))
+    os.remove(os.path.join(cache_copy, MANIFEST_NAME))
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        CachedTeacher(str(cache_copy))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Training from the cache = training in direct mode.
+
+
+@pytest.fixture(scope="module")
+def text_data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text-data") / "train.jsonl"
+    with open(path, "w") as handle:
+        for text in default_texts(32):
+            handle.write(json.dumps({"text": text}) + "\n")
+    return str(path)
+
+
+def train_losses(out, teacher_dir, data, *extra):
+    from training.train import main as train_main
+
+    args = ["--config", TINY_CONFIG, "--teacher_model", teacher_dir, "--tokenizer", teacher_dir,
+            "--train_data", data, "--output_dir", str(out), "--max_steps", "4", "--teacher_topk", "32",
+            "--per_device_train_batch_size", "4", "--logging_steps", "1", *extra]
+    assert train_main(args) == 0
+    state = json.load(open(os.path.join(out, "trainer_state.json")))
+    return [(h["step"], h["loss"], h.get("loss/kd")) for h in state["log_history"] if "loss" in h]
+
+
+@pytest.fixture(scope="module")
+def sharp_teacher_dir(tmp_path_factory):
+    """A tiny Llama with a peaked next-token distribution, so the KD term is large enough to compare."""
+    from training.tiny_models import save_tiny_teacher
+
+    return save_tiny_teacher(tmp_path_factory.mktemp("sharp-teacher"), initializer_range=0.2)
+
+
+def test_training_from_a_naive_cache_matches_direct_mode(tmp_path, sharp_teacher_dir, text_data):
+    tiny_teacher_dir = sharp_teacher_dir
+    cache = tmp_path / "cache"
+    assert cache_main(["--teacher", tiny_teacher_dir, "--data", text_data, "--output", str(cache), "--topk", "32",
+                       "--encoding", "naive", "--dtype", "float32", "--max-seq-length", "64",
+                       "--no-progress"]) == 0
+    direct = train_losses(tmp_path / "direct", tiny_teacher_dir, text_data)
+    cached = train_losses(tmp_path / "cached", tiny_teacher_dir, text_data, "--teacher_source", "cached",
+                          "--teacher_cache", str(cache))
+    assert [s for s, _, _ in direct] == [s for s, _, _ in cached] == [1, 2, 3, 4]
+    for (_, d_loss, d_kd), (_, c_loss, c_kd) in zip(direct, cached):
+        assert d_kd > 0.1  # the KD term really takes part
+        assert c_loss == pytest.approx(d_loss, rel=1e-3)  # fp16 log-probs in the cache
+        assert c_kd == pytest.approx(d_kd, rel=2e-3)
