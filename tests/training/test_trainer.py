@@ -11,6 +11,7 @@ import torch
 
 from hf_retnet import RetNetConfig, RetNetForCausalLM
 from training.config import DistillationConfig
+from training.data import PaddingCollator
 from training.teachers import DirectTeacher
 from training.tiny_models import default_texts, save_tiny_teacher
 from training.trainer import DistillationTrainer
@@ -41,17 +42,7 @@ def make_items(tok, texts, max_len=40):
 
 
 def collate(pad_id):
-    def fn(batch):
-        width = max(len(b["input_ids"]) for b in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(batch), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, b in enumerate(batch):
-            n = len(b["input_ids"])
-            ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(b["input_ids"]), torch.tensor(b["labels"]), 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-    return fn
+    return PaddingCollator(pad_id)
 
 
 def tiny_student(vocab_size, seed=0):
