@@ -399,8 +399,9 @@ class ServerProcess:
     kill or stop it, and start it again on the same port."""
 
     def __init__(self, args: list[str], port: int | None = None, host: str = "127.0.0.1",
-                 startup_timeout: float = 120.0, log_path: str | None = None):
+                 startup_timeout: float = 120.0, log_path: str | None = None, env: dict | None = None):
         self.args, self.host = list(args), host
+        self.env = env or {}
         self.port = port or free_port(host)
         self.startup_timeout = startup_timeout
         self.log_path = log_path or os.devnull
@@ -416,7 +417,7 @@ class ServerProcess:
 
     def start(self, wait: bool = True) -> "ServerProcess":
         cmd = [sys.executable, "-m", "training.serve_teacher", *self.args, "--host", self.host, "--port", str(self.port)]
-        env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+        env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), **self.env}
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         if wait:

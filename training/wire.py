@@ -72,23 +72,28 @@ class TopKAnswer:
         return [slice(int(e - n), int(e)) for e, n in zip(ends, self.lengths)]
 
 
-def encode_binary(answer: TopKAnswer, id_dtype: np.dtype | None = None) -> bytes:
-    """Header + lengths [B] u32 + token_ids [N,k] + logprobs [N,k], all little-endian and C-ordered."""
+def encode_binary(answer: TopKAnswer, id_dtype: np.dtype | None = None) -> memoryview:
+    """Header + lengths [B] u32 + token_ids [N,k] + logprobs [N,k], all little-endian and C-ordered.
+
+    Each array is cast straight into one preallocated buffer (a single pass over the data, no joins)."""
     id_dtype = np.dtype(id_dtype or ID_DTYPES[2])
     lp_dtype = np.dtype(answer.logprobs.dtype).newbyteorder("<")
     if id_dtype not in _ID_CODES or lp_dtype not in _LOGPROB_CODES:
         raise ValueError(f"no wire code for id dtype {id_dtype} / logprob dtype {lp_dtype}")
     n, k = answer.token_ids.shape
-    header = HEADER.pack(
-        MAGIC, VERSION, HEADER.size, len(answer.lengths), n, k, _ID_CODES[id_dtype], _LOGPROB_CODES[lp_dtype],
+    batch = len(answer.lengths)
+    sizes = (4 * batch, id_dtype.itemsize * n * k, lp_dtype.itemsize * n * k)
+    buffer = bytearray(HEADER.size + sum(sizes))
+    HEADER.pack_into(
+        buffer, 0, MAGIC, VERSION, HEADER.size, batch, n, k, _ID_CODES[id_dtype], _LOGPROB_CODES[lp_dtype],
         0, float(answer.temperature), answer.input_crc32,
     )
-    return b"".join((
-        header,
-        np.ascontiguousarray(answer.lengths, dtype="<u4").tobytes(),
-        np.ascontiguousarray(answer.token_ids, dtype=id_dtype).tobytes(),
-        np.ascontiguousarray(answer.logprobs, dtype=lp_dtype).tobytes(),
-    ))
+    offset = HEADER.size
+    for array, dtype, size in zip((answer.lengths, answer.token_ids, answer.logprobs), ("<u4", id_dtype, lp_dtype), sizes):
+        view = np.frombuffer(buffer, dtype=dtype, count=size // np.dtype(dtype).itemsize, offset=offset)
+        view[...] = np.asarray(array).reshape(-1)
+        offset += size
+    return memoryview(buffer)
 
 
 def decode_binary(body: bytes | memoryview) -> TopKAnswer:

@@ -10,6 +10,7 @@ budget a `TeacherUnavailableError` says so. A failed or partial answer is never 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -110,6 +111,7 @@ class NetworkTeacher:
         self._executor: ThreadPoolExecutor | None = None
         self._pending: dict[str, Future] = {}
         self._lock = threading.Lock()
+        self.last_timing: dict[str, float] = {}  # seconds (and bytes) of the latest /v1/topk answer
 
     # ---------------------------------------------------------------- TeacherSource
 
@@ -188,18 +190,29 @@ class NetworkTeacher:
         batch, seq_len = ids.shape
         rows = [ids[b][mask[b]].tolist() for b in range(batch)]  # each row without its padding
         sent = [b for b in range(batch) if rows[b]]
-        # Padding positions get a harmless uniform stand-in; the trainer never trains on them.
-        token_ids = torch.arange(k, dtype=torch.int64).expand(batch, seq_len, k).clone()  # [B, T, k]
-        logprobs = torch.full((batch, seq_len, k), -math.log(k), dtype=torch.float32)  # [B, T, k]
-        if sent:
-            send_rows = [rows[b] for b in sent]
-            answer = self._request_with_retries(send_rows, k, temperature)
-            flat_ids = torch.from_numpy(answer.token_ids.astype(np.int64, copy=False))  # [N, k]
-            flat_lps = torch.from_numpy(np.array(answer.logprobs, dtype=np.float32))  # [N, k]
-            sent_mask = torch.zeros_like(mask)
-            sent_mask[sent] = mask[sent]
-            token_ids[sent_mask] = flat_ids
-            logprobs[sent_mask] = flat_lps
+        if not sent:
+            return _padding_answer(batch, seq_len, k)
+        answer = self._request_with_retries([rows[b] for b in sent], k, temperature)
+        flat_ids = torch.from_numpy(answer.token_ids.astype(np.int64))  # [N, k], a writable copy
+        flat_lps = torch.from_numpy(np.array(answer.logprobs, dtype=np.float32))  # [N, k], a writable copy
+        if len(sent) == batch and bool(mask.all()):  # nothing padded: the answer is the batch
+            return TeacherOutput(flat_ids.view(batch, seq_len, k), flat_lps.view(batch, seq_len, k)).validate(
+                batch, seq_len, k)
+        token_ids = torch.empty(batch, seq_len, k, dtype=torch.int64)  # [B, T, k]
+        logprobs = torch.empty(batch, seq_len, k, dtype=torch.float32)  # [B, T, k]
+        # Padding positions get a harmless uniform stand-in over ids 0..k-1; the trainer never trains on
+        # them, but a well-formed distribution there keeps any consumer finite.
+        token_ids[~mask] = torch.arange(k, dtype=torch.int64)
+        logprobs[~mask] = -math.log(k)
+        offset = 0
+        for b in sent:
+            where = mask[b].nonzero().squeeze(1)  # positions of row b's real tokens
+            n = len(where)
+            first, last = int(where[0]), int(where[-1])
+            target = slice(first, last + 1) if last - first + 1 == n else where  # contiguous: a plain slice copy
+            token_ids[b, target] = flat_ids[offset : offset + n]
+            logprobs[b, target] = flat_lps[offset : offset + n]
+            offset += n
         return TeacherOutput(token_ids, logprobs).validate(batch, seq_len, k)
 
     def _request_with_retries(self, rows: list[list[int]], k: int, temperature: float) -> TopKAnswer:
@@ -226,12 +239,14 @@ class NetworkTeacher:
             "training.serve_teacher` is running and reachable, or raise retries/backoff to wait longer."
         ) from last_error
 
-    def _post(self, path: str, payload: dict, accept: str) -> httpx.Response:
-        response = self._client.post(path, json=payload, headers={"Accept": accept})
-        status = response.status_code
-        if status == 200:
-            return response
-        detail = _detail(response)
+    def _post(self, path: str, payload: dict, accept: str, limit: int) -> tuple[httpx.Headers, bytes | bytearray]:
+        """POST and read the whole body (at most `limit` bytes) or raise the error its status calls for."""
+        with self._client.stream("POST", path, json=payload, headers={"Accept": accept}) as response:
+            status = response.status_code
+            if status == 200:
+                return response.headers, _read_body(response, limit)
+            response.read()
+            detail = _detail(response)
         if status in (401, 403):
             raise TeacherAuthError(
                 f"the teacher server at {self.url} refused the API key ({status}: {detail}); set teacher_api_key "
@@ -243,12 +258,19 @@ class NetworkTeacher:
 
     def _topk_once(self, rows: list[list[int]], k: int, temperature: float) -> TopKAnswer:
         accept = BINARY_MEDIA_TYPE if self.binary else JSON_MEDIA_TYPE
-        response = self._post("/v1/topk", {"input_ids": rows, "k": k, "temperature": temperature}, accept)
+        tokens = sum(len(r) for r in rows)
+        # No honest answer is larger than this (JSON: ~25 bytes per float, ~7 per id, plus brackets).
+        limit = 64 + 4 * len(rows) + tokens * k * (12 if self.binary else 48) + 4096
+        started = time.perf_counter()
+        headers, body = self._post("/v1/topk", {"input_ids": rows, "k": k, "temperature": temperature}, accept, limit)
+        received = time.perf_counter()
         try:
-            is_binary = response.headers.get("content-type", "").startswith(BINARY_MEDIA_TYPE)
-            answer = decode_binary(response.content) if is_binary else decode_json(response.content)
+            is_binary = headers.get("content-type", "").startswith(BINARY_MEDIA_TYPE)
+            answer = decode_binary(body) if is_binary else decode_json(body)
         except WireFormatError as err:
             raise TeacherAnswerError(f"undecodable answer: {err}") from None
+        self.last_timing = {**_server_timing(headers), "request": received - started,
+                            "decode": time.perf_counter() - received, "bytes": len(body)}
         if answer.input_crc32 != input_checksum(rows):
             raise TeacherAnswerError("the answer's input checksum does not match the request: answer to other tokens")
         if abs(answer.temperature - temperature) > 1e-6 * max(1.0, temperature):
@@ -275,31 +297,14 @@ class NetworkTeacher:
             "echo": False,
             "stream": False,
         }
-        data = self._post("/v1/completions", payload, JSON_MEDIA_TYPE).json()
+        # vLLM's per-entry objects are verbose (~100 bytes per top-k entry).
+        limit = 4096 + sum(len(r) + 1 for r in rows) * (k + 1) * 256
+        _, body = self._post("/v1/completions", payload, JSON_MEDIA_TYPE, limit)
         try:
-            choices = sorted(data["choices"], key=lambda c: c["index"])
-            if len(choices) != len(rows):
-                raise TeacherAnswerError(f"{len(choices)} choices for {len(rows)} prompts")
-            ids, lps = [], []
-            for b, (choice, row) in enumerate(zip(choices, rows)):
-                prompt = choice["prompt_logprobs"]
-                if prompt is None or len(prompt) != len(row):
-                    got = None if prompt is None else len(prompt)
-                    raise TeacherAnswerError(f"prompt {b}: {got} prompt_logprobs entries for {len(row)} tokens")
-                positions = [{int(tid): float(e["logprob"]) for tid, e in entry.items()} for entry in prompt[1:]]
-                generated = choice["logprobs"]["top_logprobs"][0]
-                if any(not key.startswith(TOKEN_ID_PREFIX) for key in generated):
-                    raise TeacherAnswerError("top_logprobs are keyed by text, not 'token_id:<id>' (vLLM too old?)")
-                positions.append({int(key[len(TOKEN_ID_PREFIX):]): float(lp) for key, lp in generated.items()})
-                row_ids, row_lps = topk_from_logprob_dicts(positions, k)
-                ids.append(row_ids)
-                lps.append(row_lps)
-        except (KeyError, TypeError, IndexError, AttributeError, ValueError) as err:
-            if isinstance(err, TeacherAnswerError):
-                raise
-            raise TeacherAnswerError(f"not a vLLM prompt_logprobs completion: {err!r}") from None
-        answer = TopKAnswer(np.asarray([len(r) for r in rows], np.int64), np.concatenate(ids), np.concatenate(lps))
-        return self._check(answer, rows, k)
+            data = json.loads(body)
+        except ValueError as err:
+            raise TeacherAnswerError(f"/v1/completions answered non-JSON: {err}") from None
+        return self._check(parse_vllm_completion(data, rows, k), rows, k)
 
     def _check(self, answer: TopKAnswer, rows: list[list[int]], k: int) -> TopKAnswer:
         """Reject any answer that is not exactly the one asked for."""
@@ -347,6 +352,79 @@ class NetworkTeacher:
             f"the teacher server at {self.url} did not answer /v1/models after {self.retries + 1} attempts; "
             f"last error: {last_error!r}. Is it running and reachable?"
         ) from last_error
+
+
+def parse_vllm_completion(data: dict, rows: list[list[int]], k: int) -> TopKAnswer:
+    """A vLLM `/v1/completions` body (token-id prompts, max_tokens=1, prompt_logprobs=k, logprobs=k,
+    return_tokens_as_token_ids) -> TopKAnswer in the next-token convention (see `_openai_once`)."""
+    try:
+        choices = sorted(data["choices"], key=lambda c: c["index"])
+        if len(choices) != len(rows):
+            raise TeacherAnswerError(f"{len(choices)} choices for {len(rows)} prompts")
+        ids, lps = [], []
+        for b, (choice, row) in enumerate(zip(choices, rows)):
+            prompt = choice["prompt_logprobs"]
+            if prompt is None or len(prompt) != len(row):
+                got = None if prompt is None else len(prompt)
+                raise TeacherAnswerError(f"prompt {b}: {got} prompt_logprobs entries for {len(row)} tokens")
+            positions = [{int(tid): float(e["logprob"]) for tid, e in entry.items()} for entry in prompt[1:]]
+            generated = choice["logprobs"]["top_logprobs"][0]
+            if any(not key.startswith(TOKEN_ID_PREFIX) for key in generated):
+                raise TeacherAnswerError("top_logprobs are keyed by text, not 'token_id:<id>' (vLLM too old?)")
+            positions.append({int(key[len(TOKEN_ID_PREFIX):]): float(lp) for key, lp in generated.items()})
+            row_ids, row_lps = topk_from_logprob_dicts(positions, k)
+            ids.append(row_ids)
+            lps.append(row_lps)
+    except TeacherAnswerError:
+        raise
+    except (KeyError, TypeError, IndexError, AttributeError, ValueError) as err:
+        raise TeacherAnswerError(f"not a vLLM prompt_logprobs completion: {err!r}") from None
+    return TopKAnswer(np.asarray([len(r) for r in rows], np.int64), np.concatenate(ids), np.concatenate(lps))
+
+
+def _padding_answer(batch: int, seq_len: int, k: int) -> TeacherOutput:
+    """An all-padding batch: the uniform stand-in everywhere."""
+    token_ids = torch.arange(k, dtype=torch.int64).expand(batch, seq_len, k).contiguous()
+    return TeacherOutput(token_ids, torch.full((batch, seq_len, k), -math.log(k), dtype=torch.float32))
+
+
+def _read_body(response: httpx.Response, limit: int) -> bytes | bytearray:
+    """The whole body, refusing more than `limit` bytes; with a Content-Length the chunks land straight in
+    one preallocated buffer (no list of chunks joined at the end: that copy is most of a large read)."""
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and "content-encoding" not in response.headers:
+        size = int(declared)
+        if size > limit:
+            raise TeacherAnswerError(f"answer of {size} bytes is larger than any valid answer ({limit} bytes)")
+        buffer, offset = bytearray(size), 0
+        view = memoryview(buffer)
+        for chunk in response.iter_raw():
+            if offset + len(chunk) > size:
+                raise TeacherAnswerError(f"answer is longer than its Content-Length {size}")
+            view[offset : offset + len(chunk)] = chunk
+            offset += len(chunk)
+        if offset != size:
+            raise TeacherAnswerError(f"answer ended after {offset} of {size} bytes")
+        return buffer
+    chunks, total = [], 0
+    for chunk in response.iter_bytes():
+        total += len(chunk)
+        if total > limit:
+            raise TeacherAnswerError(f"answer is larger than any valid answer ({limit} bytes)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _server_timing(headers: httpx.Headers) -> dict[str, float]:
+    """`Server-Timing: forward;dur=12.5, ...` (milliseconds) -> {"server_forward": 0.0125, ...} (seconds)."""
+    out = {}
+    for part in headers.get("server-timing", "").split(","):
+        name, _, duration = part.strip().partition(";dur=")
+        try:
+            out[f"server_{name}"] = float(duration) / 1000
+        except ValueError:
+            continue
+    return out
 
 
 class _RetryableStatus(Exception):
