@@ -25,8 +25,9 @@ _NOT_TRAIN_PREFIXES = ("eval_", "test_", "predict_")
 
 
 def is_train_log(logs: dict) -> bool:
-    """True for the periodic training logs (not eval/predict metrics, not the final train_runtime summary)."""
-    return not any(k.startswith(_NOT_TRAIN_PREFIXES) for k in logs) and "train_runtime" not in logs
+    """True for the periodic training logs (not eval/predict metrics, not the end-of-train summary, which is the
+    log with `total_flos`; periodic logs may carry `train_runtime` too, with include_num_input_tokens_seen)."""
+    return not any(k.startswith(_NOT_TRAIN_PREFIXES) for k in logs) and "total_flos" not in logs
 
 
 def add_to_log(state, logs: dict, metrics: dict) -> None:
