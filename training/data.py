@@ -25,7 +25,17 @@ FORMAT_NAME = "hf-retnet-pretokenized-shards"
 FORMAT_VERSION = 1
 SHARD_TEMPLATE = "shard-{:05d}.parquet"
 ARROW_CACHE_DIRNAME = ".arrow_cache"
-_PAGE_WINDOW = 64 * 1024  # Linux maps file pages in 64 KiB "fault-around" windows
+_PAGE_WINDOW = 64 * 1024  # the smallest unit a page fault maps around a read (Linux "fault-around")
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _file_backed_resident_bytes() -> int | None:
+    """Resident file-backed + shared pages of this process (Linux /proc/self/statm), else None."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[2]) * _PAGE_SIZE
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 # ----------------------------------------------------------------------------- tokenizer identity
@@ -182,7 +192,7 @@ class PretokenizedShardDataset(torch.utils.data.Dataset):
             )
         self._row_lengths = lengths[self._rows]
         self._open: dict[int, object] = {}
-        self._mapped = 0
+        self._mapped, self._baseline = 0, None
         self.num_remaps = 0  # how often the maps were closed to keep resident memory bounded
         self.epoch = 0
         self._order = self._permutation()
@@ -229,35 +239,52 @@ class PretokenizedShardDataset(torch.utils.data.Dataset):
             paths.append(path)
         return paths
 
-    def _dataset_for(self, file_idx: int):
-        ds = self._open.get(file_idx)
-        if ds is None:
-            import datasets
+    def _columns_for(self, file_idx: int):
+        """(chunk row starts [C+1], per chunk (ids offsets, ids values, labels offsets, labels values))
+        as numpy views into the memory-mapped Arrow file that `datasets` opens."""
+        entry = self._open.get(file_idx)
+        if entry is None:
+            from datasets.table import MemoryMappedTable
 
-            ds = datasets.Dataset.from_file(self._arrow_files[file_idx]).with_format(
-                "numpy", columns=["input_ids", "labels"]
-            )
-            self._open[file_idx] = ds
-        return ds
+            table = MemoryMappedTable.from_file(self._arrow_files[file_idx]).table  # pyarrow, memory-mapped
+            starts, chunks = [0], []
+            for ids, labels in zip(table.column("input_ids").chunks, table.column("labels").chunks):
+                chunks.append((ids.offsets.to_numpy(), ids.values.to_numpy(), labels.offsets.to_numpy(),
+                               labels.values.to_numpy()))
+                starts.append(starts[-1] + len(ids))
+            entry = self._open[file_idx] = (np.asarray(starts), chunks)
+        return entry
 
-    def _account(self, nbytes_per_column: int) -> None:
-        """Bound resident mapped pages: each column read maps its bytes plus at most one extra
-        fault-around window on each side; past the budget, close the maps (pages stay in the OS
-        page cache, so re-opening is cheap) and start counting again."""
-        windows = -(-nbytes_per_column // _PAGE_WINDOW) + 1
-        self._mapped += 2 * windows * _PAGE_WINDOW
-        if self._mapped > self.max_mapped_bytes:
+    def _bound_resident_maps(self) -> None:
+        """Keep resident mapped pages under `max_mapped_bytes`: touched pages of a memory map count
+        as resident memory (and the kernel maps whole read-ahead folios, often far more than was
+        read). On Linux the file-backed resident size is measured; elsewhere it is estimated. Past
+        the budget, the maps are closed (called before a read, so no view into them is alive); the
+        pages stay in the OS page cache, so re-opening is cheap."""
+        resident = _file_backed_resident_bytes()
+        if resident is None:
+            over = self._mapped > self.max_mapped_bytes
+        else:
+            if self._baseline is None:
+                self._baseline = resident
+            over = resident - self._baseline > self.max_mapped_bytes
+        if over:
             self._open.clear()
-            self._mapped = 0
+            self._mapped, self._baseline = 0, _file_backed_resident_bytes()
             self.num_remaps += 1
 
     def read_row(self, row: int) -> dict[str, torch.Tensor]:
         """Row `row` of the shards in file order (no shuffling, filtering or truncation)."""
+        self._bound_resident_maps()
         file_idx = int(np.searchsorted(self._file_starts, row, side="right") - 1)
-        item = self._dataset_for(file_idx)[int(row - self._file_starts[file_idx])]
-        ids = torch.from_numpy(item["input_ids"].astype(np.int64))  # [T] copy: no view into the map
-        labels = torch.from_numpy(item["labels"].astype(np.int64))  # [T]
-        self._account(item["input_ids"].nbytes)
+        local = int(row - self._file_starts[file_idx])
+        starts, chunks = self._columns_for(file_idx)
+        c = int(np.searchsorted(starts, local, side="right") - 1)
+        i = local - int(starts[c])
+        ids_off, ids_val, lab_off, lab_val = chunks[c]
+        ids = torch.from_numpy(ids_val[ids_off[i] : ids_off[i + 1]].astype(np.int64))  # [T] a copy, not a view
+        labels = torch.from_numpy(lab_val[lab_off[i] : lab_off[i + 1]].astype(np.int64))  # [T]
+        self._mapped += 2 * (ids.numel() * 4 + 2 * _PAGE_WINDOW)  # the estimate used without /proc
         return {"input_ids": ids, "labels": labels}
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
@@ -272,7 +299,7 @@ class PretokenizedShardDataset(torch.utils.data.Dataset):
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_open"], state["_mapped"] = {}, 0  # maps re-open lazily in the receiving process
+        state["_open"], state["_mapped"], state["_baseline"] = {}, 0, None  # maps re-open lazily where received
         return state
 
     def __repr__(self) -> str:
