@@ -169,7 +169,7 @@ class KDStandInTrainer(Trainer):
         student_logp = F.log_softmax(out.logits.float(), -1)
         kd = F.kl_div(student_logp, teacher_logp, log_target=True, reduction="batchmean") / SEQ
         self._sums["loss/ce"] += float(out.loss.detach())
-        self._sums["loss/kd"] += float(kd)
+        self._sums["loss/kd"] += float(kd.detach())
         self._n += 1
         return 0.5 * out.loss + 0.5 * kd
 
