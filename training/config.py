@@ -150,7 +150,8 @@ class DistillationConfig(TrainingArguments):
     )
     eval_data: str | None = field(default=None, metadata={"help": "Held-out data, same forms as `train_data`."})
     tokenizer: str | None = field(
-        default=None, metadata={"help": "Tokenizer folder or Hub id; defaults to the teacher's (`teacher_model`)."}
+        default=None, metadata={"help": "Tokenizer folder or Hub id; defaults to `teacher_model` (required in cached/network "
+                  "mode without one)."}
     )
     max_seq_length: int = field(default=1024, metadata={"help": "Tokens per training sequence (>= 2)."})
 
@@ -227,8 +228,10 @@ class DistillationConfig(TrainingArguments):
             raise bad("full_vocab_kd", "needs teacher_source=direct (only the direct teacher has full logits)")
         if self.teacher_dtype not in TEACHER_DTYPES:
             raise bad("teacher_dtype", f"{self.teacher_dtype!r} is not one of {TEACHER_DTYPES}")
-        if self.tokenizer is None and self.teacher_source == "direct":
+        if self.tokenizer is None and self.teacher_model:
             self.tokenizer = self.teacher_model
+        if self.teacher_source == "cached" and self.temperature_start is not None:
+            raise bad("temperature_start", "a cache holds log-probs at one temperature; no schedule in cached mode")
 
         if not isinstance(self.teacher_topk, int) or self.teacher_topk < 1:
             raise bad("teacher_topk", f"must be a positive integer, got {self.teacher_topk!r}")

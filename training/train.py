@@ -25,6 +25,29 @@ def _split_argv(argv: list[str]) -> tuple[str | None, list[str], bool]:
     return known.config, rest, known.help
 
 
+def _wants_expandable_segments(config_path: str | None, overrides: list[str]) -> bool:
+    """`cuda_expandable_segments` from the YAML / command line, read before anything can touch CUDA."""
+    from transformers.hf_argparser import string_to_bool
+
+    value = False
+    if config_path and os.path.isfile(config_path):
+        import yaml
+
+        with open(config_path, encoding="utf-8") as handle:
+            loaded = yaml.safe_load(handle)
+        if isinstance(loaded, dict):
+            value = loaded.get("cuda_expandable_segments", False)
+    for i, arg in enumerate(overrides):
+        key, _, inline = arg.partition("=")
+        if key.startswith("--") and key[2:].replace("-", "_") == "cuda_expandable_segments":
+            nxt = overrides[i + 1] if i + 1 < len(overrides) else ""
+            value = inline or (nxt if nxt and not nxt.startswith("--") else True)
+    try:
+        return bool(string_to_bool(value)) if isinstance(value, str) else bool(value)
+    except Exception:
+        return False  # load_config reports the bad value, naming the key
+
+
 def build_tokenizer(config: DistillationConfig):
     from transformers import AutoTokenizer
 
@@ -137,11 +160,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.prog = "python -m training.train --config CONFIG.yaml"
         parser.print_help()
         return 0
-    config = load_config(config_path, overrides)
-    if config.cuda_expandable_segments:
+    if _wants_expandable_segments(config_path, overrides):
         from .callbacks import configure_cuda_allocator
 
-        configure_cuda_allocator(expandable_segments=True)  # must run before CUDA allocates anything
+        # Before the config is built: TrainingArguments' bf16 check already initialises CUDA.
+        configure_cuda_allocator(expandable_segments=True)
+    config = load_config(config_path, overrides)
     run(config)
     return 0
 

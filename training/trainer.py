@@ -14,6 +14,7 @@ from collections import deque
 import torch
 from transformers import Trainer
 
+from .callbacks import attach_callbacks, default_callbacks, report_step_loss
 from .config import DistillationConfig
 from .optim import build_muon_optimizer
 from .teachers import build_teacher_source
@@ -44,15 +45,6 @@ def check_teacher_student(teacher_vocab: int, student_vocab: int, k: int) -> Non
         raise ValueError(f"config key 'teacher_topk': {k} must be in [1, vocabulary size {teacher_vocab}]")
 
 
-def default_callbacks() -> list:
-    """The telemetry callbacks every run gets (NaN guard, memory, throughput), when the package provides them."""
-    try:
-        from .callbacks import MemoryCallback, NonFiniteGuardCallback, ThroughputCallback
-    except ImportError:
-        return []
-    return [NonFiniteGuardCallback(), MemoryCallback(), ThroughputCallback()]
-
-
 class DistillationTrainer(Trainer):
     """Trainer for a causal-LM student against a `TeacherSource`.
 
@@ -80,9 +72,9 @@ class DistillationTrainer(Trainer):
         check_teacher_student(int(teacher.vocab_size), student_vocab, args.teacher_topk)
         if args.full_vocab_kd and not getattr(teacher, "return_full_logits", False):
             raise ValueError("config key 'full_vocab_kd': the teacher source does not return full logits")
-        if args.default_callbacks:
-            callbacks = default_callbacks() + list(callbacks or [])
         super().__init__(model=model, args=args, callbacks=callbacks, **kwargs)
+        if args.default_callbacks:  # NaN guard, memory, throughput; placed before the reporters so they log
+            attach_callbacks(self, *default_callbacks())
         self.teacher = teacher
         self._can_prefetch = callable(getattr(teacher, "prefetch", None))
         self._upcoming: deque = deque()  # (batch, optimizer step it belongs to), in the order compute_loss sees them
@@ -207,6 +199,7 @@ class DistillationTrainer(Trainer):
             self._window["train"] += torch.tensor([float(m) for m in metrics], dtype=torch.float64)
             if args.average_tokens_across_devices and args.world_size > 1 and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes  # DDP averages gradients; undo it for the global mean
+            report_step_loss(self, loss.detach())  # the NaN guard watches the loss the model forward never saw
         else:
             self._window["eval"] += torch.tensor([float(out.ce), float(out.kd), float(out.diversity), 1.0],
                                                  dtype=torch.float64)

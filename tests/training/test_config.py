@@ -118,3 +118,13 @@ def test_schedules():
     assert [config.kd_loss_at(s) for s in range(5)] == ["reverse_kl"] * 3 + ["jsd"] * 2
     constant = DistillationConfig(output_dir="unused", teacher_model="org/model", distill_alpha=0.3)
     assert constant.alpha_at(0) == constant.alpha_at(10**6) == 0.3
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ([], False), (["--cuda_expandable_segments"], True), (["--cuda_expandable_segments", "false"], False),
+    (["--cuda-expandable-segments=true"], True), (["--cuda_expandable_segments", "--max_steps", "3"], True),
+])
+def test_allocator_flag_is_read_before_the_config_is_built(overrides, expected):
+    from training.train import _wants_expandable_segments
+
+    assert _wants_expandable_segments(TINY, overrides) is expected

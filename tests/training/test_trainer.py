@@ -105,7 +105,8 @@ def test_direct_run_lowers_heldout_kl(tmp_path, sharp_teacher_dir, tok):
     print(f"held-out KL(teacher || student): {before:.3f} -> {after:.3f}")
     assert after < 0.85 * before
     logs = [h for h in trainer.state.log_history if "loss" in h]
-    for key in ("loss/ce", "loss/kd", "loss/diversity", "alpha", "temperature", "teacher_seconds"):
+    for key in ("loss/ce", "loss/kd", "loss/diversity", "alpha", "temperature", "teacher_seconds",
+                "nonfinite/skipped_steps", "throughput/tokens_per_second", "memory/host_rss_gib"):
         assert key in logs[-1], key
     # the Trainer's loss is alpha * CE + (1 - alpha) * KD, averaged over the same window
     assert logs[-1]["loss"] == pytest.approx(0.1 * logs[-1]["loss/ce"] + 0.9 * logs[-1]["loss/kd"], rel=1e-4)

@@ -13,7 +13,8 @@ def build_teacher_source(config, device=None) -> TeacherSource:
     """The source `config.teacher_source` names, placed on `config.teacher_device` or else `device`.
 
     direct: `DirectTeacher(teacher_model, teacher_adapter, teacher_dtype)`, full logits when `full_vocab_kd`.
-    cached: `CachedTeacher(teacher_cache)`; network: `NetworkTeacher(teacher_url, api_key=teacher_api_key)`.
+    cached: `CachedTeacher(teacher_cache)`, checked against teacher_topk, temperature, tokenizer and train_data.
+    network: `NetworkTeacher(teacher_url, api_key=teacher_api_key)` (the key defaults to $TEACHER_API_KEY).
     """
     kind = config.teacher_source
     if kind == "direct":
@@ -29,7 +30,9 @@ def build_teacher_source(config, device=None) -> TeacherSource:
             from .cached import CachedTeacher
         except ImportError as err:
             raise ValueError(f"teacher_source=cached is not available in this install ({err})") from None
-        return CachedTeacher(config.teacher_cache)
+        # The cache checks k, temperature, tokenizer and data against its manifest now, not mid-run.
+        return CachedTeacher(config.teacher_cache, topk=config.teacher_topk, temperature=config.temperature,
+                             tokenizer=config.tokenizer, data=config.train_data)
     if kind == "network":
         try:
             from .network import NetworkTeacher
