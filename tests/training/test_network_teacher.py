@@ -402,3 +402,19 @@ def test_teacher_gone_for_longer_than_the_retry_budget_stops_the_run_with_checkp
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     assert state["global_step"] == 2
     assert load_file(str(checkpoint / "model.safetensors"))  # complete, loadable weights
+
+
+def test_example_config_builds_a_network_teacher(monkeypatch):
+    import os
+
+    from training.config import load_config
+    from training.teachers import build_teacher_source
+
+    monkeypatch.setenv("TEACHER_API_KEY", "from-env")
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    config = load_config(os.path.join(repo, "examples/configs/train_network.yaml"),
+                         ["--teacher_url", "http://127.0.0.1:9", "--bf16", "false", "--use_cpu", "true"])
+    teacher = build_teacher_source(config)
+    assert isinstance(teacher, NetworkTeacher) and teacher.binary and teacher.protocol == "topk"
+    assert teacher._client.headers["authorization"] == "Bearer from-env"  # the key stays out of the YAML
+    teacher.close()
