@@ -7,7 +7,7 @@
 
 They add their metrics to the Trainer's logs in `on_log`, so WandB / TensorBoard (`report_to`) get them too --
 provided they run before the reporting callbacks: `Trainer(callbacks=[...])` appends after the reporters, so use
-`attach_callbacks(trainer, ...)`, which inserts them in front (the metrics always reach `trainer_state.json`).
+`attach_callbacks(trainer, ...)`, which moves them in front (the metrics always reach `trainer_state.json`).
 """
 
 from __future__ import annotations
@@ -22,23 +22,28 @@ from .telemetry import MemoryCallback, StepTap, ThroughputCallback, configure_cu
 LOG_CONTRIBUTORS = (SaddleEscapeCallback, NonFiniteGuardCallback, MemoryCallback, ThroughputCallback)
 
 
-def _is_reporter(callback) -> bool:
+def _reads_logs(callback) -> bool:
+    """Reporting integrations (WandB, TensorBoard, ...) and the console printers: callbacks that consume `logs`."""
     from transformers.integrations import INTEGRATION_TO_CALLBACK
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    reporters = tuple(c for c in INTEGRATION_TO_CALLBACK.values() if isinstance(c, type))
-    return isinstance(callback, reporters)
+    readers = tuple(c for c in INTEGRATION_TO_CALLBACK.values() if isinstance(c, type))
+    # NotebookProgressCallback by name: importing it needs IPython.
+    return isinstance(callback, (*readers, PrinterCallback, ProgressCallback)) or (
+        type(callback).__name__ == "NotebookProgressCallback")
 
 
 def attach_callbacks(trainer, *callbacks: TrainerCallback):
     """Add `callbacks` to `trainer` and move every metric-adding callback of this package in front of the first
-    reporting integration (WandB, TensorBoard, ...), keeping relative order; returns the trainer."""
+    callback that reads the logs (reporting integrations such as WandB / TensorBoard, the console printer), keeping
+    relative order; returns the trainer. Safe to call again (e.g. after the Trainer re-added restored callbacks)."""
     handler = trainer.callback_handler
     for cb in callbacks:
         handler.callbacks.append(cb)
     ours = [cb for cb in handler.callbacks if isinstance(cb, LOG_CONTRIBUTORS)]
     rest = [cb for cb in handler.callbacks if not isinstance(cb, LOG_CONTRIBUTORS)]
-    first_reporter = next((i for i, cb in enumerate(rest) if _is_reporter(cb)), len(rest))
-    handler.callbacks = rest[:first_reporter] + ours + rest[first_reporter:]
+    first_reader = next((i for i, cb in enumerate(rest) if _reads_logs(cb)), len(rest))
+    handler.callbacks = rest[:first_reader] + ours + rest[first_reader:]
     return trainer
 
 
