@@ -128,7 +128,8 @@ def test_configure_cuda_allocator_merges_settings(monkeypatch):
     assert text == "max_split_size_mb:128,expandable_segments:True,garbage_collection_threshold:0.8"
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == text
     assert os.environ.get("PYTORCH_ALLOC_CONF", text) == text  # torch >= 2.9 reads this one first
-    assert configure_cuda_allocator(expandable_segments=False).startswith("max_split_size_mb:128,expandable_segments:False")
+    off = configure_cuda_allocator(expandable_segments=False)
+    assert off.startswith("max_split_size_mb:128,expandable_segments:False")
 
 
 def test_configure_cuda_allocator_rejects_malformed_settings(monkeypatch):
@@ -264,3 +265,15 @@ def test_tensorboard_gets_the_same_metrics(tmp_path, monkeypatch):
     tags = set(acc.Tags()["scalars"])
     assert {f"train/{k}" for k in EXPECTED} <= tags
     assert [e.value for e in acc.Scalars("train/saddle/factor")] == history(trainer, "saddle/factor")
+
+
+def test_a_loss_watcher_that_sees_no_loss_says_so(tmp_path, caplog):
+    """HiddenStateTrainer computes its loss outside the model and does not report it: the saddle callback cannot
+    work, and says how to fix it instead of silently never firing."""
+    saddle = SaddleEscapeCallback(SADDLE_FAST)
+    trainer = HiddenStateTrainer(model=build_tiny_llama(VOCAB, hidden_size=32, seed=0),
+                                 args=tiny_args(tmp_path, max_steps=4), train_dataset=Padded(), callbacks=[saddle])
+    with caplog.at_level("WARNING", logger="training.callbacks.telemetry"):
+        trainer.train()
+    assert "SaddleEscapeCallback sees no training loss" in caplog.text and "report_step_loss" in caplog.text
+    assert saddle.detector.detections == 0 and len(saddle.detector.losses) == 0

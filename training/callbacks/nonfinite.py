@@ -34,7 +34,8 @@ class NonFiniteTrainingError(RuntimeError):
 
 
 def _gradients_finite(grads: list[torch.Tensor]) -> bool:
-    # Max-abs (inf-norm) over every gradient: exact (no overflow, unlike a 2-norm of large fp16 values), NaN-propagating.
+    # Max-abs (inf-norm) over every gradient: exact (no overflow, unlike a 2-norm of large fp16 values) and
+    # NaN-propagating.
     if not grads:
         return True
     return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=float("inf"))))
@@ -79,7 +80,7 @@ class NonFiniteGuardCallback(TrainerCallback, SelfRestoringState):
         self._tap.begin_step()
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
-        loss = self._tap.step_loss() if self.check_loss else None
+        loss = self._tap.step_loss("NonFiniteGuardCallback") if self.check_loss else None
         loss_bad = loss is not None and not math.isfinite(loss)
         grads = grads_of(model) if model is not None else []
         grads_bad = self.check_grads and not _gradients_finite(grads)
@@ -93,7 +94,7 @@ class NonFiniteGuardCallback(TrainerCallback, SelfRestoringState):
         self.skipped_steps += 1
         self.consecutive += 1
         self.skipped_at.append(step)
-        what = "loss" if loss_bad and not grads_bad else "gradients" if grads_bad and not loss_bad else "loss and gradients"
+        what = {(True, False): "loss", (False, True): "gradients"}.get((loss_bad, grads_bad), "loss and gradients")
         logger.warning(f"step {step}: non-finite {what} (loss={loss}); optimizer update skipped "
                        f"({self.consecutive} in a row, {self.skipped_steps} in total)")
         if self.consecutive >= self.max_consecutive:

@@ -79,7 +79,8 @@ class SaddleEscapeConfig:
         need(self.min_steps >= 0, f"min_steps={self.min_steps} must be >= 0")
         need(self.min_relative_improvement > 0, "min_relative_improvement must be > 0")
         need(self.noise_z >= 0, "noise_z must be >= 0")
-        need(self.grad_norm_threshold is None or self.grad_norm_threshold > 0, "grad_norm_threshold must be > 0 or None")
+        need(self.grad_norm_threshold is None or self.grad_norm_threshold > 0,
+             "grad_norm_threshold must be > 0 or None")
         need(self.boost_factor > 1, f"boost_factor={self.boost_factor} must be > 1 (it multiplies the LR)")
         need(self.escalation >= 1, f"escalation={self.escalation} must be >= 1")
         need(self.max_factor >= self.boost_factor, "max_factor must be >= boost_factor")
@@ -265,7 +266,8 @@ class SaddleEscapeCallback(TrainerCallback, SelfRestoringState):
         self._tap.begin_step()
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
-        loss = distributed_mean(self._tap.step_loss(), args.device)  # same decision on every process
+        # Averaged over processes, so that every process takes the same decision.
+        loss = distributed_mean(self._tap.step_loss("SaddleEscapeCallback"), args.device)
         grad_norm = None  # gradients are already averaged over processes here
         if self.config.grad_norm_threshold is not None and model is not None:
             grads = grads_of(model)

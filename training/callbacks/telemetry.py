@@ -58,6 +58,7 @@ class StepTap:
         self.tokens_model = 0  # counted by the model pre-hook since the last take_tokens()
         self.tokens_embed = 0  # counted by the input-embedding pre-hook
         self._token_tensors: list[torch.Tensor] = []
+        self._missing = 0  # steps without any loss
         self.begin_step()
 
     # ---- lifecycle ----
@@ -96,10 +97,17 @@ class StepTap:
             self._hook_losses.append(loss.detach().float().reshape(()))
             self._hook_sum = self._hook_sum or kwargs.get("num_items_in_batch") is not None
 
-    def step_loss(self) -> float | None:
-        """This step's loss (one device sync), or None when neither the model nor the trainer reported one."""
+    def step_loss(self, owner: str = "") -> float | None:
+        """This step's loss (one device sync), or None when neither the model nor the trainer reported one
+        (warned once, after a few steps, naming `owner`)."""
         values = self._reported or self._hook_losses
         if not values:
+            self._missing += 1
+            if self._missing == 3 and owner:
+                logger.warning(
+                    f"{owner} sees no training loss: the model's forward returns no `.loss` (no labels?) and the "
+                    "trainer does not call training.callbacks.report_step_loss(trainer, loss); it cannot use the loss"
+                )
             return None
         device = values[0].device
         stacked = torch.stack([v.to(device) for v in values])
