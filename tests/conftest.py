@@ -3,10 +3,14 @@
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Tiny models on 2 shared cores: one intra-op thread is several times faster than oversubscribing.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
