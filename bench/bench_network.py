@@ -54,12 +54,12 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def measure_wire(url: str, rows: list[list[int]], k: int, binary: bool, reps: int) -> dict:
+def measure_wire(url: str, rows: list[list[int]], k: int, binary: bool, reps: int, warmup: bool = True) -> dict:
     """NetworkTeacher.topk end to end, split with the server's Server-Timing header and the client's own clock."""
     input_ids = torch.tensor(rows)  # [B, T]
     samples = []
     with NetworkTeacher(url, binary=binary, retries=0) as teacher:
-        for rep in range(reps + 1):  # the first request warms up both sides
+        for rep in range(reps + 1) if warmup else range(1, reps + 1):  # a first request warms up both sides
             start = time.perf_counter()
             teacher.topk(input_ids, None, k=k)
             wall = time.perf_counter() - start
@@ -121,7 +121,7 @@ def measure_openai_shape(rows, url, k, json_result, sample_rows: int) -> dict:
 
 
 def wire_section(args, teacher_dir: str) -> None:
-    reps = args.reps or (3 if args.quick else 10)
+    reps = args.reps or (2 if args.quick else 10)
     server = ServerProcess(["--model", teacher_dir, "--device", args.device, "--max-k", str(args.k),
                             "--max-tokens-per-request", str(args.batch * args.seq_len),
                             "--max-batch-tokens", str(args.batch * args.seq_len), "--batch-window-ms", "0"],
@@ -130,11 +130,12 @@ def wire_section(args, teacher_dir: str) -> None:
     rows = torch.randint(0, args.vocab_size, (args.batch, args.seq_len), generator=g).tolist()
     with server:
         binary = measure_wire(server.url, rows, args.k, True, reps)
-        as_json = measure_wire(server.url, rows, args.k, False, reps)
+        as_json = measure_wire(server.url, rows, args.k, False, 1 if args.quick else reps, warmup=False)
         openai = measure_openai_shape(rows, server.url, args.k, as_json, 1 if args.quick else args.batch)
 
     print(f"\n== /v1/topk per request: B x T = {args.batch} x {args.seq_len}, k = {args.k}, vocab {args.vocab_size}, "
-          f"teacher hidden {args.hidden_size} x {args.layers} layers on {args.device}; median of {reps} ==")
+          f"teacher hidden {args.hidden_size} x {args.layers} layers on {args.device}; median of {reps} "
+          f"(JSON: {1 if args.quick else reps}) ==")
     keys = ["forward", "server_parse", "queue", "server_encode", "transfer", "client_decode", "client_checks_repad",
             "wall", "beyond"]
     print(f"{'ms':>16} | {'binary':>10} | {'json':>10}")
@@ -164,7 +165,7 @@ class _NoPrefetch:
 
 
 def trainer_section(args, workdir: str) -> None:
-    from transformers import TrainerCallback
+    from transformers import PrinterCallback, TrainerCallback
 
     from hf_retnet import RetNetConfig, RetNetForCausalLM
     from training.config import DistillationConfig
@@ -202,8 +203,10 @@ def trainer_section(args, workdir: str) -> None:
             report_to="none", use_cpu=True, logging_steps=steps, dataloader_num_workers=0, disable_tqdm=True,
         )
         times = StepTimes()
-        DistillationTrainer(model=student, args=config, teacher=teacher, train_dataset=items,
-                            data_collator=PaddingCollator(tok.pad_token_id), callbacks=[times]).train()
+        trainer = DistillationTrainer(model=student, args=config, teacher=teacher, train_dataset=items,
+                                      data_collator=PaddingCollator(tok.pad_token_id), callbacks=[times])
+        trainer.remove_callback(PrinterCallback)  # keep the bench's own table readable
+        trainer.train()
         return statistics.median(np.diff(times.stamps[1:]))  # skip the warm-up step
 
     torch.set_num_threads(1)
