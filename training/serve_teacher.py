@@ -282,8 +282,17 @@ def create_app(
             lo, hi = min(row), max(row)
             if lo < 0 or hi >= engine.vocab_size:
                 raise HTTPException(422, detail=f"input_ids row {b} holds ids outside [0, {engine.vocab_size})")
+        check = getattr(engine, "check_request", None)  # engine-specific limits (vLLM: temperature 1 only)
+        if check is not None:
+            try:
+                check(req.k, req.temperature)
+            except ValueError as err:
+                raise HTTPException(422, detail=str(err)) from None
         parsed = time.perf_counter()
-        result = await batcher.submit(req.input_ids, req.k, req.temperature)
+        try:
+            result = await batcher.submit(req.input_ids, req.k, req.temperature)
+        except Exception as err:  # the forward failed (e.g. out of memory): 500, which clients may retry
+            raise HTTPException(500, detail=f"teacher forward failed: {type(err).__name__}: {err}") from None
         answered = time.perf_counter()
         answer = TopKAnswer(
             lengths=np.asarray([len(r) for r in req.input_ids], dtype=np.int64),

@@ -379,26 +379,29 @@ def test_network_mode_gives_the_same_losses_as_direct_mode(server, tiny_teacher_
 
 
 def test_teacher_gone_for_longer_than_the_retry_budget_stops_the_run_with_checkpoints_intact(
-        tiny_teacher_dir, tiny_tokenizer, tmp_path):
+        tiny_teacher_dir, tiny_tokenizer, direct, tmp_path):
     from safetensors.torch import load_file
     from transformers import TrainerCallback
 
-    proc = ServerProcess(["--model", tiny_teacher_dir], log_path=str(tmp_path / "server.log")).start()
+    from training.serve_teacher import HFEngine, create_app
 
-    class KillTeacherAfterStep3(TrainerCallback):
+    # The real server app on a uvicorn thread (no subprocess start-up); stopping it closes the port.
+    peer = ThreadServer(create_app(HFEngine(direct), model_name="tiny")).__enter__()
+
+    class StopTeacherAfterStep3(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == 3:
-                proc.kill()
+                peer.__exit__(None, None, None)
 
-    teacher = NetworkTeacher(proc.url, retries=2, backoff=0.05)
+    teacher = NetworkTeacher(peer.url, retries=2, backoff=0.05)
     try:
         with pytest.raises(TeacherUnavailableError, match="after 3 attempts"):
-            distill(tmp_path, tiny_teacher_dir, tiny_tokenizer, "killed", teacher=teacher,
-                    callbacks=[KillTeacherAfterStep3()], max_steps=8, save_strategy="steps", save_steps=2)
+            distill(tmp_path, tiny_teacher_dir, tiny_tokenizer, "stopped", teacher=teacher,
+                    callbacks=[StopTeacherAfterStep3()], max_steps=8, save_strategy="steps", save_steps=2)
     finally:
         teacher.close()
-        proc.kill()
-    checkpoint = tmp_path / "killed" / "checkpoint-2"
+        peer.__exit__(None, None, None)
+    checkpoint = tmp_path / "stopped" / "checkpoint-2"
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     assert state["global_step"] == 2
     assert load_file(str(checkpoint / "model.safetensors"))  # complete, loadable weights

@@ -47,10 +47,17 @@ class VLLMEngine:
         )
         self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
 
+    def check_request(self, k: int, temperature: float) -> None:
+        """Called by the server before queueing; a ValueError becomes a 422 that names the limit."""
+        if temperature != 1.0:
+            raise ValueError(
+                f"temperature={temperature}: the vllm engine serves temperature 1.0 only (vLLM's prompt log-probs "
+                "are of the raw logits); serve with --engine hf to distil at another temperature"
+            )
+
     def topk_rows(self, rows: list[list[int]], k: int, temperature: float) -> tuple[np.ndarray, np.ndarray]:
         """rows: B lists of ids -> (ids [N, k] int64, logprobs [N, k] float32) in row order."""
-        if temperature != 1.0:
-            raise ValueError(f"temperature={temperature}: the vllm engine serves temperature 1.0 only")
+        self.check_request(k, temperature)
         params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=k, logprobs=k, detokenize=False)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=r) for r in rows], params, use_tqdm=False)
         ids, lps = [], []
