@@ -381,7 +381,10 @@ def main(argv=None) -> None:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         logger.warning("serving on %s without an API key: anyone who can reach this port can use the teacher", args.host)
-    engine = build_engine(args)
+    try:
+        engine = build_engine(args)
+    except (ImportError, FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"serve_teacher: error: {err}") from None
     app = create_app(
         engine,
         model_name=args.model_name or args.model,

@@ -49,6 +49,23 @@ def test_help_lists_the_options(capsys):
         assert flag in out
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "/no/such/teacher"], "does not exist"),
+    (["--model", "x", "--engine", "vllm"], "pip install"),
+    (["--model", "x", "--max-k", "0"], "--max-k must be positive"),
+])
+def test_bad_command_lines_exit_with_a_clear_message(argv, message, capsys):
+    if "vllm" in argv:
+        try:
+            import vllm  # noqa: F401
+            pytest.skip("vLLM is installed here")
+        except ImportError:
+            pass
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert message in str(exit_info.value.code) + capsys.readouterr().err
+
+
 def test_health_and_models(server, direct):
     health = httpx.get(f"{server.url}/health").json()
     assert health["status"] == "ok" and health["engine"] == "hf"
