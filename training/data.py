@@ -1,10 +1,10 @@
 """Training data: the pretokenized shard dataset, the padding collator and `build_dataset`.
 
 Shards are the Parquet files (+ manifest.json) that `python -m training.preprocess` writes; the
-format is in docs/data_format.md. They are read through `datasets` (converted once to its Arrow
-cache, then memory-mapped), so the data itself never lives in the Python heap. Memory-mapped pages
-still count as resident memory once touched, so the dataset re-opens its maps after a bounded number
-of mapped bytes (`max_mapped_bytes`): resident memory stays flat whatever the dataset size.
+format is in docs/data_format.md. `datasets` converts them once to its Arrow cache; the Arrow files
+are then memory-mapped, so the data never lives in the Python heap. Touched pages of a memory map
+still count as resident memory, so the dataset drops its resident pages whenever they pass
+`max_mapped_bytes`: resident memory stays flat whatever the dataset size.
 
 Items are `{"input_ids": LongTensor [T], "labels": LongTensor [T]}` with -100 where not trained.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 from collections.abc import Sequence
 
@@ -26,7 +27,21 @@ FORMAT_VERSION = 1
 SHARD_TEMPLATE = "shard-{:05d}.parquet"
 ARROW_CACHE_DIRNAME = ".arrow_cache"
 _PAGE_WINDOW = 64 * 1024  # the smallest unit a page fault maps around a read (Linux "fault-around")
+_CHECK_EVERY = 8  # reads between resident-memory checks (a check costs ~10-20 us)
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _map_arrow_file(path: str):
+    """(mmap, pyarrow Table) for a `datasets` Arrow cache file (IPC stream), zero-copy over a
+    read-only memory map this module owns, so that it can be advised: random access (no 8 MB
+    read-ahead mapped per read) and dropping resident pages. `datasets`' own map offers neither."""
+    import pyarrow as pa
+
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if hasattr(mm, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+        mm.madvise(mmap.MADV_RANDOM)
+    return mm, pa.ipc.open_stream(pa.py_buffer(mm)).read_all()
 
 
 def _file_backed_resident_bytes() -> int | None:
@@ -137,8 +152,9 @@ class PretokenizedShardDataset(torch.utils.data.Dataset):
 
     `tokenizer`, when given, must be the one the shards were made with (checked by fingerprint).
     `cache_dir` holds `datasets`' Arrow copy of the shards (default: `<folder>/.arrow_cache`).
-    `max_mapped_bytes` bounds how much of the memory maps may become resident before they are
-    re-opened (per process; each DataLoader worker has its own)."""
+    `max_mapped_bytes` bounds how much of the memory maps may stay resident (per process; each
+    DataLoader worker has its own budget); None leaves it to the OS (faster, RSS grows to the
+    touched part of the data, reclaimable under memory pressure)."""
 
     def __init__(
         self,
@@ -151,7 +167,7 @@ class PretokenizedShardDataset(torch.utils.data.Dataset):
         tokenizer=None,
         cache_dir: str | None = None,
         verify_checksums: bool = False,
-        max_mapped_bytes: int = 128 * 1024 * 1024,
+        max_mapped_bytes: int | None = 128 * 1024 * 1024,
     ):
         import datasets
 
@@ -192,8 +208,8 @@ class PretokenizedShardDataset(torch.utils.data.Dataset):
             )
         self._row_lengths = lengths[self._rows]
         self._open: dict[int, object] = {}
-        self._mapped, self._baseline = 0, None
-        self.num_remaps = 0  # how often the maps were closed to keep resident memory bounded
+        self._mapped, self._baseline, self._baseline_pid, self._reads = 0, None, None, 0
+        self.num_releases = 0  # how often resident mapped pages were dropped to stay in budget
         self.epoch = 0
         self._order = self._permutation()
 
@@ -240,45 +256,52 @@ class PretokenizedShardDataset(torch.utils.data.Dataset):
         return paths
 
     def _columns_for(self, file_idx: int):
-        """(chunk row starts [C+1], per chunk (ids offsets, ids values, labels offsets, labels values))
-        as numpy views into the memory-mapped Arrow file that `datasets` opens."""
+        """(map, chunk row starts [C+1], per chunk (ids offsets, ids values, labels offsets, labels
+        values)) as numpy views into one memory-mapped Arrow file of the `datasets` cache."""
         entry = self._open.get(file_idx)
         if entry is None:
-            from datasets.table import MemoryMappedTable
-
-            table = MemoryMappedTable.from_file(self._arrow_files[file_idx]).table  # pyarrow, memory-mapped
+            mm, table = _map_arrow_file(self._arrow_files[file_idx])
             starts, chunks = [0], []
             for ids, labels in zip(table.column("input_ids").chunks, table.column("labels").chunks):
                 chunks.append((ids.offsets.to_numpy(), ids.values.to_numpy(), labels.offsets.to_numpy(),
                                labels.values.to_numpy()))
                 starts.append(starts[-1] + len(ids))
-            entry = self._open[file_idx] = (np.asarray(starts), chunks)
+            entry = self._open[file_idx] = (mm, np.asarray(starts), chunks)
         return entry
 
     def _bound_resident_maps(self) -> None:
-        """Keep resident mapped pages under `max_mapped_bytes`: touched pages of a memory map count
-        as resident memory (and the kernel maps whole read-ahead folios, often far more than was
-        read). On Linux the file-backed resident size is measured; elsewhere it is estimated. Past
-        the budget, the maps are closed (called before a read, so no view into them is alive); the
-        pages stay in the OS page cache, so re-opening is cheap."""
+        """Keep resident mapped pages under `max_mapped_bytes`. Touched pages of a memory map count
+        as resident memory, so every few reads the file-backed resident size is measured (Linux;
+        estimated elsewhere) and, past the budget, this process's pages of the maps are dropped
+        (MADV_DONTNEED: the maps stay valid and re-read from the OS page cache)."""
+        if self.max_mapped_bytes is None:
+            return
+        if self._baseline_pid != os.getpid():  # first read in this process (or a forked worker)
+            self._baseline, self._baseline_pid = _file_backed_resident_bytes(), os.getpid()
+        self._reads += 1
+        if self._reads % _CHECK_EVERY:
+            return
         resident = _file_backed_resident_bytes()
-        if resident is None:
+        if resident is None or self._baseline is None:
             over = self._mapped > self.max_mapped_bytes
         else:
-            if self._baseline is None:
-                self._baseline = resident
             over = resident - self._baseline > self.max_mapped_bytes
         if over:
-            self._open.clear()
+            dontneed = getattr(mmap, "MADV_DONTNEED", None)
+            if dontneed is not None and all(hasattr(e[0], "madvise") for e in self._open.values()):
+                for mm, _, _ in self._open.values():
+                    mm.madvise(dontneed)
+            else:  # no madvise: close the maps (no view into them is alive before a read)
+                self._open.clear()
             self._mapped, self._baseline = 0, _file_backed_resident_bytes()
-            self.num_remaps += 1
+            self.num_releases += 1
 
     def read_row(self, row: int) -> dict[str, torch.Tensor]:
         """Row `row` of the shards in file order (no shuffling, filtering or truncation)."""
         self._bound_resident_maps()
         file_idx = int(np.searchsorted(self._file_starts, row, side="right") - 1)
         local = int(row - self._file_starts[file_idx])
-        starts, chunks = self._columns_for(file_idx)
+        _, starts, chunks = self._columns_for(file_idx)
         c = int(np.searchsorted(starts, local, side="right") - 1)
         i = local - int(starts[c])
         ids_off, ids_val, lab_off, lab_val = chunks[c]
@@ -299,7 +322,7 @@ class PretokenizedShardDataset(torch.utils.data.Dataset):
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_open"], state["_mapped"], state["_baseline"] = {}, 0, None  # maps re-open lazily where received
+        state["_open"], state["_mapped"], state["_baseline_pid"] = {}, 0, None  # maps open lazily where received
         return state
 
     def __repr__(self) -> str:

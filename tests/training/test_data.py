@@ -129,10 +129,10 @@ def test_dataloader_workers_give_the_same_batches(corpus, tiny_tokenizer):
 
 def test_maps_are_reopened_within_the_byte_budget(corpus):
     _, folder = corpus
-    """A zero budget closes the maps before nearly every read; items must not change."""
+    """A zero budget drops the resident pages at every check (every 8 reads); items must not change."""
     ds = PretokenizedShardDataset(folder, max_mapped_bytes=0)
     reference = _ids(PretokenizedShardDataset(folder))
-    assert _ids(ds) == reference and ds.num_remaps >= N_RECORDS // 2
+    assert _ids(ds) == reference and ds.num_releases >= N_RECORDS // 8 - 1
 
 
 def test_resume_mid_epoch_with_trainer_sees_the_same_batches(corpus, tiny_tokenizer, tmp_path):
