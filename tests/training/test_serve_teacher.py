@@ -205,4 +205,5 @@ def test_load_8_clients_x_50_requests_zero_errors_flat_memory(server, direct):
     rss_after = psutil.Process(server.pid).memory_info().rss
     assert errors == []
     growth_mib = (rss_after - rss_before) / 2**20
+    print(f"server RSS {rss_before / 2**20:.1f} -> {rss_after / 2**20:.1f} MiB over 400 requests")
     assert growth_mib < 32, f"server RSS grew by {growth_mib:.1f} MiB over 400 requests"
