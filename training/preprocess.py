@@ -648,6 +648,9 @@ def preprocess(
     options = {"max_seq_length": max_seq_length, "pack": bool(pack), "shard_size": shard_size}
 
     sources = discover_sources(inputs, recursive=recursive, split=split, config=dataset_config)
+    sources = [s for s in sources if s.kind == "hub" or not s.path.startswith(output + os.sep)]  # not our own shards
+    if not sources:
+        raise ValueError(f"no input files outside the output folder {output}")
     _prepare_output(output, overwrite, info, options)
     units, input_info = plan_units(sources, shard_size, progress)
 

@@ -75,8 +75,8 @@ def test_round_trip_text_and_chat_to_batches(tmp_path, tiny_tokenizer):
     tok = tiny_tokenizer
     records = synthetic_corpus(12, seed=3, kind="mixed") + [MULTI_TURN]
     write_jsonl(records, tmp_path / "in.jsonl")
-    manifest = preprocess([str(tmp_path / "in.jsonl")], tmp_path / "out", tok, shard_size=5, progress=False)
-    assert manifest["totals"]["num_shards"] == 3 and manifest["totals"]["num_sequences"] == 13
+    manifest = preprocess([str(tmp_path / "in.jsonl")], tmp_path / "out", tok, shard_size=2, progress=False)
+    assert manifest["totals"]["num_shards"] == 7 and manifest["totals"]["num_sequences"] == 13
 
     got = _read_back(str(tmp_path / "out"))
     assert len(got) == len(records)
@@ -144,10 +144,12 @@ def test_folders_text_and_parquet_inputs(tmp_path, tiny_tokenizer):
     write_jsonl([{"text": "x"}], tmp_path / "nested" / "deeper" / "d.jsonl")
     with pytest.raises(ValueError, match=r"nested: no .* files in this folder \(add --recursive"):
         preprocess([str(tmp_path / "nested")], tmp_path / "x", tiny_tokenizer, progress=False)
-    manifest = preprocess([str(tmp_path / "in")], tmp_path / "out", tiny_tokenizer, recursive=True, progress=False)
+    out = tmp_path / "in" / "shards"  # an output folder inside the input: its shards are not inputs
+    preprocess([str(tmp_path / "in")], out, tiny_tokenizer, recursive=True, progress=False)
+    manifest = preprocess([str(tmp_path / "in")], out, tiny_tokenizer, recursive=True, progress=False)
     assert [os.path.basename(i["path"]) for i in manifest["inputs"]] == ["a.txt", "c.parquet", "b.jsonl"]
     assert manifest["totals"]["num_records"] == 3 + 2 + 3
-    got = _read_back(str(tmp_path / "out"))
+    got = _read_back(str(out))
     assert tiny_tokenizer.decode(got[0][0], skip_special_tokens=True) == "first paragraph\nstill first"
     assert manifest["shards"][0]["source"] == {"path": str(tmp_path / "in" / "a.txt"), "first_line": 1, "last_line": 7}
     _check_chat(tiny_tokenizer, [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}],
