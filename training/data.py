@@ -196,7 +196,7 @@ class PretokenizedShardDataset(torch.utils.data.Dataset):
             raise ValueError(f"{self.manifest_path}: manifest says {expected} sequences, shards hold {full.num_rows}")
         self._arrow_files = [c["filename"] for c in full.cache_files]
         lengths = full.data.column("length").to_numpy().astype(np.int64)  # [N] reads one small column
-        del full  # drop its maps; items are read through per-file datasets below
+        del full  # drop its maps; items are read through this module's own maps of the same files
 
         counts = [datasets.Dataset.from_file(f).num_rows for f in self._arrow_files]
         self._file_starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # [F+1]
@@ -222,7 +222,8 @@ class PretokenizedShardDataset(torch.utils.data.Dataset):
         return np.random.default_rng([self.seed, self.epoch]).permutation(n)
 
     def set_epoch(self, epoch: int) -> None:
-        """Reshuffle for `epoch` (deterministic in (seed, epoch)); the Trainer/accelerate call this."""
+        """Reshuffle for `epoch` (deterministic in (seed, epoch)); the Trainer/accelerate call this.
+        DataLoader workers see it when they start (not with persistent_workers=True)."""
         if epoch != self.epoch:
             self.epoch = int(epoch)
             self._order = self._permutation()
