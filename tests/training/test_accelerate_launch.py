@@ -1,6 +1,6 @@
 """`python -m training.train` and `accelerate launch` (2 CPU processes, gloo) as real subprocesses.
 
-Note: in accelerate 1.15 `accelerate launch --cpu --num_processes 2` starts ONE process (several CPU processes need
+The FSDP config (FSDP2) runs the same way on CPU. Note: in accelerate 1.15 `accelerate launch --cpu --num_processes 2` starts ONE process (several CPU processes need
 mpirun), so the two-process run goes through the shipped DDP config (torchrun) with `use_cpu: true` in the training
 config, which makes accelerate use gloo.
 """
@@ -46,23 +46,35 @@ def losses(out):
     return state, {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
 
 
-def test_two_process_launch_matches_single_process(tmp_path, tiny_teacher_dir, train_file):
-    single, ddp = tmp_path / "single", tmp_path / "ddp"
-    run([sys.executable, "-m", "training.train", *train_args(tiny_teacher_dir, train_file, single, 4)])
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory, tiny_teacher_dir, train_file):
+    out = tmp_path_factory.mktemp("single") / "out"
+    run([sys.executable, "-m", "training.train", *train_args(tiny_teacher_dir, train_file, out, 4)])
+    return losses(out)
+
+
+@pytest.mark.parametrize("launch_config", ["ddp.yaml", "fsdp.yaml"])
+def test_two_process_launch_matches_single_process(tmp_path, tiny_teacher_dir, train_file, single_run, launch_config):
+    out = tmp_path / "launched"
     run([
-        ACCELERATE, "launch", "--config_file", "examples/accelerate/ddp.yaml", "--num_processes", "2",
-        "--mixed_precision", "no", "-m", "training.train", *train_args(tiny_teacher_dir, train_file, ddp, 2),
+        ACCELERATE, "launch", "--config_file", f"examples/accelerate/{launch_config}", "--num_processes", "2",
+        "--mixed_precision", "no", "-m", "training.train", *train_args(tiny_teacher_dir, train_file, out, 2),
     ])
-    single_state, single_losses = losses(single)
-    ddp_state, ddp_losses = losses(ddp)
-    assert (single_state["train_batch_size"], ddp_state["train_batch_size"]) == (4, 2)
+    single_state, single_losses = single_run
+    state, launched_losses = losses(out)
+    assert (single_state["train_batch_size"], state["train_batch_size"]) == (4, 2)
     # same global batch of 4 sequences: process 0 sees sequences 0-1, process 1 sequences 2-3
-    assert ddp_losses[1] == pytest.approx(single_losses[1], rel=1e-5)
-    # after one optimizer step on DDP-averaged gradients the second step still agrees
-    assert ddp_losses[2] == pytest.approx(single_losses[2], rel=1e-3)
+    assert launched_losses[1] == pytest.approx(single_losses[1], rel=1e-5)
+    # after one Muon + AdamW step on the averaged (DDP) / reduce-scattered (FSDP) gradients, step 2 still agrees
+    assert launched_losses[2] == pytest.approx(single_losses[2], rel=1e-4)
     for name in ("model.safetensors", "config.json", "tokenizer.json"):
-        assert (ddp / name).is_file()
-    assert not (ddp / ".final-staging").exists()
+        assert (out / name).is_file()
+    assert not (out / ".final-staging").exists()
+    import hf_retnet  # noqa: F401  (registers the model type)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out)  # the gathered (FSDP) / unwrapped (DDP) full student
+    assert model.config.hidden_size == 64 and model.config.num_hidden_layers == 2
 
 
 def test_cli_help_lists_distillation_keys():
