@@ -3,6 +3,7 @@
     python -m training.train --config examples/configs/train_direct.yaml [--key value ...]
     accelerate launch --config_file examples/accelerate/ddp.yaml -m training.train --config ... [--key value ...]
 
+Resume with `--resume_from_checkpoint <checkpoint folder>` or `--resume_from_checkpoint last` (newest in output_dir).
 Everything that can be checked cheaply (config keys and ranges, folders, vocabularies, top-k) is checked before
 any weights load or anything is written; the final student and tokenizer land in `output_dir` at the end.
 """
