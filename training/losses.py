@@ -87,28 +87,35 @@ class _Settings:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Divergences on buckets. Inputs are log-probabilities [rows, B], finite (floored at LOG_FLOOR); out: [rows].
+# Divergences on buckets, with their gradients written out (no autograd: fewer [rows, V] temporaries).
+# Inputs are bucket log-probabilities [rows, B], finite (floored at LOG_FLOOR).
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """KL(P || Q) per row."""
-    return (logp.exp() * (logp - logq)).sum(-1)
+def bucket_terms(logq, logp, kind: str, beta: float, q=None):
+    """KD divergence D(P, Q) and entropy gap relu(H(P) - H(Q)) per row [rows], and their derivatives with respect
+    to log Q as if every log Q_b were a free variable, [rows, B] each.
 
-
-def bucket_divergence(logq: torch.Tensor, logp: torch.Tensor, kind: str, beta: float = 0.5) -> torch.Tensor:
-    """Divergence between teacher P and student Q given as bucket log-probabilities [rows, B] -> [rows]."""
-    if kind == "forward_kl" or (kind == "jsd" and beta == 0.0):
-        return _kl(logp, logq)
-    if kind == "reverse_kl" or (kind == "jsd" and beta == 1.0):
-        return _kl(logq, logp)
-    logm = torch.logaddexp(logp + math.log(beta), logq + math.log1p(-beta))  # log(beta P + (1 - beta) Q)
-    return beta * _kl(logp, logm) + (1.0 - beta) * _kl(logq, logm)
-
-
-def bucket_entropy(logx: torch.Tensor) -> torch.Tensor:
-    """Shannon entropy in nats per row of bucket log-probabilities [rows, B] -> [rows]."""
-    return -(logx.exp() * logx).sum(-1)
+    The derivatives are correct up to adding c_row * Q_b, which the chain rule through the softmax cancels
+    (see `_block`), so those terms are left out. q: exp(logq) if the caller already has it.
+    """
+    q = logq.exp() if q is None else q
+    p = logp.exp()
+    if kind == "jsd" and 0.0 < beta < 1.0:  # M = beta P + (1 - beta) Q
+        logm = torch.logaddexp(logp + math.log(beta), logq + math.log1p(-beta))
+        q_log_q_over_m = q * (logq - logm)
+        kd = beta * (p * (logp - logm)).sum(-1) + (1.0 - beta) * q_log_q_over_m.sum(-1)
+        d_kd = q_log_q_over_m.mul_(1.0 - beta)  # d/dlogQ = (1 - beta) Q (log Q - log M)
+    elif kind == "forward_kl" or kind == "jsd" and beta == 0.0:  # KL(P || Q)
+        kd = (p * (logp - logq)).sum(-1)
+        d_kd = -p
+    else:  # reverse_kl, or jsd with beta = 1: KL(Q || P)
+        d_kd = q * (logq - logp)  # d/dlogQ = Q (log Q - log P) + Q
+        kd = d_kd.sum(-1)
+    q_log_q = q * logq
+    gap = (q_log_q.sum(-1) - (p * logp).sum(-1))  # H(P) - H(Q)
+    d_div = q_log_q.mul_((gap > 0).to(q.dtype)[:, None])  # d/dlogQ of -H(Q) = Q log Q + Q
+    return kd, torch.relu(gap), d_kd, d_div
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -116,61 +123,81 @@ def bucket_entropy(logx: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _teacher_buckets(ids, logprobs, full, temperature, logq_tail, acc_dtype):
-    """Teacher bucket log-probs: [rows, V] from full logits, or [rows, k + 1] (top-k, tail) from top-k."""
-    if full is not None:
-        return torch.log_softmax(full.to(acc_dtype) / temperature, dim=-1).clamp_min(LOG_FLOOR)
+def _teacher_topk_buckets(logprobs, has_tail: bool, acc_dtype):
+    """[rows, k] teacher top-k log-probs -> [rows, k + 1] bucket log-probs (top-k, tail)."""
     logp = logprobs.to(acc_dtype).clamp_min(LOG_FLOOR)  # [rows, k]
-    # 1 - sum in fp64 ([rows, k] only): the tail can be a small difference of numbers near 1
-    tail = (1.0 - logp.double().exp().sum(-1)).clamp_min(_TAIL_EPS).log().to(acc_dtype)  # [rows]
-    tail = torch.where(logq_tail <= LOG_FLOOR, LOG_FLOOR, tail)  # empty tail (k = V): exactly no mass
+    if has_tail:  # 1 - sum in fp64 ([rows, k] only): the tail can be a small difference of numbers near 1
+        tail = (1.0 - logp.double().exp().sum(-1)).clamp_min(_TAIL_EPS).log().to(acc_dtype)  # [rows]
+    else:  # k = V: the tail is empty
+        tail = torch.full_like(logp[:, 0], LOG_FLOOR)
     return torch.cat([logp, tail[:, None]], dim=-1)
 
 
+def _tail_column(ids, V):
+    """[rows, k] distinct ids, k < V -> [rows] one token id per row that is NOT among them (one of 0..k)."""
+    k = ids.shape[1]
+    taken = torch.zeros(ids.shape[0], k + 2, dtype=torch.bool, device=ids.device)
+    taken.scatter_(1, ids.clamp_max(k + 1), True)  # ids above k all land in the spare column k + 1
+    return (~taken[:, : k + 1]).to(torch.uint8).argmax(-1)  # k ids cannot fill k + 1 columns
+
+
 def _block(z, labels, ids, logprobs, full, s: _Settings, need_grad: bool):
-    """z: [rows, V] fp32 student logits. Returns per-row ce, kd, div [rows] and d(row loss)/dz [rows, V]."""
-    lse = torch.logsumexp(z, dim=-1)  # [rows]
-    ce = lse - z.gather(1, labels.clamp_min(0)[:, None]).squeeze(1)
+    """z: [rows, V] fp32 student logits. Returns per-row ce, kd, div [rows] and d(row loss)/dz [rows, V].
+
+    Uses fused log_softmax kernels for every normalisation (far faster than logsumexp on CPU).
+    """
+    T = s.temperature
+    has_teacher = ids is not None or full is not None
+    logp1 = torch.log_softmax(z, dim=-1)  # [rows, V] student at temperature 1
+    target = labels.clamp_min(0)[:, None]  # [rows, 1]
+    ce = -logp1.gather(1, target).squeeze(1)
+    logq = (logp1 if T == 1.0 else torch.log_softmax(z / T, dim=-1)) if has_teacher else None  # [rows, V] at T
     grad = None
     if need_grad:  # d(alpha * CE)/dz = alpha * (softmax(z) - onehot(label))
-        grad = torch.exp(z - lse[:, None]).mul_(s.alpha)
-        grad.scatter_add_(1, labels.clamp_min(0)[:, None], torch.full_like(lse[:, None], -s.alpha))
+        grad = logp1.exp() if logq is logp1 else logp1.exp_()
+        grad.mul_(s.alpha).scatter_add_(1, target, torch.full_like(ce[:, None], -s.alpha))
+    del logp1
     zero = torch.zeros_like(ce)
-    if ids is None and full is None:
+    if not has_teacher:
         return ce, zero, zero, grad
 
-    T = s.temperature
-    logq = torch.log_softmax(z / T, dim=-1)  # [rows, V] student at temperature T
+    V = z.shape[1]
+    q = logq.exp()  # [rows, V]
     if full is not None:
-        logQ, masked = logq, None
+        logP = torch.log_softmax(full.to(z.dtype) / T, dim=-1).clamp_min_(LOG_FLOOR)  # [rows, V] (never in place)
+        kd, div, d_kd, d_div = bucket_terms(logq, logP, s.kind, s.jsd_beta, q=q)
+        del logP
+        tail_share = None
     else:
-        masked = logq.scatter(1, ids, float("-inf"))  # [rows, V] the tail's log-probs, -inf on the top-k
-        logq_tail = torch.logsumexp(masked, dim=-1).clamp_min(LOG_FLOOR)  # [rows]; LOG_FLOOR when k = V
-        logQ = torch.cat([logq.gather(1, ids), logq_tail[:, None]], dim=-1)  # [rows, k + 1]
-    logP = _teacher_buckets(ids, logprobs, full, T, logQ[:, -1], z.dtype)
-
-    weight_kd, weight_div = 1.0 - s.alpha, s.diversity_weight
-    with torch.enable_grad():
-        leaf = logQ.detach().requires_grad_(need_grad)
-        kd = T * T * bucket_divergence(leaf, logP, s.kind, s.jsd_beta)
-        div = torch.relu(bucket_entropy(logP) - bucket_entropy(leaf))
-        if need_grad and (weight_kd > 0 or weight_div > 0):
-            (h,) = torch.autograd.grad((weight_kd * kd + weight_div * div).sum(), leaf)  # d/d log Q_b [rows, B]
+        k = ids.shape[1]
+        logQ_top = logq.gather(1, ids)  # [rows, k]
+        if k < V:
+            # the tail's own distribution q_j / Q_tail (0 on the top-k): one fused log_softmax over the rest
+            tail_share = torch.log_softmax(logq.scatter(1, ids, float("-inf")), dim=-1)  # [rows, V]
+            j = _tail_column(ids, V)[:, None]  # a tail token: log Q_tail = log q_j - log(q_j / Q_tail)
+            logQ_tail = (logq.gather(1, j) - tail_share.gather(1, j)).clamp_min(LOG_FLOOR)  # [rows, 1]
+            tail_share.exp_()
         else:
-            h = None
-    if h is not None:
-        # Chain rule through the buckets: log Q_b = logsumexp_{j in b}(u_j) - logsumexp_j(u_j), u = z / T, so
-        # d/du_j = h_b(j) * q_j / Q_b(j) - q_j * sum_b h_b; for single-token buckets q_j / Q_b = 1.
-        q = logq.exp()
-        h_sum = h.sum(-1, keepdim=True)
-        if masked is None:
-            grad_u = h - q * h_sum
+            tail_share, logQ_tail = None, torch.full_like(logQ_top[:, :1], LOG_FLOOR)
+        logQ = torch.cat([logQ_top, logQ_tail], dim=-1)  # [rows, k + 1]
+        logP = _teacher_topk_buckets(logprobs, k < V, z.dtype)  # [rows, k + 1]
+        kd, div, d_kd, d_div = bucket_terms(logQ, logP, s.kind, s.jsd_beta)
+    kd = kd * (T * T)
+    if need_grad and (s.alpha < 1.0 or s.diversity_weight > 0):
+        # h = d(row loss)/d log Q_b. Chain rule through the buckets, u = z / T:
+        #   log Q_b = logsumexp_{j in b}(u_j) - logsumexp_j(u_j)
+        #   d/du_j = h_b(j) * q_j / Q_b(j) - q_j * sum_b h_b,  with q_j / Q_b = 1 for single-token buckets
+        #   (adding c_row * Q_b to h changes nothing: c_row * q_j - q_j * c_row = 0).
+        h = d_kd.mul_((1.0 - s.alpha) * T * T).add_(d_div, alpha=s.diversity_weight)  # [rows, B]
+        h_sum = h.sum(-1, keepdim=True)  # [rows, 1]
+        grad.addcmul_(q, h_sum, value=-1.0 / T)
+        if tail_share is None and full is not None:
+            grad.add_(h, alpha=1.0 / T)
         else:
-            # tail tokens: q_j / Q_tail = exp(logq_j - logQ_tail) (<= 1, stable), top-k tokens overwritten below
-            grad_u = torch.exp(masked - logQ[:, -1:]).mul_(h[:, -1:]).sub_(q * h_sum)
-            grad_u.scatter_(1, ids, h[:, :-1] - q.gather(1, ids) * h_sum)
-        grad.add_(grad_u, alpha=1.0 / T)
-    return ce, kd.detach(), div.detach(), grad
+            if tail_share is not None:
+                grad.addcmul_(tail_share, h[:, -1:], value=1.0 / T)
+            grad.scatter_add_(1, ids, h[:, :-1] / T)
+    return ce, kd, div, grad
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -184,6 +211,45 @@ def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(device_type) and weight.dtype in (torch.float32, torch.float16, torch.bfloat16):
         return torch.get_autocast_dtype(device_type)
     return weight.dtype
+
+
+def _chunk(h_c, W, b, labels, ids, logprobs, full, valid, row_weight, s: _Settings, acc, need_grad,
+           grad_h, grad_w, grad_b):
+    """One chunk of c rows: returns the [3] sums (ce, kd, div); adds its gradients into grad_h/grad_w/grad_b.
+
+    A function of its own so that every [c, V] buffer is freed before the next chunk allocates its own.
+    """
+    V = W.shape[0]
+    logits = nn.functional.linear(h_c, W, b)  # [c, V] in the matmul dtype
+    Z = logits.to(acc)  # [c, V] fp32; overwritten in place by d(loss)/d(logits), block by block
+    if not need_grad:
+        del logits  # (when the matmul already ran in fp32, Z is logits and stays)
+    sums = torch.zeros(3, dtype=acc, device=Z.device)
+    block = max(1, _BLOCK_ELEMENTS // V)
+    for r0 in range(0, Z.shape[0], block):
+        r = slice(r0, r0 + block)
+        z = Z[r]  # [rows, V] view
+        ce, kd, div, grad = _block(
+            z, labels[r], ids[r] if ids is not None else None, logprobs[r] if logprobs is not None else None,
+            full[r] if full is not None else None, s, need_grad,
+        )
+        sums += torch.stack([torch.where(valid[r], t, 0.0).sum() for t in (ce, kd, div)])
+        if need_grad:
+            z.copy_(grad.mul_(row_weight[r, None]))
+    if not need_grad:
+        return sums
+    G = Z if logits.dtype == Z.dtype else logits.copy_(Z)  # [c, V] d(loss)/d(logits) in the matmul dtype
+    if grad_b is not None:
+        grad_b += Z.sum(0)
+    del Z
+    if grad_h is not None:
+        grad_h.copy_(G @ W)
+    if grad_w is not None:
+        if grad_w.dtype == G.dtype:
+            grad_w.addmm_(G.t(), h_c)
+        else:  # autocast: fp32 parameter, bf16 matmul
+            grad_w.add_(G.t() @ h_c)
+    return sums
 
 
 def _run(hidden, weight, bias, labels, ids, logprobs, full, denom, s: _Settings, need_grad: bool):
@@ -200,43 +266,15 @@ def _run(hidden, weight, bias, labels, ids, logprobs, full, denom, s: _Settings,
     grad_h = torch.empty_like(hidden) if need_grad and s.need_hidden_grad else None
     grad_w = torch.zeros_like(weight) if need_grad and s.need_weight_grad else None
     grad_b = torch.zeros(V, dtype=acc, device=hidden.device) if need_grad and s.need_bias_grad else None
-    block = max(1, _BLOCK_ELEMENTS // V)
-
+    sparse = full is None and ids is not None
     for c0 in range(0, N, s.chunk_size):
-        c1 = min(N, c0 + s.chunk_size)
-        h_c = hidden[c0:c1].to(cdt)  # [c, H]
-        logits_c = nn.functional.linear(h_c, W, b)  # [c, V] in the matmul dtype
-        Z = logits_c.to(acc)  # [c, V] fp32; becomes d(loss)/d(logits) in place, block by block
-        for r0 in range(c0, c1, block):
-            r1 = min(c1, r0 + block)
-            z = Z[r0 - c0 : r1 - c0]  # [rows, V] view
-            sparse = full is None and ids is not None
-            ce, kd, div, grad = _block(
-                z,
-                labels[r0:r1],
-                ids[r0:r1] if sparse else None,
-                logprobs[r0:r1] if sparse else None,
-                full[r0:r1] if full is not None else None,
-                s,
-                need_grad,
-            )
-            ok = valid[r0:r1]
-            sums += torch.stack([torch.where(ok, t, 0.0).sum() for t in (ce, kd, div)])
-            if need_grad:
-                z.copy_(grad.mul_(row_weight[r0:r1, None]))
-        if need_grad:
-            G = Z if logits_c.dtype == Z.dtype else logits_c.copy_(Z)  # [c, V] in the matmul dtype
-            if grad_h is not None:
-                grad_h[c0:c1] = (G @ W).to(hidden.dtype)
-            if grad_w is not None:
-                if grad_w.dtype == G.dtype:
-                    grad_w.addmm_(G.t(), h_c)
-                else:
-                    grad_w.add_(G.t() @ h_c)
-            if grad_b is not None:
-                grad_b += Z.sum(0)
-        del logits_c, Z
-
+        rows = slice(c0, min(N, c0 + s.chunk_size))
+        sums += _chunk(
+            hidden[rows].to(cdt), W, b, labels[rows], ids[rows] if sparse else None,
+            logprobs[rows] if sparse else None, full[rows] if full is not None else None, valid[rows],
+            row_weight[rows], s, acc, need_grad,
+            grad_h[rows] if grad_h is not None else None, grad_w, grad_b,
+        )
     ce, kd, div = (sums / denom).unbind()
     loss = s.alpha * ce + (1.0 - s.alpha) * kd + s.diversity_weight * div
     if grad_b is not None:
@@ -307,6 +345,10 @@ def _validate(hidden, weight, bias, labels, teacher_ids, teacher_logprobs, teach
         _check(not teacher_ids.is_floating_point(), f"teacher_ids must be integer token ids; got {teacher_ids.dtype}")
         if N and bool((teacher_ids.min() < 0) | (teacher_ids.max() >= V)):
             raise ValueError(f"teacher_ids must be in [0, {V}); teacher and student vocabularies must agree")
+        if N and k > 1:
+            ordered = teacher_ids.sort(dim=-1).values
+            if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+                raise ValueError("teacher_ids repeat a token within a row; each row must hold k distinct ids")
     has_teacher = teacher_full_logits is not None or teacher_ids is not None
     _check(has_teacher or (alpha == 1.0 and diversity_weight == 0.0),
            f"alpha={alpha} < 1 or diversity_weight={diversity_weight} > 0 needs the teacher: pass teacher_ids + "

@@ -52,7 +52,10 @@ def reference_loss(hidden, lm_head, labels, ids, logprobs, full, *, alpha, tempe
             p, q_b = p_top, q_top
         else:
             p_tail = (1 - p_top.sum(-1, keepdim=True)).clamp_min(FP32_EPS)
-            p, q_b = torch.cat([p_top, p_tail], -1), torch.cat([q_top, 1 - q_top.sum(-1, keepdim=True)], -1)
+            rest = torch.ones_like(q, dtype=torch.bool).scatter(1, ids, False)  # tokens outside the top-k
+            q_tail = (logits / temperature).masked_fill(~rest, float("-inf")).logsumexp(-1, keepdim=True)
+            q_tail = (q_tail - torch.logsumexp(logits / temperature, -1, keepdim=True)).exp()
+            p, q_b = torch.cat([p_top, p_tail], -1), torch.cat([q_top, q_tail], -1)
     kd = temperature**2 * divergence(p, q_b, kind, jsd_beta)
     div = torch.relu(entropy(p) - entropy(q_b))
     denom = num_items if num_items is not None else max(1, int(valid.sum()))
@@ -360,6 +363,35 @@ def test_bias_and_teacher_minus_inf_logprobs_stay_finite(kind):
     assert g[2].abs().sum() > 0  # the bias gets a gradient
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_extreme_logits_stay_exact(kind):
+    """A student almost certain of its top tokens: its tail mass (< 1e-39) is below fp32's normal range."""
+    pb = make_problem(k=4, temperature=1.0)
+    with torch.no_grad():
+        pb["lm_head"].weight.mul_(60.0)
+        logits = pb["lm_head"](pb["hidden"])
+        pb["logprobs"], pb["ids"] = torch.log_softmax(logits * 0.05, -1).topk(4, -1)  # same top tokens, softer
+        q = torch.log_softmax(logits.double(), -1)
+        tail = q.scatter(1, pb["ids"], float("-inf")).logsumexp(-1)
+    assert int((tail < -90).sum()) >= 5  # exp() of it underflows fp32 in several rows
+    ours, g_ours, ref, g_ref = run_both(pb, "sparse", alpha=0.2, temperature=1.0, kind=kind, diversity_weight=0.1)
+    assert all(torch.isfinite(t) for t in ours) and all(torch.isfinite(g).all() for g in g_ours)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
+    assert_close_grads(g_ours, g_ref, rtol=1e-3, atol_frac=1e-4)
+
+
+def test_inputs_are_left_untouched():
+    pb = make_problem()
+    before = {name: t.detach().clone() for name, t in pb.items() if isinstance(t, torch.Tensor)}
+    for full in (None, pb["full"]):
+        out = distillation_loss(pb["hidden"], pb["lm_head"], pb["labels"], pb["ids"], pb["logprobs"], full,
+                                alpha=0.5, temperature=2.0, kind="jsd", diversity_weight=0.1, chunk_size=4)
+        out.loss.backward()
+    for name, t in before.items():
+        assert torch.equal(pb[name], t), name
+
+
 def test_backward_twice_with_retain_graph_scales_like_autograd():
     pb = make_problem()
     out = distillation_loss(pb["hidden"], pb["lm_head"], pb["labels"], pb["ids"], pb["logprobs"], None,
@@ -400,6 +432,7 @@ def _bad(pb, **change):
         (dict(teacher_logprobs=torch.zeros(19, 5)), "shape of teacher_ids"),
         (dict(teacher_ids=torch.zeros(18, 6, dtype=torch.long)), r"\[N=19, k\]"),
         (dict(teacher_ids=torch.full((19, 6), 37)), "vocabularies"),
+        (dict(teacher_ids=torch.zeros(19, 6, dtype=torch.long)), "distinct"),
         (dict(teacher_full_logits=torch.zeros(19, 40)), "vocabularies must agree"),
         (dict(labels=torch.zeros(18, dtype=torch.long)), "labels"),
         (dict(labels=torch.full((19,), 99)), "labels"),
