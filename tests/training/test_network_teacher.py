@@ -26,6 +26,7 @@ from training.teachers.network import (
 from training.wire import BINARY_MEDIA_TYPE, TopKAnswer, encode_binary, encode_json, input_checksum
 
 KEY = "network-test-key"
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # a tiny teacher gains nothing from threads; they only contend with pytest
 
 
 @pytest.fixture(autouse=True)
@@ -42,7 +43,7 @@ def direct(tiny_teacher_dir):
 def server(tiny_teacher_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
     with ServerProcess(["--model", tiny_teacher_dir, "--api-key", KEY, "--max-tokens-per-request", "1024"],
-                       log_path=str(log)) as proc:
+                       log_path=str(log), env=ONE_THREAD) as proc:
         yield proc
 
 
@@ -164,7 +165,7 @@ def test_bad_arguments_fail_before_any_request():
 def test_server_killed_and_restarted_mid_sequence(tiny_teacher_dir, direct, tmp_path):
     torch.manual_seed(13)
     batches = [torch.randint(0, direct.vocab_size, (2, 12)) for _ in range(5)]
-    proc = ServerProcess(["--model", tiny_teacher_dir], log_path=str(tmp_path / "server.log")).start()
+    proc = ServerProcess(["--model", tiny_teacher_dir], log_path=str(tmp_path / "server.log"), env=ONE_THREAD).start()
     try:
         with NetworkTeacher(proc.url, retries=12, backoff=0.2, max_backoff=2.0) as teacher:
             outs = []

@@ -25,7 +25,8 @@ def server(tiny_teacher_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
     args = ["--model", tiny_teacher_dir, "--api-key", KEY, "--max-tokens-per-request", str(MAX_TOKENS),
             "--max-k", str(MAX_K)]
-    with ServerProcess(args, log_path=str(log)) as proc:
+    # one thread: a tiny teacher gains nothing from more; they would only contend with the test process
+    with ServerProcess(args, log_path=str(log), env={"OMP_NUM_THREADS": "1"}) as proc:
         yield proc
 
 
