@@ -147,7 +147,7 @@ class NetworkTeacher:
                 return
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="teacher-prefetch")
-            while len(self._pending) >= 2:  # a prefetch nobody asked for: forget the oldest
+            while len(self._pending) >= 4:  # prefetches nobody asked for: forget the oldest
                 self._pending.pop(next(iter(self._pending)))
             self._pending[key] = self._executor.submit(self._fetch, ids, mask, k, temperature)
 
