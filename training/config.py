@@ -16,15 +16,12 @@ from typing import Any
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.training_args import OptimizerNames
 
+from .teachers.direct import looks_like_local_path
+
 TEACHER_SOURCES = ("direct", "cached", "network")
 KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 MUON_ADJUST_LR = ("original", "match_rms_adamw")
-
-
-def _looks_like_path(value: str) -> bool:
-    """A Hub id is `org/name`; anything starting with '/', '.', '~' or with more than one '/' is a local path."""
-    return value.startswith(("/", ".", "~")) or value.count("/") > 1 or os.path.sep == "\\" and "\\" in value
 
 
 @dataclass
@@ -201,7 +198,7 @@ class DistillationConfig(TrainingArguments):
             from hf_retnet import VARIANTS
 
             if self.student not in VARIANTS:
-                if _looks_like_path(self.student):
+                if looks_like_local_path(self.student):
                     raise FileNotFoundError(f"config key 'student': folder {self.student!r} does not exist")
                 raise bad("student", f"{self.student!r} is neither a variant {sorted(VARIANTS)} nor an existing folder")
 
@@ -210,7 +207,7 @@ class DistillationConfig(TrainingArguments):
         if self.teacher_source == "direct":
             if not self.teacher_model:
                 raise bad("teacher_model", "required when teacher_source=direct (a Hub id or a folder)")
-            if _looks_like_path(self.teacher_model) and not os.path.isdir(os.path.expanduser(self.teacher_model)):
+            if looks_like_local_path(self.teacher_model) and not os.path.isdir(os.path.expanduser(self.teacher_model)):
                 raise FileNotFoundError(
                     f"config key 'teacher_model': folder {self.teacher_model!r} does not exist; pass an existing "
                     "folder or a Hub id such as 'meta-llama/Llama-3.2-1B-Instruct'"

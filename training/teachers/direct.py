@@ -22,12 +22,17 @@ def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
         raise ValueError(f"teacher dtype {dtype!r} is not one of auto, float32, bfloat16, float16") from None
 
 
+def looks_like_local_path(value: str) -> bool:
+    """A Hub id is `org/name`; anything starting with '/', '.', '~' or with more than one '/' is a local path."""
+    return value.startswith(("/", ".", "~")) or value.count("/") > 1 or (os.path.sep == "\\" and "\\" in value)
+
+
 def load_teacher_model(model: str, adapter: str | None = None, dtype=None, device=None):
     """Load a causal LM from a folder or Hub id (safetensors only), merge an optional peft adapter, freeze it."""
     from transformers import AutoModelForCausalLM
 
-    looks_local = os.path.sep in model or model.startswith(".") or os.path.isdir(model)
-    if looks_local and not os.path.isdir(model):
+    model = os.path.expanduser(model)
+    if looks_like_local_path(model) and not os.path.isdir(model):
         raise FileNotFoundError(
             f"teacher model folder {model!r} does not exist; pass an existing folder or a Hub id such as "
             "'meta-llama/Llama-3.2-1B-Instruct'"
@@ -44,6 +49,23 @@ def load_teacher_model(model: str, adapter: str | None = None, dtype=None, devic
     if device is not None:
         teacher.to(device)
     return teacher
+
+
+def topk_logprobs(logits: torch.Tensor, k: int, temperature: float = 1.0, rows_per_chunk: int = 1024):
+    """[..., V] logits -> top-k (log-probabilities fp32, ids int64), sorted descending.
+
+    Works over chunks of rows so at most [rows_per_chunk, V] fp32 exists at once (V = 128256 in production),
+    and takes the top-k of the scaled logits before subtracting logsumexp instead of a full log_softmax.
+    """
+    flat = logits.reshape(-1, logits.shape[-1])
+    values, ids = [], []
+    for rows in flat.split(rows_per_chunk):
+        scaled = rows.float() / temperature  # [R, V] fp32
+        top, idx = scaled.topk(k, dim=-1, sorted=True)
+        values.append(top - torch.logsumexp(scaled, dim=-1, keepdim=True))
+        ids.append(idx)
+    shape = (*logits.shape[:-1], k)
+    return torch.cat(values).reshape(shape), torch.cat(ids).reshape(shape)
 
 
 class DirectTeacher:
@@ -84,9 +106,8 @@ class DirectTeacher:
         start = time.perf_counter()
         if not 0 < k <= self.vocab_size:
             raise ValueError(f"teacher_topk={k} must be in [1, vocab_size={self.vocab_size}]")
-        logits = self.logits(input_ids, attention_mask)
-        logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)  # [B, T, V] fp32
-        values, ids = logprobs.topk(k, dim=-1, sorted=True)
+        logits = self.logits(input_ids, attention_mask)  # [B, T, V], teacher dtype
+        values, ids = topk_logprobs(logits, k, temperature)
         device = input_ids.device
         return TeacherOutput(
             token_ids=ids.to(device),
