@@ -92,34 +92,48 @@ class _Settings:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def bucket_terms(logq, logp, kind: str, beta: float, q=None):
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_j a_ij * b_ij per row: [rows, B] x [rows, B] -> [rows]."""
+    return torch.linalg.vecdot(a, b)
+
+
+def bucket_terms(logq, logp, kind: str, beta: float, q=None, need_grad: bool = True, need_div_grad: bool = True):
     """KD divergence D(P, Q) and entropy gap relu(H(P) - H(Q)) per row [rows], and their derivatives with respect
-    to log Q as if every log Q_b were a free variable, [rows, B] each.
+    to log Q as if every log Q_b were a free variable, [rows, B] each (None when not needed).
 
     The derivatives are correct up to adding c_row * Q_b, which the chain rule through the softmax cancels
     (see `_block`), so those terms are left out. q: exp(logq) if the caller already has it.
     """
     q = logq.exp() if q is None else q
     p = logp.exp()
+    p_log_p, q_log_q = _rowdot(p, logp), _rowdot(q, logq)  # -H(P), -H(Q)
+    gap = q_log_q - p_log_p  # H(P) - H(Q)
+    d_kd = d_div = None
     if kind == "jsd" and 0.0 < beta < 1.0:  # M = beta P + (1 - beta) Q
-        logm = torch.logaddexp(logp + math.log(beta), logq + math.log1p(-beta))
-        q_log_q_over_m = q * (logq - logm)
-        kd = beta * (p * (logp - logm)).sum(-1) + (1.0 - beta) * q_log_q_over_m.sum(-1)
-        d_kd = q_log_q_over_m.mul_(1.0 - beta)  # d/dlogQ = (1 - beta) Q (log Q - log M)
+        logm = logp + math.log(beta)
+        torch.logaddexp(logm, logq + math.log1p(-beta), out=logm)
+        kd = beta * (p_log_p - _rowdot(p, logm)) + (1.0 - beta) * (q_log_q - _rowdot(q, logm))
+        if need_grad:  # d/dlogQ = (1 - beta) Q (log Q - log M)
+            d_kd = torch.sub(logq, logm, out=logm).mul_(q).mul_(1.0 - beta)
     elif kind == "forward_kl" or kind == "jsd" and beta == 0.0:  # KL(P || Q)
-        kd = (p * (logp - logq)).sum(-1)
-        d_kd = -p
+        kd = p_log_p - _rowdot(p, logq)
+        if need_grad:  # d/dlogQ = -P
+            d_kd = p.neg_()
     else:  # reverse_kl, or jsd with beta = 1: KL(Q || P)
-        d_kd = q * (logq - logp)  # d/dlogQ = Q (log Q - log P) + Q
-        kd = d_kd.sum(-1)
-    q_log_q = q * logq
-    gap = (q_log_q.sum(-1) - (p * logp).sum(-1))  # H(P) - H(Q)
-    d_div = q_log_q.mul_((gap > 0).to(q.dtype)[:, None])  # d/dlogQ of -H(Q) = Q log Q + Q
+        kd = q_log_q - _rowdot(q, logp)
+        if need_grad:  # d/dlogQ = Q (log Q - log P) + Q
+            d_kd = torch.sub(logq, logp).mul_(q)
+    if need_grad and need_div_grad:  # d/dlogQ of -H(Q) = Q log Q + Q, where the gap is positive
+        d_div = (q * logq).mul_((gap > 0).to(q.dtype)[:, None])
     return kd, torch.relu(gap), d_kd, d_div
 
 
 # ----------------------------------------------------------------------------------------------------------
 # One block of rows: values and d(row loss)/d(logits), all in fp32 (fp64 for fp64 inputs).
+# Chain rule from bucket log-probs to logits, u = z / T, h_b = d(row loss)/d log Q_b:
+#   log Q_b = logsumexp_{j in b}(u_j) - logsumexp_j(u_j)
+#   d(row loss)/du_j = h_b(j) * q_j / Q_b(j) - q_j * sum_b h_b      (q_j / Q_b = 1 for single-token buckets)
+# so adding c_row * Q_b to h changes nothing (c_row * q_j - q_j * c_row = 0).
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -133,71 +147,97 @@ def _teacher_topk_buckets(logprobs, has_tail: bool, acc_dtype):
     return torch.cat([logp, tail[:, None]], dim=-1)
 
 
-def _tail_column(ids, V):
-    """[rows, k] distinct ids, k < V -> [rows] one token id per row that is NOT among them (one of 0..k)."""
+def _tail_column(ids):
+    """[rows, k] distinct ids, k < V -> [rows, 1] one token id per row that is NOT among them (one of 0..k)."""
     k = ids.shape[1]
     taken = torch.zeros(ids.shape[0], k + 2, dtype=torch.bool, device=ids.device)
     taken.scatter_(1, ids.clamp_max(k + 1), True)  # ids above k all land in the spare column k + 1
-    return (~taken[:, : k + 1]).to(torch.uint8).argmax(-1)  # k ids cannot fill k + 1 columns
+    return (~taken[:, : k + 1]).to(torch.uint8).argmax(-1, keepdim=True)  # k ids cannot fill k + 1 columns
+
+
+def _full_kd(grad, holder, full, s: _Settings, need_grad: bool):
+    """Full-vocabulary KD on one block; adds its gradient w.r.t. the logits into grad. Returns (kd, div).
+
+    holder: [logq [rows, V]], the student's log-probs at temperature T, taken out (and freed here).
+    """
+    T = s.temperature
+    logq = holder.pop()
+    q = logq.exp()  # [rows, V]
+    x = full.to(logq.dtype, copy=True).div_(T)  # [rows, V] (never touches the caller's tensor)
+    logP = torch.log_softmax(x, dim=-1).clamp_min_(LOG_FLOOR)
+    del x
+    kd, div, d_kd, d_div = bucket_terms(logq, logP, s.kind, s.jsd_beta, q=q, need_grad=need_grad,
+                                        need_div_grad=s.diversity_weight > 0)
+    del logP, logq
+    if need_grad:
+        h = d_kd.mul_((1.0 - s.alpha) * T * T)  # [rows, V]
+        if d_div is not None:
+            h.add_(d_div, alpha=s.diversity_weight)
+        grad.addcmul_(q, h.sum(-1, keepdim=True), value=-1.0 / T).add_(h, alpha=1.0 / T)
+    return kd, div
+
+
+def _sparse_kd(grad, holder, ids, logprobs, s: _Settings, need_grad: bool):
+    """Top-k + tail KD on one block; adds its gradient w.r.t. the logits into grad. Returns (kd, div).
+
+    holder: [logq [rows, V]], the student's log-probs at temperature T, taken out, overwritten and freed here.
+    """
+    T = s.temperature
+    logq = holder.pop()
+    V, k = logq.shape[1], ids.shape[1]
+    logQ_top = logq.gather(1, ids)  # [rows, k]
+    share = None
+    if k < V:
+        j = _tail_column(ids)  # [rows, 1] a tail token: log Q_tail = log q_j - log(q_j / Q_tail)
+        logq_j = logq.gather(1, j)
+        share = torch.log_softmax(logq.scatter_(1, ids, float("-inf")), dim=-1)  # [rows, V] log(q_j / Q_tail)
+        logQ_tail = (logq_j - share.gather(1, j)).clamp_min(LOG_FLOOR)  # [rows, 1]
+    else:  # k = V: no tail
+        logQ_tail = torch.full_like(logQ_top[:, :1], LOG_FLOOR)
+    del logq
+    logQ = torch.cat([logQ_top, logQ_tail], dim=-1)  # [rows, k + 1]
+    logP = _teacher_topk_buckets(logprobs, k < V, logQ.dtype)  # [rows, k + 1]
+    kd, div, d_kd, d_div = bucket_terms(logQ, logP, s.kind, s.jsd_beta, need_grad=need_grad,
+                                        need_div_grad=s.diversity_weight > 0)
+    if need_grad:
+        h = d_kd.mul_((1.0 - s.alpha) * T * T)  # [rows, k + 1]
+        if d_div is not None:
+            h.add_(d_div, alpha=s.diversity_weight)
+        h_sum = h.sum(-1, keepdim=True)  # [rows, 1]
+        Q = logQ.exp()
+        # top-k token i: (h_i - Q_i sum h) / T;  tail token j: (q_j / Q_tail) (h_tail - Q_tail sum h) / T
+        grad.scatter_add_(1, ids, (h[:, :-1] - Q[:, :-1] * h_sum) / T)
+        if share is not None:
+            grad.addcmul_(share.exp_(), (h[:, -1:] - Q[:, -1:] * h_sum) / T)
+    return kd, div
 
 
 def _block(z, labels, ids, logprobs, full, s: _Settings, need_grad: bool):
     """z: [rows, V] fp32 student logits. Returns per-row ce, kd, div [rows] and d(row loss)/dz [rows, V].
 
-    Uses fused log_softmax kernels for every normalisation (far faster than logsumexp on CPU).
+    Every normalisation is a fused log_softmax (far faster than logsumexp on CPU), and at most a few
+    [rows, V] temporaries exist at once.
     """
     T = s.temperature
-    has_teacher = ids is not None or full is not None
     logp1 = torch.log_softmax(z, dim=-1)  # [rows, V] student at temperature 1
     target = labels.clamp_min(0)[:, None]  # [rows, 1]
     ce = -logp1.gather(1, target).squeeze(1)
-    logq = (logp1 if T == 1.0 else torch.log_softmax(z / T, dim=-1)) if has_teacher else None  # [rows, V] at T
     grad = None
     if need_grad:  # d(alpha * CE)/dz = alpha * (softmax(z) - onehot(label))
-        grad = logp1.exp() if logq is logp1 else logp1.exp_()
-        grad.mul_(s.alpha).scatter_add_(1, target, torch.full_like(ce[:, None], -s.alpha))
+        grad = logp1.exp_().mul_(s.alpha).scatter_add_(1, target, torch.full_like(ce[:, None], -s.alpha))
     del logp1
-    zero = torch.zeros_like(ce)
-    if not has_teacher:
+    if ids is None and full is None:
+        zero = torch.zeros_like(ce)
         return ce, zero, zero, grad
-
-    V = z.shape[1]
-    q = logq.exp()  # [rows, V]
+    # The student at temperature T (recomputed even for T = 1: a fused pass is cheaper than keeping a buffer).
+    # Handed over in a list so the helper holds the only reference and can free or overwrite it.
+    logq = [torch.log_softmax(z if T == 1.0 else z / T, dim=-1)]  # [rows, V]
+    need_kd_grad = need_grad and (s.alpha < 1.0 or s.diversity_weight > 0)
     if full is not None:
-        logP = torch.log_softmax(full.to(z.dtype) / T, dim=-1).clamp_min_(LOG_FLOOR)  # [rows, V] (never in place)
-        kd, div, d_kd, d_div = bucket_terms(logq, logP, s.kind, s.jsd_beta, q=q)
-        del logP
-        tail_share = None
+        kd, div = _full_kd(grad, logq, full, s, need_kd_grad)
     else:
-        k = ids.shape[1]
-        logQ_top = logq.gather(1, ids)  # [rows, k]
-        if k < V:
-            # the tail's own distribution q_j / Q_tail (0 on the top-k): one fused log_softmax over the rest
-            tail_share = torch.log_softmax(logq.scatter(1, ids, float("-inf")), dim=-1)  # [rows, V]
-            j = _tail_column(ids, V)[:, None]  # a tail token: log Q_tail = log q_j - log(q_j / Q_tail)
-            logQ_tail = (logq.gather(1, j) - tail_share.gather(1, j)).clamp_min(LOG_FLOOR)  # [rows, 1]
-            tail_share.exp_()
-        else:
-            tail_share, logQ_tail = None, torch.full_like(logQ_top[:, :1], LOG_FLOOR)
-        logQ = torch.cat([logQ_top, logQ_tail], dim=-1)  # [rows, k + 1]
-        logP = _teacher_topk_buckets(logprobs, k < V, z.dtype)  # [rows, k + 1]
-        kd, div, d_kd, d_div = bucket_terms(logQ, logP, s.kind, s.jsd_beta)
-    kd = kd * (T * T)
-    if need_grad and (s.alpha < 1.0 or s.diversity_weight > 0):
-        # h = d(row loss)/d log Q_b. Chain rule through the buckets, u = z / T:
-        #   log Q_b = logsumexp_{j in b}(u_j) - logsumexp_j(u_j)
-        #   d/du_j = h_b(j) * q_j / Q_b(j) - q_j * sum_b h_b,  with q_j / Q_b = 1 for single-token buckets
-        #   (adding c_row * Q_b to h changes nothing: c_row * q_j - q_j * c_row = 0).
-        h = d_kd.mul_((1.0 - s.alpha) * T * T).add_(d_div, alpha=s.diversity_weight)  # [rows, B]
-        h_sum = h.sum(-1, keepdim=True)  # [rows, 1]
-        grad.addcmul_(q, h_sum, value=-1.0 / T)
-        if tail_share is None and full is not None:
-            grad.add_(h, alpha=1.0 / T)
-        else:
-            if tail_share is not None:
-                grad.addcmul_(tail_share, h[:, -1:], value=1.0 / T)
-            grad.scatter_add_(1, ids, h[:, :-1] / T)
-    return ce, kd, div, grad
+        kd, div = _sparse_kd(grad, logq, ids, logprobs, s, need_kd_grad)
+    return ce, kd * (T * T), div, grad
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -297,7 +337,11 @@ class _FusedDistillationLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_unused):
-        grads = tuple(g * grad_loss.to(g.dtype) if g is not None else None for g in ctx.saved_tensors)
+        grads = ctx.saved_tensors
+        # loss.backward() passes 1: hand the saved gradients over as they are (autograd frees its own reference
+        # right after this node, so the lm_head's [V, H] gradient is never copied). Anything else: scale a copy.
+        if float(grad_loss) != 1.0:
+            grads = tuple(g * grad_loss.to(g.dtype) if g is not None else None for g in grads)
         return (*grads, None, None, None, None, None, None)
 
 
