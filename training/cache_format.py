@@ -132,6 +132,10 @@ class NaiveEncoding:
         }
         return arrays, np.array([p.num_entries for p in parts], dtype=np.int64)
 
+    @staticmethod
+    def num_entries(arrays) -> int:
+        return int(arrays["token_ids"].size)
+
     def decode(self, arrays, token_ranges, entry_ranges, k: int):
         ids = np.concatenate([arrays["token_ids"][a:b, :k] for a, b in token_ranges]).astype(np.int64)
         logprobs = np.concatenate([arrays["logprobs"][a:b, :k] for a, b in token_ranges]).astype(np.float32)
@@ -139,16 +143,18 @@ class NaiveEncoding:
 
 
 class CompactEncoding:
-    """Keeps, per token, the fewest top entries holding `mass` of the top-k's probability, the log of the
-    mass left out (`log_tail`, so nothing is lost from the partition {kept, rest}), and each kept entry as one
-    bit-packed word: id (ceil(log2 V) bits) | q (logprob_bits), with q the distance of the entry's log-prob
-    below the token's best one, quantized uniformly on [0, max distance of that token] (`scale` per token).
-    Decoding renormalizes the kept entries to 1 - tail. Bytes per token: 6 + m * (id_bits + logprob_bits) / 8.
+    """Per token: the fewest top entries holding `mass` of the top-k's probability (at most k), the log of the
+    probability left out (`log_tail`: kept + tail is still the whole distribution) and the kept entries as a
+    byte-aligned run of bit-packed words, sorted by id: word = (id gap - 1) | q << w, where w (`widths`, per
+    token) is the bit length of the token's largest id gap and q (`logprob_bits`) is the entry's log-prob
+    below the token's best, quantized uniformly on [0, that token's largest distance] (`scale`, per token).
+    Decoding sorts the entries back by q (ties by id) and renormalizes them to 1 - tail.
+    Bytes per token: 7 + ceil(m * (w + logprob_bits) / 8), with w about log2(V / m) + 1.
     """
 
     name = "compact"
 
-    def __init__(self, k: int, vocab_size: int, mass: float = 0.999, logprob_bits: int = 8):
+    def __init__(self, k: int, vocab_size: int, mass: float = 0.99, logprob_bits: int = 5):
         if not 0.0 < mass <= 1.0:
             raise ValueError(f"compact encoding mass={mass} must be in (0, 1]")
         if not 2 <= logprob_bits <= 16:
@@ -170,58 +176,121 @@ class CompactEncoding:
         target = self.mass * cum[:, -1:]  # [N, 1] a share of the top-k's own mass (the rest is tail already)
         counts = np.minimum((cum < target).sum(axis=1) + 1, k)  # [N] smallest prefix reaching it
         counts = np.maximum(np.minimum(counts, np.isfinite(lp).sum(axis=1)), 1)  # never keep p = 0 entries
-        kept_mass = cum[np.arange(n), counts - 1]
-        tail = np.clip(1.0 - kept_mass, 0.0, 1.0)
+        rows = np.arange(n)
+        tail = np.clip(1.0 - cum[rows, counts - 1], 0.0, 1.0)
         with np.errstate(divide="ignore"):
             log_tail = np.log(tail).astype("<f2")  # -inf when the kept entries hold everything
         dist = lp[:, :1] - lp  # [N, k] >= 0, non-decreasing along k
-        dist_max = dist[np.arange(n), counts - 1]
-        scale = (dist_max / self.levels).astype("<f2")  # [N] nats per quantization step
+        scale = (dist[rows, counts - 1] / self.levels).astype("<f2")  # [N] nats per quantization step
         safe = np.where(scale > 0, scale.astype(np.float64), 1.0)
-        q = np.clip(np.rint(dist / safe[:, None]), 0, self.levels).astype(np.uint64)  # [N, k]
+        q = np.clip(np.rint(np.where(np.isfinite(dist), dist, 0) / safe[:, None]), 0, self.levels).astype(np.int64)
         keep = np.arange(k)[None, :] < counts[:, None]  # [N, k]
-        words = ids.astype(np.uint64)[keep] | (q[keep] << np.uint64(self.id_bits))  # [E] row-major = token order
+        order = np.argsort(np.where(keep, ids, np.iinfo(np.int64).max), axis=1, kind="stable")  # kept, by id
+        sorted_ids = np.take_along_axis(ids, order, 1)
+        sorted_q = np.take_along_axis(q, order, 1)
+        gaps = np.diff(sorted_ids, axis=1, prepend=-1) - 1  # [N, k] >= 0 on kept slots
+        gaps = np.where(keep, gaps, 0)
+        widths = _bit_length(gaps.max(axis=1))  # [N] bits per gap for each token
+        word_bits = widths + self.logprob_bits  # [N]
+        words = (gaps.astype(np.uint64) | (sorted_q.astype(np.uint64) << widths[:, None].astype(np.uint64)))
+        stream = pack_runs(words[keep], np.repeat(word_bits, counts), counts)
         return Staged(
-            tokens={"counts": counts.astype("<u2"), "log_tail": log_tail, "scale": scale},
-            entries={"words": words},
-            num_entries=int(counts.sum()),
+            tokens={"counts": counts.astype("<u2"), "widths": widths.astype("u1"), "log_tail": log_tail,
+                    "scale": scale},
+            entries={"stream": stream},
+            num_entries=int(stream.nbytes),
         )
 
     def pack(self, parts: list[Staged]) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        words = np.concatenate([p.entries["words"] for p in parts]) if parts else np.zeros(0, np.uint64)
+        """Per-sequence entry offsets count bytes of `entries` (each token's run starts on a byte)."""
+        streams = [p.entries["stream"] for p in parts]
         arrays = {
             "counts": _concat([p.tokens["counts"] for p in parts], (0,), "<u2"),
+            "widths": _concat([p.tokens["widths"] for p in parts], (0,), "u1"),
             "log_tail": _concat([p.tokens["log_tail"] for p in parts], (0,), "<f2"),
             "scale": _concat([p.tokens["scale"] for p in parts], (0,), "<f2"),
-            "entries": pack_bits(words, self.id_bits + self.logprob_bits),
+            "entries": np.concatenate(streams + [np.zeros(8, np.uint8)]),  # 8 spare bytes for 8-byte reads
         }
         return arrays, np.array([p.num_entries for p in parts], dtype=np.int64)
 
     def decode(self, arrays, token_ranges, entry_ranges, k: int):
         """-> ids [N, k] int64, logprobs [N, k] float32; slots past a token's kept count hold logprob -inf
         and an id not used elsewhere in that token (see `fill_missing`)."""
-        width = self.id_bits + self.logprob_bits
-        words = np.concatenate([unpack_bits(arrays["entries"], width, a, b - a) for a, b in entry_ranges])
-        counts = np.concatenate([arrays["counts"][a:b] for a, b in token_ranges]).astype(np.int64)  # [N]
-        scale = np.concatenate([arrays["scale"][a:b] for a, b in token_ranges]).astype(np.float32)
-        log_tail = np.concatenate([arrays["log_tail"][a:b] for a, b in token_ranges]).astype(np.float32)
+        def gather(name):
+            return np.concatenate([arrays[name][a:b] for a, b in token_ranges]) if token_ranges else arrays[name][:0]
+
+        counts = gather("counts").astype(np.int64)  # [N]
+        widths = gather("widths").astype(np.int64)
+        scale = gather("scale").astype(np.float32)
+        log_tail = gather("log_tail").astype(np.float32)
+        stream = np.concatenate([np.asarray(arrays["entries"][a:b]) for a, b in entry_ranges] + [np.zeros(8, np.uint8)])
         n = counts.shape[0]
+        word_bits = widths + self.logprob_bits  # [N]
+        run_bytes = (counts * word_bits + 7) // 8
+        run_start = np.cumsum(run_bytes) - run_bytes  # [N] byte where each token's run starts
         token_of = np.repeat(np.arange(n), counts)  # [E]
-        starts = np.cumsum(counts) - counts
-        slot = np.arange(words.shape[0]) - starts[token_of]  # [E] rank of the entry within its token
-        neg_dist = -(words >> np.uint64(self.id_bits)).astype(np.float32) * scale[token_of]  # [E] <= 0
-        # log-probs: kept entries renormalized to 1 - tail; the best entry has neg_dist 0 so the sum is >= 1.
-        norm = np.log(np.add.reduceat(np.exp(neg_dist), starts)) if n else np.zeros(0, np.float32)  # [N]
+        first = np.cumsum(counts) - counts  # [N] first entry of each token
+        slot = np.arange(token_of.shape[0]) - first[token_of]  # [E] index within the token (id order)
+        bit = run_start[token_of] * 8 + slot * word_bits[token_of]  # [E]
+        window = stream[(bit >> 3)[:, None] + np.arange(8)].view("<u8")[:, 0]  # [E] 8-byte little-endian reads
+        words = (window >> (bit & 7).astype(np.uint64)) & ((np.uint64(1) << word_bits[token_of].astype(np.uint64))
+                                                             - np.uint64(1))
+        w = widths[token_of].astype(np.uint64)
+        gaps = (words & ((np.uint64(1) << w) - np.uint64(1))).astype(np.int64)
+        q = (words >> w).astype(np.int64)
+        steps = np.cumsum(gaps + 1)  # ids = running sum of (gap + 1) within each token, minus 1
+        base = np.where(first > 0, steps[np.maximum(first - 1, 0)], 0)
+        entry_ids = steps - base[token_of] - 1
+        order = np.argsort(token_of * (self.levels + 1) + q, kind="stable")  # by q within token, ties by id
+        entry_ids, q = entry_ids[order], q[order]  # token_of, slot unchanged: same tokens, same counts
+        neg_dist = -q.astype(np.float32) * scale[token_of]  # [E] <= 0, the best entry has 0
+        norm = np.log(np.add.reduceat(np.exp(neg_dist), first)) if n else np.zeros(0, np.float32)  # [N]
         with np.errstate(divide="ignore", invalid="ignore"):
             log_kept = np.log1p(-np.exp(log_tail.astype(np.float64))).astype(np.float32)  # log(1 - tail)
         lp_entries = neg_dist + (log_kept - norm)[token_of]
         ids = np.zeros((n, k), dtype=np.int64)
         logprobs = np.full((n, k), -np.inf, dtype=np.float32)
         take = slot < k
-        ids[token_of[take], slot[take]] = (words[take] & np.uint64((1 << self.id_bits) - 1)).astype(np.int64)
+        ids[token_of[take], slot[take]] = entry_ids[take]
         logprobs[token_of[take], slot[take]] = lp_entries[take]
         fill_missing(ids, np.minimum(counts, k), self.vocab_size)
         return ids, logprobs
+
+    @staticmethod
+    def num_entries(arrays) -> int:
+        return int(arrays["counts"].astype(np.int64).sum())
+
+
+def _bit_length(values: np.ndarray) -> np.ndarray:
+    """Bits needed to write each non-negative int (0 for 0)."""
+    values = np.asarray(values, dtype=np.int64)
+    return np.where(values > 0, np.floor(np.log2(np.maximum(values, 1))).astype(np.int64) + 1, 0)
+
+
+def pack_runs(words: np.ndarray, word_bits: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Words [E] of per-word widths `word_bits` [E], grouped in runs of `counts` [N] words, each run written
+    LSB-first starting on a fresh byte -> uint8 stream (each run padded to whole bytes)."""
+    E = words.shape[0]
+    if E == 0:
+        return np.zeros(0, np.uint8)
+    run_bits = np.add.reduceat(word_bits, np.cumsum(counts) - counts) if counts.size else np.zeros(0, np.int64)
+    run_bits = np.where(counts > 0, run_bits, 0)
+    run_start = (np.cumsum((run_bits + 7) // 8) - (run_bits + 7) // 8) * 8  # [N] bit where each run starts
+    first = np.cumsum(counts) - counts
+    token_of = np.repeat(np.arange(counts.shape[0]), counts)
+    offsets = np.cumsum(word_bits) - word_bits  # [E] bit offset in a stream with no padding
+    run_offset = offsets[first[counts > 0]]  # [runs with words] where each run starts without padding
+    shift = np.zeros(counts.shape[0], np.int64)
+    shift[counts > 0] = run_start[counts > 0] - run_offset
+    position = offsets + shift[token_of]  # [E] bit position with byte-aligned runs
+    total_bytes = int((run_start[-1] + run_bits[-1] + 7) // 8) if counts.size else 0
+    max_bits = int(word_bits.max())
+    bit_index = np.arange(max_bits)
+    bits = ((words[:, None] >> bit_index.astype(np.uint64)) & np.uint64(1)).astype(np.uint8)  # [E, max_bits]
+    valid = bit_index[None, :] < word_bits[:, None]
+    flat = np.zeros(total_bytes * 8, np.uint8)
+    flat[(position[:, None] + bit_index[None, :])[valid]] = bits[valid]
+    return np.packbits(flat, bitorder="little")
 
 
 def fill_missing(ids: np.ndarray, counts: np.ndarray, vocab_size: int) -> None:

@@ -317,7 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seq-length", type=int, default=None,
                    help="truncate sequences like the trainer does (use the training config's max_seq_length)")
     p.add_argument("--encoding", default="compact",
-                   help="naive (int32 ids + fp16 log-probs) or compact[:mass=0.999,bits=8] (default compact)")
+                   help="naive (int32 ids + fp16 log-probs, 6 bytes per entry) or compact[:mass=M,bits=B]: the "
+                   "entries holding M of the top-k mass (default 0.99), log-probs in B bits (default 5), "
+                   "delta-coded ids (default: compact; see docs/cache_format.md)")
     p.add_argument("--shard-tokens", type=int, default=32768, help="tokens per shard (default 32768)")
     p.add_argument("--dtype", default="auto", help="teacher dtype: auto, float32, bfloat16, float16")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -423,6 +425,7 @@ def main(argv=None) -> int:
 def build_manifest(folder: str, plan, settings: dict, settings_fp: str, sequences: SequenceSource) -> dict:
     """Describe every shard (checksums and counts read back from the files) after all processes finished."""
     shards, tokens, seqs, size = [], 0, 0, 0
+    encoding = make_encoding(settings["encoding"], settings["topk"], settings["teacher"]["vocab_size"])
     for s in range(len(plan)):
         path = os.path.join(folder, shard_name(s))
         if not os.path.exists(path):
@@ -433,7 +436,7 @@ def build_manifest(folder: str, plan, settings: dict, settings_fp: str, sequence
         n_tok = int(arrays["token_offsets"][-1])
         entry = {"file": shard_name(s), "sha256": file_sha256(path), "bytes": os.path.getsize(path),
                  "num_sequences": int(arrays["lengths"].shape[0]), "num_tokens": n_tok,
-                 "num_entries": int(arrays["entry_offsets"][-1]), "first_sequence": plan[s][0]}
+                 "num_entries": encoding.num_entries(arrays), "first_sequence": plan[s][0]}
         shards.append(entry)
         tokens, seqs, size = tokens + n_tok, seqs + entry["num_sequences"], size + entry["bytes"]
     data = dict(settings["data"], path=sequences.description, num_sequences=seqs, num_tokens=tokens)

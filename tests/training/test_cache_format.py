@@ -58,38 +58,45 @@ def test_naive_round_trip_is_exact_up_to_fp16(k):
     assert out_ids.dtype == np.int64 and out_lp.dtype == np.float32
 
 
-@pytest.mark.parametrize("k,vocab,mass,bits", [(64, 5000, 0.999, 8), (128, 128256, 0.99, 6), (32, 100, 1.0, 8)])
+def lp_of(ids_row, lp_row):
+    """{id: log-prob} of the kept slots of one decoded row."""
+    return {int(i): float(v) for i, v in zip(ids_row, lp_row) if np.isfinite(v)}
+
+
+@pytest.mark.parametrize("k,vocab,mass,bits", [(64, 5000, 0.999, 8), (128, 128256, 0.99, 5), (32, 100, 1.0, 8),
+                                               (16, 300, 0.9, 3)])
 def test_compact_keeps_mass_tail_and_order(k, vocab, mass, bits):
     n = 200
     ids, logprobs = topk_answer(n, vocab, k, sharpness=3.0, seed=k)
     enc = CompactEncoding(k, vocab, mass=mass, logprob_bits=bits)
-    staged = enc.encode(ids, logprobs)
-    arrays, entries = enc.pack([staged])
-    out_ids, out_lp = enc.decode(arrays, [(0, n)], [(0, int(entries[0]))], k)
+    arrays, entries = enc.pack([enc.encode(ids[:77], logprobs[:77]), enc.encode(ids[77:], logprobs[77:])])
+    units = np.concatenate([[0], np.cumsum(entries)])
+    out_ids, out_lp = enc.decode(arrays, [(0, 77), (77, n)], [(units[0], units[1]), (units[1], units[2])], k)
     counts = arrays["counts"].astype(int)
     p = np.exp(logprobs.astype(np.float64))
-    for i in range(n):  # the kept prefix is the shortest one that reaches `mass` (or all k)
+    step = arrays["scale"].astype(np.float64)
+    for i in range(n):
         m = counts[i]
+        # the kept entries are the shortest prefix holding `mass` of the top-k's probability
         assert p[i, :m].sum() >= mass * p[i].sum() - 1e-6
         assert m == 1 or p[i, : m - 1].sum() < mass * p[i].sum()
+        assert sorted(out_ids[i, :m]) == sorted(ids[i, :m])  # the same ids, each with its own log-prob:
+        truth = dict(zip(ids[i, :m].tolist(), logprobs[i, :m].tolist()))
+        for token, value in lp_of(out_ids[i], out_lp[i]).items():
+            assert abs(value - truth[token]) <= step[i] + 0.01  # half a step + a renormalization shift <= half a step
+        assert len(set(out_ids[i].tolist())) == k  # missing slots name ids that are not among the kept ones
     kept = np.arange(k)[None, :] < counts[:, None]
-    np.testing.assert_array_equal(out_ids[kept], ids[kept])
-    assert np.isneginf(out_lp[~kept]).all()
-    # every row still names k distinct ids; the missing slots' ids are not among the kept ones
-    assert all(len(set(row)) == k for row in out_ids)
+    assert np.isfinite(out_lp[kept]).all() and np.isneginf(out_lp[~kept]).all()
+    assert (np.diff(np.where(kept, out_lp, -1e30), axis=1) <= 0).all()  # sorted by descending log-prob
     # decoded mass + stored tail == 1, and the tail is the exact mass outside the kept entries (fp16 log)
     decoded_mass = np.exp(out_lp.astype(np.float64)).sum(1)
     true_tail = 1.0 - (p * kept).sum(1)
     np.testing.assert_allclose(decoded_mass, 1.0 - np.exp(arrays["log_tail"].astype(np.float64)), atol=1e-5)
     np.testing.assert_allclose(1.0 - decoded_mass, true_tail, atol=2e-3 * true_tail.max() + 1e-6)
-    # quantization error of each kept log-prob is at most half a step (plus the renormalization shift)
-    step = arrays["scale"].astype(np.float64)[:, None]
-    err = np.abs(out_lp.astype(np.float64) - logprobs)[kept]
-    assert (err <= (np.broadcast_to(step, kept.shape)[kept] * 0.5 + 0.02)).all()
-    assert (np.diff(np.where(kept, out_lp, -1e30), axis=1) <= 0).all()  # still sorted
-    # bytes: 6 per token + packed words
-    width = enc.id_bits + bits
-    assert arrays["entries"].nbytes == -(-int(counts.sum()) * width // 8) + 8
+    # bytes: per token a byte-aligned run of m words of (gap width + bits) bits
+    run_bytes = (counts * (arrays["widths"].astype(int) + bits) + 7) // 8
+    assert arrays["entries"].nbytes == run_bytes.sum() + 8
+    assert enc.num_entries(arrays) == counts.sum()
 
 
 def test_compact_decode_smaller_k_is_a_prefix():
@@ -101,6 +108,7 @@ def test_compact_decode_smaller_k_is_a_prefix():
     finite = np.isfinite(lp8)
     np.testing.assert_array_equal(ids8[finite], full_ids[:, :8][finite])
     np.testing.assert_array_equal(lp8[finite], full_lp[:, :8][finite])
+    assert all(len(set(row.tolist())) == 8 for row in ids8)
 
 
 def test_compact_is_much_smaller_on_peaked_distributions():
@@ -120,7 +128,7 @@ def test_compact_is_much_smaller_on_peaked_distributions():
 
 @pytest.mark.parametrize("spec,expect", [
     ("naive", {"name": "naive"}),
-    ("compact", {"name": "compact", "mass": 0.999, "logprob_bits": 8, "id_bits": 17}),
+    ("compact", {"name": "compact", "mass": 0.99, "logprob_bits": 5, "id_bits": 17}),
     ("compact:mass=0.99,bits=6", {"name": "compact", "mass": 0.99, "logprob_bits": 6, "id_bits": 17}),
 ])
 def test_make_encoding_from_cli_string_and_spec(spec, expect):

@@ -85,14 +85,22 @@ def test_cache_matches_direct_teacher(tmp_path, tiny_teacher_dir, token_data, en
     want = direct.topk(x, mask, 16)
     real = mask.bool()[..., None].expand_as(got.logprobs)
     kept = real & torch.isfinite(got.logprobs)
-    assert torch.equal(got.token_ids[kept], want.token_ids[kept])
-    tol = 2e-3 if encoding == "naive" else 0.06  # fp16 rounding / half a quantization step
-    torch.testing.assert_close(got.logprobs[kept], want.logprobs[kept], atol=tol, rtol=0)
-    if encoding == "naive":
-        assert bool(kept.eq(real).all())  # naive keeps every entry
+    if encoding == "naive":  # every entry, in the teacher's order, log-probs rounded to fp16
+        assert bool(kept.eq(real).all())
+        assert torch.equal(got.token_ids[kept], want.token_ids[kept])
+        torch.testing.assert_close(got.logprobs[kept], want.logprobs[kept], atol=2e-3, rtol=0)
+    else:  # the teacher's top-m ids (m per position), each with its own log-prob within a quantization step
+        full = torch.log_softmax(direct.logits(x, mask).float(), -1)  # [B, T, V]
+        torch.testing.assert_close(full.gather(-1, got.token_ids)[kept], got.logprobs[kept], atol=0.2, rtol=0)
+        m = kept.sum(-1)  # [B, T]
+        for b, t in zip(*torch.nonzero(mask, as_tuple=True)):
+            n = int(m[b, t])
+            assert set(got.token_ids[b, t, :n].tolist()) == set(want.token_ids[b, t, :n].tolist())
+            assert len(set(got.token_ids[b, t].tolist())) == 16
     # a smaller k is the prefix of the answer
     small = cached.topk(x, mask, 4)
-    assert torch.equal(small.token_ids, got.token_ids[..., :4])
+    finite = torch.isfinite(small.logprobs)
+    assert torch.equal(small.token_ids[finite], got.token_ids[..., :4][finite])
 
 
 def test_kill_9_then_rerun_is_byte_identical(tmp_path, tiny_teacher_dir, token_data):
