@@ -79,15 +79,20 @@ def pack_bits(values: np.ndarray, width: int) -> np.ndarray:
     return np.concatenate([stream, np.zeros(8, dtype=np.uint8)])
 
 
+def _byte_windows(stream: np.ndarray) -> np.ndarray:
+    """A zero-copy view of a uint8 stream as overlapping little-endian uint64s, one starting at every byte."""
+    stream = np.ascontiguousarray(stream, dtype=np.uint8)
+    return np.ndarray(shape=(max(stream.size - 7, 0),), dtype="<u8", buffer=stream, offset=0, strides=(1,))
+
+
 def unpack_bits(stream: np.ndarray, width: int, start: int, count: int) -> np.ndarray:
     """Values start .. start+count-1 of a stream written by `pack_bits` -> [count] uint64."""
     if count == 0:
         return np.zeros(0, dtype=np.uint64)
     bit = np.arange(start, start + count, dtype=np.int64) * width  # [E]
     first = int(bit[0] >> 3)
-    window = np.asarray(stream[first : int(bit[-1] >> 3) + 8])  # the bytes we need, copied out of the mmap
-    offsets = (bit >> 3) - first
-    words = window[offsets[:, None] + np.arange(8)].view("<u8")[:, 0]  # [E] 8-byte little-endian windows
+    window = np.ascontiguousarray(stream[first : int(bit[-1] >> 3) + 8])  # the bytes we need, copied
+    words = _byte_windows(window)[(bit >> 3) - first]  # [E] 8-byte little-endian windows
     return (words >> (bit & 7).astype(np.uint64)) & np.uint64((1 << width) - 1)
 
 
@@ -214,8 +219,8 @@ class CompactEncoding:
         return arrays, np.array([p.num_entries for p in parts], dtype=np.int64)
 
     def decode(self, arrays, token_ranges, entry_ranges, k: int):
-        """-> ids [N, k] int64, logprobs [N, k] float32; slots past a token's kept count hold logprob -inf
-        and an id not used elsewhere in that token (see `fill_missing`)."""
+        """-> ids [N, k] int64, logprobs [N, k] float32. Slots past a token's kept count hold log-prob -inf and
+        the smallest id that is not among that token's kept ids (the same id in every such slot)."""
         def gather(name):
             return np.concatenate([arrays[name][a:b] for a, b in token_ranges]) if token_ranges else arrays[name][:0]
 
@@ -225,36 +230,40 @@ class CompactEncoding:
         log_tail = gather("log_tail").astype(np.float32)
         stream = np.concatenate([np.asarray(arrays["entries"][a:b]) for a, b in entry_ranges] + [np.zeros(8, np.uint8)])
         n = counts.shape[0]
+        M = int(counts.max()) if n else 0
         word_bits = widths + self.logprob_bits  # [N]
         run_bytes = (counts * word_bits + 7) // 8
         run_start = np.cumsum(run_bytes) - run_bytes  # [N] byte where each token's run starts
-        token_of = np.repeat(np.arange(n), counts)  # [E]
-        first = np.cumsum(counts) - counts  # [N] first entry of each token
-        slot = np.arange(token_of.shape[0]) - first[token_of]  # [E] index within the token (id order)
-        bit = run_start[token_of] * 8 + slot * word_bits[token_of]  # [E]
-        window = stream[(bit >> 3)[:, None] + np.arange(8)].view("<u8")[:, 0]  # [E] 8-byte little-endian reads
-        words = (window >> (bit & 7).astype(np.uint64)) & ((np.uint64(1) << word_bits[token_of].astype(np.uint64))
-                                                             - np.uint64(1))
-        w = widths[token_of].astype(np.uint64)
-        gaps = (words & ((np.uint64(1) << w) - np.uint64(1))).astype(np.int64)
-        q = (words >> w).astype(np.int64)
-        steps = np.cumsum(gaps + 1)  # ids = running sum of (gap + 1) within each token, minus 1
-        base = np.where(first > 0, steps[np.maximum(first - 1, 0)], 0)
-        entry_ids = steps - base[token_of] - 1
-        order = np.argsort(token_of * (self.levels + 1) + q, kind="stable")  # by q within token, ties by id
-        entry_ids, q = entry_ids[order], q[order]  # token_of, slot unchanged: same tokens, same counts
-        neg_dist = -q.astype(np.float32) * scale[token_of]  # [E] <= 0, the best entry has 0
-        norm = np.log(np.add.reduceat(np.exp(neg_dist), first)) if n else np.zeros(0, np.float32)  # [N]
+        slot = np.arange(M)[None, :]
+        valid = slot < counts[:, None]  # [N, M] stored entries, in id order
+        bit = np.where(valid, run_start[:, None] * 8 + slot * word_bits[:, None], 0)  # [N, M]
+        window = _byte_windows(stream)[bit >> 3]  # [N, M] the 8 bytes from each entry's first byte, as LE u64
+        one = np.uint64(1)
+        words = (window >> (bit & 7).astype(np.uint64)) & ((one << word_bits[:, None].astype(np.uint64)) - one)
+        w = widths[:, None].astype(np.uint64)
+        gaps = (words & ((one << w) - one)).astype(np.int64)
+        ids = np.cumsum(np.where(valid, gaps + 1, 0), axis=1) - 1  # [N, M] ascending on the valid prefix
+        fill = np.argmax(~(valid & (ids == slot)), axis=1) if M else np.zeros(n, np.int64)  # smallest free id
+        qtype = np.uint16 if self.logprob_bits < 16 else np.uint32
+        q = np.where(valid, (words >> w).astype(np.int64), self.levels + 1).astype(qtype)
+        order = np.argsort(q, axis=1, kind="stable")  # by distance from the best, ties by id; padding last
+        ids = np.take_along_axis(ids, order, 1)
+        neg_dist = np.take_along_axis(q, order, 1).astype(np.float32)
+        neg_dist *= -scale[:, None]
+        np.copyto(neg_dist, -np.inf, where=~valid)  # valid entries come first after the sort
         with np.errstate(divide="ignore", invalid="ignore"):
+            norm = np.log(np.exp(neg_dist).sum(axis=1))  # [N] over every stored entry; >= 0 (best has 0)
             log_kept = np.log1p(-np.exp(log_tail.astype(np.float64))).astype(np.float32)  # log(1 - tail)
-        lp_entries = neg_dist + (log_kept - norm)[token_of]
-        ids = np.zeros((n, k), dtype=np.int64)
-        logprobs = np.full((n, k), -np.inf, dtype=np.float32)
-        take = slot < k
-        ids[token_of[take], slot[take]] = entry_ids[take]
-        logprobs[token_of[take], slot[take]] = lp_entries[take]
-        fill_missing(ids, np.minimum(counts, k), self.vocab_size)
-        return ids, logprobs
+        logprobs = neg_dist
+        logprobs += (log_kept - norm)[:, None]  # [N, M], -inf past the count
+        if M >= k:
+            ids, logprobs, valid = ids[:, :k], logprobs[:, :k], valid[:, :k]
+        else:
+            pad = ((0, 0), (0, k - M))
+            ids, logprobs = np.pad(ids, pad), np.pad(logprobs, pad, constant_values=-np.inf)
+            valid = np.pad(valid, pad)
+        np.copyto(ids, fill[:, None], where=~valid)
+        return ids.astype(np.int64, copy=False), logprobs.astype(np.float32, copy=False)
 
     @staticmethod
     def num_entries(arrays) -> int:
@@ -291,25 +300,6 @@ def pack_runs(words: np.ndarray, word_bits: np.ndarray, counts: np.ndarray) -> n
     flat = np.zeros(total_bytes * 8, np.uint8)
     flat[(position[:, None] + bit_index[None, :])[valid]] = bits[valid]
     return np.packbits(flat, bitorder="little")
-
-
-def fill_missing(ids: np.ndarray, counts: np.ndarray, vocab_size: int) -> None:
-    """In place: slots j >= counts[i] of row i get distinct ids not among that row's first counts[i] ids, so a
-    [N, k] answer never names one token twice. Their log-probs are -inf: the loss counts them in the tail."""
-    n, k = ids.shape
-    short = np.nonzero(counts < k)[0]
-    if short.size == 0:
-        return
-    width = min(vocab_size, 2 * k)
-    used = np.zeros((short.size, width), dtype=bool)
-    kept = ids[short]
-    valid = (np.arange(k)[None, :] < counts[short, None]) & (kept < width)
-    rows = np.broadcast_to(np.arange(short.size)[:, None], kept.shape)
-    used[rows[valid], kept[valid]] = True
-    free = np.argsort(used, axis=1, kind="stable")  # [S, width] unused candidate ids first, ascending
-    slot = np.arange(k)[None, :] - counts[short, None]  # [S, k] index into the free list, >= 0 where missing
-    r, c = np.nonzero(slot >= 0)
-    ids[short[r], c] = free[r, slot[r, c]]
 
 
 def _concat(arrays: list[np.ndarray], empty_shape: tuple, dtype: str) -> np.ndarray:

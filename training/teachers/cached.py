@@ -216,8 +216,10 @@ class CachedTeacher:
         ids = input_ids.detach().cpu().numpy()  # [B, T]
         B, T = ids.shape
         mask = (attention_mask.detach().cpu().numpy() != 0) if attention_mask is not None else np.ones((B, T), bool)
-        out_ids = np.broadcast_to(np.arange(k, dtype=np.int64), (B, T, k)).copy()  # [B, T, k]
-        out_lp = np.full((B, T, k), -math.log(k), dtype=np.float32)  # padding: uniform over ids 0..k-1
+        out_ids = np.empty((B, T, k), dtype=np.int64)  # [B, T, k]
+        out_lp = np.empty((B, T, k), dtype=np.float32)
+        out_ids[~mask] = np.arange(k)  # padding positions: uniform over ids 0..k-1 (finite, never trained on)
+        out_lp[~mask] = -math.log(k)
         by_shard: dict[int, list[tuple[int, int, np.ndarray]]] = {}
         for b in range(B):
             positions = np.nonzero(mask[b])[0]
