@@ -267,6 +267,17 @@ def test_ce_only_is_cross_entropy_and_needs_no_teacher():
     assert_close_grads(grads(out.loss, pb), grads(ref, pb), rtol=1e-4, atol_frac=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["sparse", "full"])
+def test_a_rank_without_trained_tokens_gets_zero_loss_and_zero_gradients(mode):
+    pb = make_problem()
+    rows = slice(0, 0)
+    full = pb["full"][rows] if mode == "full" else None
+    out = distillation_loss(pb["hidden"][rows], pb["lm_head"], pb["labels"][rows], pb["ids"][rows],
+                            pb["logprobs"][rows], full, alpha=0.5, temperature=2.0, kind="jsd", num_items=7)
+    assert float(out.loss.detach()) == 0
+    assert all(float(g.abs().sum()) == 0 for g in grads(out.loss, pb))
+
+
 def test_without_grad_gives_the_same_values_and_no_graph():
     pb = make_problem()
     args = (pb["hidden"], pb["lm_head"], pb["labels"], pb["ids"], pb["logprobs"], None)
