@@ -220,7 +220,7 @@ class CompactEncoding:
 
     def decode(self, arrays, token_ranges, entry_ranges, k: int):
         """-> ids [N, k] int64, logprobs [N, k] float32. Slots past a token's kept count hold log-prob -inf and
-        the smallest id that is not among that token's kept ids (the same id in every such slot)."""
+        distinct ids that are not among that token's kept ids (see `fill_missing`)."""
         def gather(name):
             return np.concatenate([arrays[name][a:b] for a, b in token_ranges]) if token_ranges else arrays[name][:0]
 
@@ -243,7 +243,6 @@ class CompactEncoding:
         w = widths[:, None].astype(np.uint64)
         gaps = (words & ((one << w) - one)).astype(np.int64)
         ids = np.cumsum(np.where(valid, gaps + 1, 0), axis=1) - 1  # [N, M] ascending on the valid prefix
-        fill = np.argmax(~(valid & (ids == slot)), axis=1) if M else np.zeros(n, np.int64)  # smallest free id
         qtype = np.uint16 if self.logprob_bits < 16 else np.uint32
         q = np.where(valid, (words >> w).astype(np.int64), self.levels + 1).astype(qtype)
         order = np.argsort(q, axis=1, kind="stable")  # by distance from the best, ties by id; padding last
@@ -262,7 +261,7 @@ class CompactEncoding:
             pad = ((0, 0), (0, k - M))
             ids, logprobs = np.pad(ids, pad), np.pad(logprobs, pad, constant_values=-np.inf)
             valid = np.pad(valid, pad)
-        np.copyto(ids, fill[:, None], where=~valid)
+        fill_missing(ids, np.minimum(counts, k))
         return ids.astype(np.int64, copy=False), logprobs.astype(np.float32, copy=False)
 
     @staticmethod
@@ -300,6 +299,25 @@ def pack_runs(words: np.ndarray, word_bits: np.ndarray, counts: np.ndarray) -> n
     flat = np.zeros(total_bytes * 8, np.uint8)
     flat[(position[:, None] + bit_index[None, :])[valid]] = bits[valid]
     return np.packbits(flat, bitorder="little")
+
+
+def fill_missing(ids: np.ndarray, counts: np.ndarray) -> None:
+    """In place: in row i, slots counts[i]..k-1 get the smallest ids in 0..k-1 not among its first counts[i]
+    ids, so every row names k distinct tokens (the loss requires it). At least k - counts[i] of 0..k-1 are
+    free, because only counts[i] ids are taken."""
+    n, k = ids.shape
+    short = np.nonzero(counts < k)[0]
+    if short.size == 0:
+        return
+    m = counts[short]
+    kept = ids[short]  # [S, k]
+    valid = (np.arange(k)[None, :] < m[:, None]) & (kept < k)
+    taken = np.zeros((short.size, k), dtype=bool)
+    taken[np.nonzero(valid)[0], kept[valid]] = True
+    free = ~taken
+    rank = np.cumsum(free, axis=1) - 1  # [S, k] rank of each free candidate id within its row
+    rows, cand = np.nonzero(free & (rank < (k - m)[:, None]))
+    ids[short[rows], m[rows] + rank[rows, cand]] = cand
 
 
 def _concat(arrays: list[np.ndarray], empty_shape: tuple, dtype: str) -> np.ndarray:

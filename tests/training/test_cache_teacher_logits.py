@@ -96,7 +96,7 @@ def test_cache_matches_direct_teacher(tmp_path, tiny_teacher_dir, token_data, en
         for b, t in zip(*torch.nonzero(mask, as_tuple=True)):
             n = int(m[b, t])
             assert set(got.token_ids[b, t, :n].tolist()) == set(want.token_ids[b, t, :n].tolist())
-            assert not set(got.token_ids[b, t, n:].tolist()) & set(got.token_ids[b, t, :n].tolist())
+            assert len(set(got.token_ids[b, t].tolist())) == 16
     # a smaller k is the prefix of the answer
     small = cached.topk(x, mask, 4)
     finite = torch.isfinite(small.logprobs)
