@@ -57,12 +57,11 @@ def file_sha256(path: str, chunk: int = 1 << 24) -> str:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 of everything that decides token ids: the backend tokenizer's JSON (vocab, merges, normalizer,
-    pre-tokenizer, post-processor, added tokens). Two tokenizers with the same fingerprint tokenize alike."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        return sha256_hex(canonical_json(json.loads(backend.to_str())))
-    return sha256_hex(canonical_json(sorted(tokenizer.get_vocab().items())))
+    """The data pipeline's tokenizer fingerprint (`training.data.tokenizer_fingerprint`: vocabulary, merges,
+    normalization, special tokens, chat template), so a cache and the shards it was made from agree."""
+    from training.data import tokenizer_fingerprint as data_tokenizer_fingerprint
+
+    return data_tokenizer_fingerprint(tokenizer)
 
 
 # ----------------------------------------------------------------------------------------------------------

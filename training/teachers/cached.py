@@ -88,7 +88,7 @@ class CachedTeacher:
             )
 
     def _check_tokenizer(self, tokenizer) -> None:
-        if isinstance(tokenizer, str) and len(tokenizer) == 64 and all(c in "0123456789abcdef" for c in tokenizer):
+        if isinstance(tokenizer, str) and tokenizer.startswith("sha256:") and not os.path.exists(tokenizer):
             fingerprint = tokenizer
         else:
             if isinstance(tokenizer, str):
@@ -98,8 +98,8 @@ class CachedTeacher:
             fingerprint = tokenizer_fingerprint(tokenizer)
         if fingerprint != self.manifest["tokenizer_fingerprint"]:
             raise ValueError(
-                f"the training tokenizer (fingerprint {fingerprint[:12]}) is not the one the cache was made with "
-                f"({self.manifest['tokenizer_fingerprint'][:12]}, {self.manifest_path}); token ids would not "
+                f"the training tokenizer (fingerprint {fingerprint[:19]}) is not the one the cache was made with "
+                f"({self.manifest['tokenizer_fingerprint'][:19]}, {self.manifest_path}); token ids would not "
                 "match. Use the cache's tokenizer or rebuild the cache with this one."
             )
 
