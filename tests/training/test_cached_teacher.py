@@ -217,3 +217,28 @@ def test_a_cache_of_preprocessed_shards_answers_the_shard_dataset(tmp_path, tiny
         long = PretokenizedShardDataset(str(shards), max_seq_length=32, shuffle=False)
         batch = collate([long[i] for i in range(len(long)) if len(long[i]["input_ids"]) > 16][:2])
         teacher.topk(batch["input_ids"], batch["attention_mask"], 8)
+
+
+def test_train_cached_yaml_trains_without_a_teacher_model(tmp_path, sharp_teacher_dir, text_data):
+    """examples/configs/train_cached.yaml (tiny overrides): no teacher_model is configured, none is loaded."""
+    from training.config import load_config
+    from training.train import main as train_main
+
+    cache = tmp_path / "cache"
+    assert cache_main(["--teacher", sharp_teacher_dir, "--data", text_data, "--output", str(cache), "--topk", "32",
+                       "--dtype", "float32", "--max-seq-length", "64", "--no-progress"]) == 0
+    overrides = [
+        "--teacher_cache", str(cache), "--tokenizer", sharp_teacher_dir, "--train_data", text_data,
+        "--student", "350M", "--student_overrides",
+        json.dumps({"vocab_size": 468, "hidden_size": 64, "num_hidden_layers": 2, "num_heads": 4,
+                    "intermediate_size": 128, "chunk_size": 16}),
+        "--teacher_topk", "32", "--max_seq_length", "64", "--max_steps", "3", "--per_device_train_batch_size", "4",
+        "--gradient_accumulation_steps", "1", "--warmup_steps", "0", "--bf16", "false", "--use_cpu", "true",
+        "--output_dir", str(tmp_path / "run"), "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1",
+    ]
+    config = load_config(os.path.join(REPO, "examples", "configs", "train_cached.yaml"), overrides)
+    assert config.teacher_source == "cached" and config.teacher_model is None
+    assert train_main(["--config", os.path.join(REPO, "examples", "configs", "train_cached.yaml"), *overrides]) == 0
+    state = json.load(open(tmp_path / "run" / "trainer_state.json"))
+    kd = [h["loss/kd"] for h in state["log_history"] if "loss/kd" in h]
+    assert len(kd) == 3 and all(v > 0 for v in kd)
