@@ -66,7 +66,11 @@ class CachedTeacher:
             self._check_tokenizer(tokenizer)
         if data is not None:
             self._check_data(data)
-        self._shards = [self._open(entry, verify) for entry in self.manifest["shards"]]
+        from tqdm.auto import tqdm
+
+        entries = self.manifest["shards"]
+        self._shards = [self._open(entry, verify) for entry in tqdm(
+            entries, desc=f"checking teacher cache ({verify})", unit="shard", disable=len(entries) < 32)]
         self._build_index()
         self._executor: ThreadPoolExecutor | None = None
         self._pending: dict[tuple, Future] = {}
