@@ -380,6 +380,8 @@ def main(argv=None) -> int:
     encoding = make_encoding(args.encoding, args.topk, vocab_size)
     teacher = teacher_identity(args.teacher, args.adapter, model)
     teacher.update(vocab_size=vocab_size, url=args.teacher_url)
+    if teacher["id"] is None:  # a server and no --teacher: record the server
+        teacher["id"] = args.teacher_url
     settings = {
         "format_version": FORMAT_VERSION,
         "teacher": teacher,

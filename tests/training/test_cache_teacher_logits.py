@@ -179,6 +179,27 @@ def test_accelerate_launch_two_processes_writes_the_same_cache(tmp_path, tiny_te
     same_folder(single, multi)
 
 
+def test_a_teacher_server_as_producer_gives_the_same_cache(tmp_path, tiny_teacher_dir, token_data):
+    """--teacher-url: a real `training.serve_teacher` subprocess on 127.0.0.1 produces the cache."""
+    from training.serve_teacher import ServerProcess
+
+    data, ids = token_data
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    assert main(cache_args(tiny_teacher_dir, data, local, "--encoding", "naive")) == 0
+    with ServerProcess(["--model", tiny_teacher_dir, "--dtype", "float32", "--device", "cpu"],
+                       log_path=str(tmp_path / "server.log"), env={"OMP_NUM_THREADS": "1"}) as server:
+        args = cache_args(tiny_teacher_dir, data, remote, "--encoding", "naive")
+        args[args.index("--teacher")] = "--tokenizer"  # no local teacher: the server is the producer
+        assert main(args + ["--teacher-url", server.url]) == 0
+    manifest = read_manifest(str(remote))
+    assert manifest["teacher"]["url"] == server.url and manifest["totals"]["num_sequences"] == len(ids)
+    x, mask = padded([ids[1], ids[40]])
+    a = CachedTeacher(str(local)).topk(x, mask, 16)
+    b = CachedTeacher(str(remote)).topk(x, mask, 16)
+    assert torch.equal(a.token_ids, b.token_ids)
+    torch.testing.assert_close(a.logprobs, b.logprobs, atol=2e-3, rtol=0)
+
+
 def test_keys_are_the_hash_of_each_sequence(tmp_path, tiny_teacher_dir, token_data):
     data, ids = token_data
     assert main(cache_args(tiny_teacher_dir, data, tmp_path, "--max-seq-length", "8")) == 0
