@@ -183,7 +183,7 @@ def test_gradcheck_fp64(kind, mode):
 
     def f(hidden, weight, bias):
         return distillation_loss(hidden, _Head(weight, bias), pb["labels"], pb["ids"], pb["logprobs"], full,
-                                 alpha=0.4, temperature=1.3, kind=kind, chunk_size=4).loss
+                                 alpha=0.4, temperature=1.3, kind=kind, diversity_weight=0.3, chunk_size=4).loss
 
     inputs = (pb["hidden"].detach().requires_grad_(), lm_head.weight.detach().requires_grad_(),
               lm_head.bias.detach().requires_grad_())
