@@ -58,6 +58,8 @@ class CachedTeacher:
         self.temperature = float(self.manifest["temperature"])
         self.vocab_size = int(self.manifest["vocab_size"])
         self.encoding = make_encoding(self.manifest["encoding"], self.k, self.vocab_size)
+        # True when answers can hold -inf slots (fewer than k stored entries) whose mass belongs to the tail
+        self.empty_slots = self.encoding.name != "naive"
         if topk is not None:
             self._check_k(topk)
         if temperature is not None:
