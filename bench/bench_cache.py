@@ -40,7 +40,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from training.cache_format import make_encoding, sequence_key, shard_bytes  # noqa: E402
+from training.cache_format import make_encoding, shard_bytes  # noqa: E402
 from training.losses import distillation_loss  # noqa: E402
 
 ENCODINGS = ("naive", "compact", "compact:mass=0.999,bits=8", "compact:mass=1.0,bits=8", "compact:mass=0.95,bits=4")

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 from training.cache_format import (
-    KEY_BYTES,
     MANIFEST_NAME,
     file_sha256,
     make_encoding,
@@ -273,4 +272,4 @@ class CachedTeacher:
                 f"sequences={len(self)}, tokens={self.manifest['totals']['num_tokens']})")
 
 
-__all__ = ["CachedTeacher", "KEY_BYTES"]
+__all__ = ["CachedTeacher"]
