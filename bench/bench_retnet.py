@@ -3,9 +3,10 @@
 1. Training: forward+backward time and peak memory per token for T = 512 .. 8192, chunkwise (goal: linear,
    time per token at the longest T within 1.3x of the shortest) against parallel mode (quadratic).
 2. Decoding: latency per token after a context of 256 vs 8192 tokens (goal: within 1.1x) and the size of the
-   recurrent state, against a LlamaForCausalLM of about the same size decoding with its KV cache.
+   recurrent state, against a LlamaForCausalLM of about the same size decoding with its KV cache. Both contexts
+   decode in one process, step by step in turn, so noise hits them alike.
 
-Each point runs in a fresh subprocess so its peak memory is its own (CUDA: max_memory_allocated; CPU: peak RSS
+Each training point runs in a fresh subprocess so its peak memory is its own (CUDA: max_memory_allocated; CPU: peak RSS
 growth over the process's baseline). Prints a table with ratios and writes PNG plots to --out.
 
     python bench/bench_retnet.py --quick          # CPU, ~2 minutes
@@ -93,35 +94,34 @@ def point_train(args, mode, seq_len):
 
 
 @torch.no_grad()
-def point_decode(args, kind, context):
-    """Prefill `context` tokens, then time single-token decode steps; also report the cache size."""
-    model = (build_retnet(args) if kind == "retnet" else build_llama(args, context + args.decode_steps + 8)).eval()
-    ids = torch.randint(0, args.vocab_size, (1, context), device=args.device)
-    kwargs = {"retention_mode": "chunkwise"} if kind == "retnet" else {}
-    out = model(ids, use_cache=True, **kwargs)
-    cache = out.past_key_values
-    token = out.logits[:, -1:].argmax(-1)
+def point_decode(args, kind, contexts):
+    """Prefill each context, then time single-token decode steps, alternating between the contexts step by step
+    so that machine noise hits them alike; also report each cache's size."""
+    model = (build_retnet(args) if kind == "retnet" else build_llama(args, max(contexts) + args.decode_steps + 8)).eval()
+    prefill = {"retention_mode": "chunkwise"} if kind == "retnet" else {}
     step_kwargs = {"retention_mode": "recurrent"} if kind == "retnet" else {}
-    times = []
+    caches, tokens, times = {}, {}, {c: [] for c in contexts}
+    for c in contexts:
+        out = model(torch.randint(0, args.vocab_size, (1, c), device=args.device), use_cache=True, **prefill)
+        caches[c], tokens[c] = out.past_key_values, out.logits[:, -1:].argmax(-1)
     for i in range(args.decode_steps):
-        sync(args.device)
-        start = time.perf_counter()
-        out = model(token, past_key_values=cache, use_cache=True, **step_kwargs)
-        sync(args.device)
-        if i >= 2:  # first steps warm up allocator and kernels
-            times.append(time.perf_counter() - start)
-        cache = out.past_key_values
-        token = out.logits[:, -1:].argmax(-1)
-    if kind == "retnet":
-        cache_bytes = sum(s.numel() * s.element_size() for s in cache.states)
-    else:
-        cache_bytes = sum(
-            layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
-            for layer in cache.layers
-        )
-    times.sort()
-    return {"s_per_token": times[len(times) // 2], "cache_bytes": cache_bytes,
-            "params": sum(p.numel() for p in model.parameters())}
+        for c in contexts:
+            sync(args.device)
+            start = time.perf_counter()
+            out = model(tokens[c], past_key_values=caches[c], use_cache=True, **step_kwargs)
+            sync(args.device)
+            if i >= 2:  # first steps warm up allocator and kernels
+                times[c].append(time.perf_counter() - start)
+            caches[c], tokens[c] = out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+    def cache_bytes(cache):
+        if kind == "retnet":
+            return sum(s.numel() * s.element_size() for s in cache.states)
+        return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
+
+    params = sum(p.numel() for p in model.parameters())
+    return {c: {"s_per_token": sorted(times[c])[len(times[c]) // 2], "cache_bytes": cache_bytes(caches[c]),
+                "params": params} for c in contexts}
 
 
 def run_point(args, *spec):
@@ -175,7 +175,7 @@ def main():
     gpu = args.device.startswith("cuda")
     defaults = dict(hidden_size=256 if args.quick else 1024, layers=2 if args.quick else 8, heads=4 if args.quick else 8,
                     vocab_size=1024 if args.quick else 32000, chunk_size=64 if args.quick else 128,
-                    repeats=2 if args.quick else 3, decode_steps=12 if args.quick else 50,
+                    repeats=2 if args.quick else 3, decode_steps=40 if args.quick else 100,
                     dtype="bfloat16" if gpu else "float32", parallel_max=8192 if gpu else 4096)
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -218,17 +218,19 @@ def main():
 
     print("\n# decoding: latency per token after a context")
     contexts = [256, lengths[-1]]
-    decode = {kind: {c: run_point(args, kind, c) for c in contexts} for kind in ("retnet", "llama")}
+    decode = {}
     for kind in ("retnet", "llama"):
-        r0, r1 = decode[kind][contexts[0]], decode[kind][contexts[1]]
-        if "error" in r0 or "error" in r1:
-            print(f"{kind}: {r0.get('error') or r1.get('error')}")
+        result = run_point(args, kind, contexts)
+        if "error" in result:
+            print(f"{kind}: {result['error']}")
             continue
+        decode[kind] = {int(c): r for c, r in result.items()}
+        r0, r1 = decode[kind][contexts[0]], decode[kind][contexts[1]]
         print(f"{kind:>6} ({r0['params'] / 1e6:.1f}M params): {r0['s_per_token'] * 1e3:.2f} ms/token at {contexts[0]}, "
               f"{r1['s_per_token'] * 1e3:.2f} ms/token at {contexts[1]} -> {r1['s_per_token'] / r0['s_per_token']:.2f}x; "
               f"cache {r0['cache_bytes'] / 2**20:.2f} MiB -> {r1['cache_bytes'] / 2**20:.2f} MiB")
     plot(os.path.join(args.out, "retnet_decode_latency.png"), contexts,
-         {k: [decode[k][c].get("s_per_token", 0) * 1e3 for c in contexts] for k in decode},
+         {k: [decode[k][c]["s_per_token"] * 1e3 for c in contexts] for k in decode},
          "context length", "ms per decoded token", "Decoding latency vs context")
     print(f"\nplots written to {args.out}/")
 
