@@ -186,15 +186,20 @@ def _sparse_kd(grad, holder, ids, logprobs, s: _Settings, need_grad: bool):
     logq = holder.pop()
     V, k = logq.shape[1], ids.shape[1]
     logQ_top = logq.gather(1, ids)  # [rows, k]
+    # Slots a compact cache left empty (teacher log-prob -inf, distinct fill ids) belong to the tail bucket,
+    # for the student as for the teacher; they are no buckets of their own.
+    empty = logprobs == float("-inf")  # [rows, k]
     share = None
     if k < V:
         j = _tail_column(ids)  # [rows, 1] a tail token: log Q_tail = log q_j - log(q_j / Q_tail)
         logq_j = logq.gather(1, j)
-        share = torch.log_softmax(logq.scatter_(1, ids, float("-inf")), dim=-1)  # [rows, V] log(q_j / Q_tail)
+        outside = torch.where(empty, logQ_top, float("-inf"))  # the kept top-k leaves the tail, empty slots stay
+        share = torch.log_softmax(logq.scatter_(1, ids, outside), dim=-1)  # [rows, V] log(q_j / Q_tail)
         logQ_tail = (logq_j - share.gather(1, j)).clamp_min(LOG_FLOOR)  # [rows, 1]
     else:  # k = V: no tail
         logQ_tail = torch.full_like(logQ_top[:, :1], LOG_FLOOR)
     del logq
+    logQ_top = logQ_top.masked_fill(empty, LOG_FLOOR)
     logQ = torch.cat([logQ_top, logQ_tail], dim=-1)  # [rows, k + 1]
     logP = _teacher_topk_buckets(logprobs, k < V, logQ.dtype)  # [rows, k + 1]
     kd, div, d_kd, d_div = bucket_terms(logQ, logP, s.kind, s.jsd_beta, need_grad=need_grad,
@@ -206,7 +211,7 @@ def _sparse_kd(grad, holder, ids, logprobs, s: _Settings, need_grad: bool):
         h_sum = h.sum(-1, keepdim=True)  # [rows, 1]
         Q = logQ.exp()
         # top-k token i: (h_i - Q_i sum h) / T;  tail token j: (q_j / Q_tail) (h_tail - Q_tail sum h) / T
-        grad.scatter_add_(1, ids, (h[:, :-1] - Q[:, :-1] * h_sum) / T)
+        grad.scatter_add_(1, ids, ((h[:, :-1] - Q[:, :-1] * h_sum) / T).masked_fill_(empty, 0.0))
         if share is not None:
             grad.addcmul_(share.exp_(), (h[:, -1:] - Q[:, -1:] * h_sum) / T)
     return kd, div

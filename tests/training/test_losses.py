@@ -375,6 +375,24 @@ def test_bias_and_teacher_minus_inf_logprobs_stay_finite(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_empty_slots_belong_to_the_tail(kind, temperature):
+    """A compact cache leaves slots empty (log-prob -inf, distinct fill ids): the loss must equal the loss on the
+    kept ids alone, whose tail holds the same mass, for every kind (values and gradients)."""
+    pb = make_problem(k=8, temperature=temperature)
+    kept = 5
+    filled = pb["logprobs"].clone()
+    filled[:, kept:] = float("-inf")
+    kw = dict(alpha=0.3, temperature=temperature, kind=kind, diversity_weight=0.1, chunk_size=4)
+    with_fill = distillation_loss(pb["hidden"], pb["lm_head"], pb["labels"], pb["ids"], filled, None, **kw)
+    alone = distillation_loss(pb["hidden"], pb["lm_head"], pb["labels"], pb["ids"][:, :kept],
+                              pb["logprobs"][:, :kept].contiguous(), None, **kw)
+    for a, b in zip(with_fill, alone):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert_close_grads(grads(with_fill.loss, pb), grads(alone.loss, pb), rtol=1e-4, atol_frac=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_extreme_logits_stay_exact(kind):
     """A student almost certain of its top tokens: its tail mass (< 1e-39) is below fp32's normal range."""
     pb = make_problem(k=4, temperature=1.0)
