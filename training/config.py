@@ -76,6 +76,16 @@ class DistillationConfig(TrainingArguments):
         default=None,
         metadata={"help": "Bearer key for the teacher server; defaults to the TEACHER_API_KEY environment variable."},
     )
+    teacher_protocol: str = field(
+        default="topk",
+        metadata={"help": "Network mode: 'topk' (our /v1/topk, binary) or 'openai' (a stock vLLM server's "
+                  "/v1/completions with prompt_logprobs; temperature 1 only)."},
+    )
+    teacher_vocab_size: int | None = field(
+        default=None,
+        metadata={"help": "Network mode with teacher_protocol=openai: the teacher's vocabulary size (vLLM does "
+                  "not report it); our /v1/topk server reports its own."},
+    )
     teacher_dtype: str = field(
         default="auto", metadata={"help": f"Teacher weights dtype, one of {TEACHER_DTYPES} ('auto' = checkpoint's)."}
     )
@@ -219,6 +229,10 @@ class DistillationConfig(TrainingArguments):
                 raise bad("teacher_cache", "required when teacher_source=cached")
             if not os.path.isdir(os.path.expanduser(self.teacher_cache)):
                 raise FileNotFoundError(f"config key 'teacher_cache': folder {self.teacher_cache!r} does not exist")
+        if self.teacher_protocol not in ("topk", "openai"):
+            raise bad("teacher_protocol", "must be 'topk' or 'openai'")
+        if self.teacher_protocol == "openai" and self.teacher_source == "network" and not self.teacher_vocab_size:
+            raise bad("teacher_vocab_size", "required with teacher_protocol=openai (a vLLM server does not report it)")
         if self.teacher_source == "network" and not self.teacher_url:
             raise bad("teacher_url", "required when teacher_source=network (e.g. http://127.0.0.1:8000)")
         if self.full_vocab_kd and self.teacher_source != "direct":

@@ -61,7 +61,7 @@ def test_every_distillation_field_is_documented():
     ("temperature", 0.0), ("temperature_start", -1.0), ("teacher_topk", 0), ("kd_loss", "kl"),
     ("teacher_source", "magic"), ("teacher_dtype", "int8"), ("max_seq_length", 1), ("loss_chunk_size", 0),
     ("diversity_weight", -1.0), ("reverse_kl_warmup_steps", -1), ("muon_momentum", 1.0), ("optim", "musli"),
-    ("student", "700M"),
+    ("student", "700M"), ("teacher_protocol", "grpc"),
 ])
 def test_out_of_range_values_name_the_key(tmp_path, tiny_teacher_dir, key, value):
     with pytest.raises(ValueError, match=f"'{key}'"):
@@ -128,3 +128,15 @@ def test_allocator_flag_is_read_before_the_config_is_built(overrides, expected):
     from training.train import _wants_expandable_segments
 
     assert _wants_expandable_segments(TINY, overrides) is expected
+
+
+def test_openai_protocol_needs_the_vocab_size_and_reaches_the_network_teacher(tmp_path):
+    from training.teachers import build_teacher_source
+
+    network = dict(output_dir=str(tmp_path / "out"), report_to="none", teacher_source="network",
+                   teacher_url="http://127.0.0.1:9", teacher_protocol="openai")
+    with pytest.raises(ValueError, match="'teacher_vocab_size'"):
+        load_config(write_yaml(tmp_path, **network))
+    config = load_config(write_yaml(tmp_path, **network, teacher_vocab_size=468))
+    teacher = build_teacher_source(config)
+    assert teacher.protocol == "openai" and teacher.vocab_size == 468

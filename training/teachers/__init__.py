@@ -14,7 +14,8 @@ def build_teacher_source(config, device=None) -> TeacherSource:
 
     direct: `DirectTeacher(teacher_model, teacher_adapter, teacher_dtype)`, full logits when `full_vocab_kd`.
     cached: `CachedTeacher(teacher_cache)`, checked against teacher_topk, temperature, tokenizer and train_data.
-    network: `NetworkTeacher(teacher_url, api_key=teacher_api_key)` (the key defaults to $TEACHER_API_KEY).
+    network: `NetworkTeacher(teacher_url, api_key=teacher_api_key, protocol=teacher_protocol,
+    vocab_size=teacher_vocab_size)` (the key defaults to $TEACHER_API_KEY).
     """
     kind = config.teacher_source
     if kind == "direct":
@@ -38,5 +39,10 @@ def build_teacher_source(config, device=None) -> TeacherSource:
             from .network import NetworkTeacher
         except ImportError as err:
             raise ValueError(f"teacher_source=network is not available in this install ({err})") from None
-        return NetworkTeacher(config.teacher_url, api_key=config.teacher_api_key)
+        return NetworkTeacher(
+            config.teacher_url,
+            api_key=config.teacher_api_key,
+            protocol=config.teacher_protocol,
+            vocab_size=config.teacher_vocab_size,
+        )
     raise ValueError(f"config key 'teacher_source': {kind!r} is not one of ('direct', 'cached', 'network')")
