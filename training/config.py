@@ -166,6 +166,16 @@ class DistillationConfig(TrainingArguments):
     default_callbacks: bool = field(
         default=True, metadata={"help": "Attach the NaN guard, memory and throughput callbacks."}
     )
+    saddle_escape: bool = field(
+        default=False,
+        metadata={"help": "Attach SaddleEscapeCallback: on a loss plateau with small gradients, boost the learning "
+                  "rate for a while, then restore the scheduler's value exactly (docs/stability.md)."},
+    )
+    saddle_escape_config: dict | str | None = field(
+        default=None,
+        metadata={"help": "Mapping (YAML mapping or JSON string) of SaddleEscapeConfig thresholds overriding its "
+                  "documented defaults, e.g. '{\"window\": 50, \"boost_factor\": 2.0}'."},
+    )
     cuda_expandable_segments: bool = field(
         default=False,
         metadata={"help": "Configure the CUDA caching allocator with expandable segments before CUDA starts."},
@@ -202,6 +212,18 @@ class DistillationConfig(TrainingArguments):
                 raise bad("student_overrides", f"not a JSON mapping ({err})") from None
         if self.student_overrides is not None and not isinstance(self.student_overrides, dict):
             raise bad("student_overrides", f"must be a mapping, got {type(self.student_overrides).__name__}")
+        if isinstance(self.saddle_escape_config, str):
+            try:
+                self.saddle_escape_config = json.loads(self.saddle_escape_config) if self.saddle_escape_config else None
+            except json.JSONDecodeError as err:
+                raise bad("saddle_escape_config", f"not a JSON mapping ({err})") from None
+        if self.saddle_escape_config is not None:
+            from .callbacks import SaddleEscapeConfig
+
+            try:
+                SaddleEscapeConfig.from_dict(dict(self.saddle_escape_config))
+            except (TypeError, ValueError) as err:
+                raise bad("saddle_escape_config", str(err)) from None
         if not self.student:
             raise bad("student", "empty; give a variant name ('350M', '500M') or a folder")
         if not os.path.isdir(os.path.expanduser(self.student)):

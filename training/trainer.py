@@ -14,7 +14,7 @@ from collections import deque
 import torch
 from transformers import Trainer
 
-from .callbacks import attach_callbacks, default_callbacks, report_step_loss
+from .callbacks import SaddleEscapeCallback, attach_callbacks, default_callbacks, report_step_loss
 from .config import DistillationConfig
 from .optim import build_muon_optimizer
 from .teachers import build_teacher_source
@@ -73,8 +73,11 @@ class DistillationTrainer(Trainer):
         if args.full_vocab_kd and not getattr(teacher, "return_full_logits", False):
             raise ValueError("config key 'full_vocab_kd': the teacher source does not return full logits")
         super().__init__(model=model, args=args, callbacks=callbacks, **kwargs)
-        if args.default_callbacks:  # NaN guard, memory, throughput; placed before the reporters so they log
-            attach_callbacks(self, *default_callbacks())
+        # Placed before the reporters so that what they add to the logs reaches wandb / tensorboard.
+        ours = default_callbacks() if args.default_callbacks else []  # NaN guard, memory, throughput
+        if args.saddle_escape:
+            ours.append(SaddleEscapeCallback(args.saddle_escape_config))
+        attach_callbacks(self, *ours)
         self.teacher = teacher
         self._can_prefetch = callable(getattr(teacher, "prefetch", None))
         self._upcoming: deque = deque()  # (batch, optimizer step it belongs to), in the order compute_loss sees them

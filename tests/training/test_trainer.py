@@ -12,6 +12,7 @@ import torch
 from hf_retnet import RetNetConfig, RetNetForCausalLM
 from training.config import DistillationConfig
 from training.data import PaddingCollator
+from training.callbacks import SaddleEscapeCallback
 from training.teachers import DirectTeacher
 from training.tiny_models import default_texts, save_tiny_teacher
 from training.trainer import DistillationTrainer
@@ -273,3 +274,26 @@ def test_eval_reports_distillation_terms(tmp_path, sharp_teacher_dir, tok):
     metrics = trainer.evaluate()
     assert metrics["eval_loss"] == pytest.approx(0.5 * metrics["eval_ce"] + 0.5 * metrics["eval_kd"], rel=1e-4)
     assert json.dumps(metrics)  # plain floats, loggable
+
+
+def test_saddle_escape_from_the_config_boosts_and_restores_the_lr(tmp_path, sharp_teacher_dir, tok):
+    """A learning rate too small to move the loss is a plateau: the callback named in the config boosts the LR,
+    logs the saddle keys, and afterwards the logged LR is the scheduler's again, exactly."""
+    saddle = {"window": 4, "min_steps": 4, "grad_norm_threshold": None, "boost_factor": 3.0, "boost_steps": 2,
+              "judge_steps": 2, "cooldown_steps": 2, "min_relative_improvement": 0.5}
+    config = make_config(tmp_path / "saddle", sharp_teacher_dir, max_steps=12, learning_rate=1e-9,
+                         saddle_escape=True, saddle_escape_config=json.dumps(saddle))
+    trainer = make_trainer(config, tok, make_items(tok, default_texts(64)))
+    assert any(isinstance(cb, SaddleEscapeCallback) for cb in trainer.callback_handler.callbacks)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert max(h["saddle/detected"] for h in logs) >= 1
+    boosted = [h for h in logs if h["saddle/intervention"] == 1.0]
+    assert boosted and boosted[0]["saddle/factor"] == 3.0  # escalates on a repeated detection
+    assert max(h["saddle/factor"] for h in boosted) == 3.0 * 1.5
+    assert all(h["learning_rate"] == 1e-9 for h in logs)  # the scheduler's value, restored after every boost
+
+
+def test_bad_saddle_escape_config_names_the_key(tmp_path, sharp_teacher_dir):
+    with pytest.raises(ValueError, match="'saddle_escape_config'.*unknown keys \\['windw'\\]"):
+        make_config(tmp_path / "bad", sharp_teacher_dir, saddle_escape=True, saddle_escape_config={"windw": 3})
