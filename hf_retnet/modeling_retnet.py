@@ -17,7 +17,6 @@ left-padded sequence is computed exactly as if it stood alone.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F

@@ -48,14 +48,6 @@ def sha256_hex(data: bytes | str) -> str:
     return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
 
 
-def file_sha256(path: str, chunk: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def tokenizer_fingerprint(tokenizer) -> str:
     """The data pipeline's tokenizer fingerprint (`training.data.tokenizer_fingerprint`: vocabulary, merges,
     normalization, special tokens, chat template), so a cache and the shards it was made from agree."""

@@ -28,7 +28,6 @@ from training.cache_format import (
     KEY_SCHEME,
     MANIFEST_NAME,
     canonical_json,
-    file_sha256,
     make_encoding,
     open_shard,
     read_shard_header,
@@ -40,6 +39,7 @@ from training.cache_format import (
     write_atomic,
     write_manifest,
 )
+from training.data import sha256_file
 
 # ----------------------------------------------------------------------------------------------------------
 # Input sequences
@@ -82,10 +82,10 @@ def data_fingerprint(spec: str) -> str:
         if manifests:
             return sha256_hex(b"".join(open(p, "rb").read() for p in manifests))
         files = sorted(f for f in glob.glob(os.path.join(spec, "**", "*"), recursive=True) if os.path.isfile(f))
-        listing = [(os.path.relpath(f, spec), file_sha256(f)) for f in files]
+        listing = [(os.path.relpath(f, spec), sha256_file(f)) for f in files]
         return sha256_hex(canonical_json(listing))
     if os.path.isfile(spec):
-        return file_sha256(spec)
+        return sha256_file(spec)
     raise FileNotFoundError(f"--data {spec!r} is neither a file nor a folder")
 
 
@@ -203,7 +203,7 @@ def _folder_revision(folder: str, full_hash_limit: int = 8 << 30) -> str:
     )
     total = sum(os.path.getsize(f) for f in files)
     if total <= full_hash_limit:
-        listing = [(os.path.basename(f), file_sha256(f)) for f in files]
+        listing = [(os.path.basename(f), sha256_file(f)) for f in files]
         return "sha256:" + sha256_hex(canonical_json(listing))
     listing = [(os.path.basename(f), os.path.getsize(f), int(os.path.getmtime(f))) for f in files]
     return "size-mtime:" + sha256_hex(canonical_json(listing))
@@ -436,7 +436,7 @@ def build_manifest(folder: str, plan, settings: dict, settings_fp: str, sequence
         if metadata.get("settings_fingerprint") != settings_fp:
             raise ValueError(f"{path} was made with other settings; write to a new --output folder")
         n_tok = int(arrays["token_offsets"][-1])
-        entry = {"file": shard_name(s), "sha256": file_sha256(path), "bytes": os.path.getsize(path),
+        entry = {"file": shard_name(s), "sha256": sha256_file(path), "bytes": os.path.getsize(path),
                  "num_sequences": int(arrays["lengths"].shape[0]), "num_tokens": n_tok,
                  "num_entries": encoding.num_entries(arrays), "first_sequence": plan[s][0]}
         shards.append(entry)

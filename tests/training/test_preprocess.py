@@ -1,6 +1,5 @@
 """training.preprocess: round trips to batches, assistant-only masking, crash + resume, bad input."""
 
-import json
 import os
 import signal
 import subprocess

@@ -21,10 +21,9 @@ import math
 import os
 
 import torch
-from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from .telemetry import SelfRestoringState, StepTap, add_to_log, distributed_any, grads_of, is_train_log
+from .telemetry import StepLossCallback, StepTap, add_to_log, distributed_any, grads_of, is_train_log
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +45,7 @@ def _scaler_active(optimizer) -> bool:
     return scaler is not None and getattr(scaler, "is_enabled", lambda: True)()
 
 
-class NonFiniteGuardCallback(TrainerCallback, SelfRestoringState):
+class NonFiniteGuardCallback(StepLossCallback):
     """Skips (no optimizer update) and counts steps with a NaN/Inf loss or gradient; stops after
     `max_consecutive` bad steps in a row with a `NonFiniteTrainingError` naming the last checkpoint.
 
@@ -67,17 +66,6 @@ class NonFiniteGuardCallback(TrainerCallback, SelfRestoringState):
         self.consecutive = 0
         self.skipped_at: list[int] = []  # global steps (1-based, as logged) that were skipped
         self._tap = StepTap(loss=check_loss)
-
-    def report_loss(self, loss) -> None:
-        """For trainers that compute the loss outside the model's forward (see `StepTap.report_loss`)."""
-        self._tap.report_loss(loss)
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.restore_from(state)
-        self._tap.attach(model)
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._tap.begin_step()
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         loss = self._tap.step_loss("NonFiniteGuardCallback") if self.check_loss else None
@@ -107,9 +95,6 @@ class NonFiniteGuardCallback(TrainerCallback, SelfRestoringState):
         if logs is not None and is_train_log(logs):
             add_to_log(state, logs, {"nonfinite/skipped_steps": float(self.skipped_steps),
                                      "nonfinite/consecutive": float(self.consecutive)})
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self._tap.detach()
 
     @staticmethod
     def _drop_gradients(model, optimizer) -> None:

@@ -17,9 +17,8 @@ from collections import deque
 from dataclasses import asdict, dataclass, fields
 
 import torch
-from transformers import TrainerCallback
 
-from .telemetry import SelfRestoringState, StepTap, add_to_log, distributed_mean, finite, grads_of, is_train_log
+from .telemetry import StepLossCallback, StepTap, add_to_log, distributed_mean, finite, grads_of, is_train_log
 
 
 @dataclass
@@ -233,7 +232,7 @@ class SaddleDetector:
         self.grad_norms = deque(state.get("grad_norms", []), maxlen=self.config.window)
 
 
-class SaddleEscapeCallback(TrainerCallback, SelfRestoringState):
+class SaddleEscapeCallback(StepLossCallback):
     """Detects loss plateaus (`SaddleDetector`) and boosts every param group's LR around `optimizer.step()`.
 
     Logs (cumulative counts, so no event is lost between logs): `saddle/detected`, `saddle/escaped`,
@@ -254,17 +253,6 @@ class SaddleEscapeCallback(TrainerCallback, SelfRestoringState):
         self._interval_factor = 1.0
 
     # ---- trainer hooks ----
-    def report_loss(self, loss) -> None:
-        """For trainers that compute the loss outside the model's forward (see `StepTap.report_loss`)."""
-        self._tap.report_loss(loss)
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.restore_from(state)
-        self._tap.attach(model)
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._tap.begin_step()
-
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         # Averaged over processes, so that every process takes the same decision.
         loss = distributed_mean(self._tap.step_loss("SaddleEscapeCallback"), args.device)
@@ -302,7 +290,7 @@ class SaddleEscapeCallback(TrainerCallback, SelfRestoringState):
 
     def on_train_end(self, args, state, control, optimizer=None, **kwargs):
         self._restore_lrs(optimizer)
-        self._tap.detach()
+        super().on_train_end(args, state, control, **kwargs)
 
     def _restore_lrs(self, optimizer) -> None:
         if self._saved_lrs is not None and optimizer is not None:

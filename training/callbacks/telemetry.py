@@ -204,6 +204,27 @@ class SelfRestoringState(ExportableState):
         pass
 
 
+class StepLossCallback(TrainerCallback, SelfRestoringState):
+    """Base of the callbacks that judge every optimizer step by its loss (NaN guard, saddle escape): wires a
+    `StepTap` into the Trainer's hooks and restores the subclass's state on resume. Subclasses set `self._tap`."""
+
+    _tap: StepTap
+
+    def report_loss(self, loss) -> None:
+        """For trainers that compute the loss outside the model's forward (see `StepTap.report_loss`)."""
+        self._tap.report_loss(loss)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.restore_from(state)
+        self._tap.attach(model)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._tap.begin_step()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._tap.detach()
+
+
 class MemoryCallback(TrainerCallback):
     """Logs `memory/peak_allocated_gib` and `memory/peak_reserved_gib` (CUDA, peak since the previous log, this
     process's device) and `memory/host_rss_gib` (always). Peaks are reset after each log so a spike is attributed

@@ -18,13 +18,13 @@ import torch
 
 from training.cache_format import (
     MANIFEST_NAME,
-    file_sha256,
     make_encoding,
     open_shard,
     read_manifest,
     sequence_key,
     tokenizer_fingerprint,
 )
+from training.data import sha256_file
 
 from .base import TeacherOutput
 
@@ -137,7 +137,7 @@ class CachedTeacher:
             if size != entry["bytes"]:
                 raise ValueError(f"cache shard {path} is truncated or was replaced: {size} bytes, the manifest "
                                  f"says {entry['bytes']}; rebuild it (rerun the producer after deleting it)")
-        if verify == "full" and file_sha256(path) != entry["sha256"]:
+        if verify == "full" and sha256_file(path) != entry["sha256"]:
             raise ValueError(f"cache shard {path} is corrupted: its sha256 does not match {self.manifest_path}; "
                              "delete it and rerun the producer with the same arguments to rebuild it")
         arrays, metadata = open_shard(path)
