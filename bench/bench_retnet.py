@@ -145,6 +145,7 @@ def plot(path, xs, series, xlabel, ylabel, title):
         if pts:
             ax.plot(*zip(*pts), marker="o", label=label)
     ax.set_xscale("log", base=2)
+    ax.set_ylim(bottom=0)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
