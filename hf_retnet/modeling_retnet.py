@@ -325,6 +325,16 @@ class RetNetPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["RetNetDecoderLayer"]
     _is_stateful = True  # no rollback of the state: assisted / speculative decoding is refused by generate()
 
+    def __init__(self, config: RetNetConfig, *inputs, **kwargs):
+        super().__init__(config, *inputs, **kwargs)
+        if getattr(type(self), "_auto_class", None) is not None:
+            # A saved checkpoint then loads as either Auto class with trust_remote_code, whichever class saved it.
+            config.auto_map = {
+                **(getattr(config, "auto_map", None) or {}),
+                "AutoModel": "modeling_retnet.RetNetModel",
+                "AutoModelForCausalLM": "modeling_retnet.RetNetForCausalLM",
+            }
+
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # forward() creates its own RetNetCache

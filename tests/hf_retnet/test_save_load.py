@@ -24,6 +24,8 @@ def test_save_pretrained_writes_safetensors_and_code(tmp_path):
     assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
     assert auto_map["AutoModelForCausalLM"] == "modeling_retnet.RetNetForCausalLM"
+    assert auto_map["AutoModel"] == "modeling_retnet.RetNetModel"
+    assert auto_map["AutoConfig"] == "configuration_retnet.RetNetConfig"
     reloaded = RetNetForCausalLM.from_pretrained(tmp_path).eval()
     ids = torch.randint(0, 97, (2, 9))
     assert torch.equal(reloaded(ids).logits, model(ids).logits)
@@ -47,7 +49,9 @@ def test_trust_remote_code_in_fresh_process_without_the_package(tmp_path):
                     raise ImportError("hf_retnet is blocked in this process")
         sys.meta_path.insert(0, Block())
         sys.path = [p for p in sys.path if p not in ("", {os.getcwd()!r})]
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModel, AutoModelForCausalLM
+        base = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True)
+        assert type(base).__name__ == "RetNetModel", type(base)
         model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
         logits = model(torch.load({str(tmp_path / "ids.pt")!r})).logits
