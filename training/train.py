@@ -16,6 +16,7 @@ import shutil
 import sys
 
 from .config import DistillationConfig, load_config
+from .plots import plot_loss_curves
 
 
 def _split_argv(argv: list[str]) -> tuple[str | None, list[str], bool]:
@@ -100,12 +101,13 @@ def build_student(config: DistillationConfig, student_config):
 
 
 def save_final(trainer, tokenizer, output_dir: str) -> None:
-    """Write the student, tokenizer and trainer_state.json to a hidden folder next to the results, then move the files in (atomic each)."""
+    """Write the student, tokenizer, trainer_state.json and loss_curves.png to a hidden folder next to the results, then move the files in (atomic each)."""
     staging = os.path.join(output_dir, ".final-staging")
     trainer.save_model(staging)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(staging)
         trainer.state.save_to_json(os.path.join(staging, "trainer_state.json"))  # log_history of the whole run
+        plot_loss_curves(trainer.state.log_history, os.path.join(staging, "loss_curves.png"))
         for name in os.listdir(staging):
             os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
         shutil.rmtree(staging, ignore_errors=True)
