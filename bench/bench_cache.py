@@ -43,7 +43,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from training.cache_format import make_encoding, shard_bytes  # noqa: E402
 from training.losses import distillation_loss  # noqa: E402
 
-ENCODINGS = ("naive", "compact", "compact:mass=0.999,bits=8", "compact:mass=1.0,bits=8", "compact:mass=0.95,bits=4")
+ENCODINGS = ("naive", "compact", "compact:bits=5", "compact:mass=0.995", "compact:mass=0.999,bits=8",
+             "compact:mass=1.0,bits=8")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -279,6 +280,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small corpus / teacher / steps (about 2 minutes)")
     parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--spread-vocab", type=int, default=128256,
+                        help="also measure bytes with the teacher's ids spread at random over this vocabulary size "
+                        "(default: Llama-3's 128256)")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--plot", default=None, help="write a PNG: bytes/token vs loss error per encoding")
     parser.add_argument("--threads", type=int, default=1,
@@ -314,8 +318,8 @@ def main(argv=None) -> int:
     kinds = ("forward_kl",) if q else ("forward_kl", "reverse_kl")
     rows, topk_mass = fidelity(teacher, students, heldout, V, ks, ENCODINGS, kinds)
     print("  mean top-k mass of the teacher: " + ", ".join(f"k={k}: {m:.4f}" for k, m in topk_mass.items()))
-    spread = spread_vocab_bytes(teacher, heldout, V, ks, 128256)
-    print("  the same answers with ids spread over a Llama-3 sized vocabulary (V=128256), bytes/token vs naive: "
+    spread = spread_vocab_bytes(teacher, heldout, V, ks, args.spread_vocab)
+    print(f"  the same answers with ids spread over a vocabulary of V={args.spread_vocab}, bytes/token vs naive: "
           + "; ".join(f"k={k}: " + ", ".join(f"{e} {r:.3f}x" for e, r in ratios.items()) for k, ratios in spread.items()))
     header = (f"  {'k':>4} {'encoding':<28} {'student':<10} {'kind':<10} {'B/tok':>8} {'x naive':>8} {'kept':>6} "
               f"{'loss err':>9} {'grad cos':>9} {'merged err':>10} {'merged cos':>10}")
@@ -385,7 +389,8 @@ def main(argv=None) -> int:
         merged_err = max(r["merged_rel_err"] for r in best)
         merged_cos = min(r["merged_cos"] for r in best)
         print(f"  k={k:<4} compact {best[0]['ratio']:.3f}x naive ({best[0]['bytes_per_token']:.1f} vs "
-              f"{6 * k} B/token payload); worst over students: loss err {worst_err:.3%}, grad cos {worst_cos:.5f}; "
+              f"{6 * k} B/token payload), {spread[k]['compact']:.3f}x with ids spread over V={args.spread_vocab}; "
+              f"worst over students: loss err {worst_err:.3%}, grad cos {worst_cos:.5f}; "
               f"tail-merged loss err {merged_err:.3%}, cos {merged_cos:.5f}")
     for spec, t in results["throughput"].items():
         s = t["step_seconds"]

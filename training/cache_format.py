@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 FORMAT_NAME = "hf-retnet-teacher-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 KEY_BYTES = 16
 KEY_SCHEME = "blake2b-128 of the unpadded input ids as little-endian int32"
@@ -140,32 +140,39 @@ class NaiveEncoding:
 
 class CompactEncoding:
     """Per token: the fewest top entries holding `mass` of the top-k's probability (at most k), the log of the
-    probability left out (`log_tail`: kept + tail is still the whole distribution) and the kept entries as a
-    byte-aligned run of bit-packed words, sorted by id: word = (id gap - 1) | q << w, where w (`widths`, per
-    token) is the bit length of the token's largest id gap and q (`logprob_bits`) is the entry's log-prob
-    below the token's best, quantized uniformly on [0, that token's largest distance] (`scale`, per token).
-    Decoding sorts the entries back by q (ties by id) and renormalizes them to 1 - tail.
-    Bytes per token: 7 + ceil(m * (w + logprob_bits) / 8), with w about log2(V / m) + 1.
+    probability left out (`log_tail`: kept + tail is still the whole distribution) and the kept entries sorted
+    by id. Each entry is its id gap (Golomb-Rice coded with a per-token parameter r chosen to minimize the
+    token's bits: r low bits plus the quotient in unary) and q, its log-prob below the token's best quantized
+    uniformly on [0, that token's largest distance] (`scale`, per token) in `logprob_bits`. The fixed-width
+    parts (low bits | q << r) and the unary parts go to two bit streams per sequence, with no per-token padding,
+    so decoding is a handful of whole-array numpy operations. Decoding sorts the entries back by q (ties by
+    id) and renormalizes them to 1 - tail. Bits per entry: about log2(V / m) + 1.5 + logprob_bits.
     """
 
     name = "compact"
 
-    def __init__(self, k: int, vocab_size: int, mass: float = 0.99, logprob_bits: int = 5):
+    def __init__(self, k: int, vocab_size: int, mass: float | None = None, logprob_bits: int | None = None):
+        mass = DEFAULT_MASS if mass is None else mass
+        logprob_bits = DEFAULT_LOGPROB_BITS if logprob_bits is None else logprob_bits
         if not 0.0 < mass <= 1.0:
             raise ValueError(f"compact encoding mass={mass} must be in (0, 1]")
         if not 2 <= logprob_bits <= 16:
             raise ValueError(f"compact encoding logprob_bits={logprob_bits} must be in [2, 16]")
         if k > 65535:
             raise ValueError(f"compact encoding stores per-token counts as uint16; k={k} is too large")
+        if vocab_size > 1 << 31:
+            raise ValueError(f"compact encoding supports vocabularies up to 2**31 ids, not {vocab_size}")
         self.k, self.vocab_size, self.mass, self.logprob_bits = k, vocab_size, float(mass), int(logprob_bits)
         self.id_bits = max(1, math.ceil(math.log2(vocab_size)))
         self.levels = (1 << self.logprob_bits) - 1
+        self.count_dtype = "u1" if k < 256 else "<u2"
 
     @property
     def spec(self) -> dict:
         return {"name": self.name, "mass": self.mass, "logprob_bits": self.logprob_bits, "id_bits": self.id_bits}
 
     def encode(self, ids: np.ndarray, logprobs: np.ndarray) -> Staged:
+        """One sequence's [N, k] answers -> per-token arrays and its byte stream (low section, unary section)."""
         n, k = ids.shape
         lp = logprobs.astype(np.float64)  # [N, k]
         cum = np.cumsum(np.exp(lp), axis=1)  # [N, k]
@@ -177,87 +184,167 @@ class CompactEncoding:
         with np.errstate(divide="ignore"):
             log_tail = np.log(tail).astype("<f2")  # -inf when the kept entries hold everything
         dist = lp[:, :1] - lp  # [N, k] >= 0, non-decreasing along k
-        scale = (dist[rows, counts - 1] / self.levels).astype("<f2")  # [N] nats per quantization step
-        safe = np.where(scale > 0, scale.astype(np.float64), 1.0)
-        q = np.clip(np.rint(np.where(np.isfinite(dist), dist, 0) / safe[:, None]), 0, self.levels).astype(np.int64)
+        scale_code = encode_scale(dist[rows, counts - 1] / self.levels)  # [N] uint8, step >= the needed one
+        scale = decode_scale(scale_code).astype(np.float64)  # [N] nats per quantization step, as decoded
+        q = np.clip(np.rint(np.where(np.isfinite(dist), dist, 0) / scale[:, None]), 0, self.levels).astype(np.int64)
         keep = np.arange(k)[None, :] < counts[:, None]  # [N, k]
         order = np.argsort(np.where(keep, ids, np.iinfo(np.int64).max), axis=1, kind="stable")  # kept, by id
         sorted_ids = np.take_along_axis(ids, order, 1)
         sorted_q = np.take_along_axis(q, order, 1)
-        gaps = np.diff(sorted_ids, axis=1, prepend=-1) - 1  # [N, k] >= 0 on kept slots
-        gaps = np.where(keep, gaps, 0)
-        widths = _bit_length(gaps.max(axis=1))  # [N] bits per gap for each token
-        word_bits = widths + self.logprob_bits  # [N]
-        words = (gaps.astype(np.uint64) | (sorted_q.astype(np.uint64) << widths[:, None].astype(np.uint64)))
-        stream = pack_runs(words[keep], np.repeat(word_bits, counts), counts)
+        gaps = np.where(keep, np.diff(sorted_ids, axis=1, prepend=-1) - 1, 0)  # [N, k] >= 0 on kept slots
+        rice = rice_parameters(gaps, counts, self.id_bits)  # [N]
+        r = rice[:, None].astype(np.int64)
+        low = (gaps & ((1 << r) - 1)) | (sorted_q << r)  # [N, k] r + b bits each
+        low_bits = np.broadcast_to(r + self.logprob_bits, keep.shape)
+        stream = np.concatenate([pack_varwidth(low[keep], low_bits[keep]), pack_unary((gaps >> r)[keep])])
         return Staged(
-            tokens={"counts": counts.astype("<u2"), "widths": widths.astype("u1"), "log_tail": log_tail,
-                    "scale": scale},
+            tokens={"counts": counts.astype(self.count_dtype), "rice": rice.astype("u1"), "log_tail": log_tail,
+                    "scale_code": scale_code},
             entries={"stream": stream},
             num_entries=int(stream.nbytes),
         )
 
     def pack(self, parts: list[Staged]) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """Per-sequence entry offsets count bytes of `entries` (each token's run starts on a byte)."""
+        """Per-sequence entry offsets count bytes of `entries` (each sequence's sections start on a byte)."""
         streams = [p.entries["stream"] for p in parts]
         arrays = {
-            "counts": _concat([p.tokens["counts"] for p in parts], (0,), "<u2"),
-            "widths": _concat([p.tokens["widths"] for p in parts], (0,), "u1"),
+            "counts": _concat([p.tokens["counts"] for p in parts], (0,), self.count_dtype),
+            "rice": _concat([p.tokens["rice"] for p in parts], (0,), "u1"),
             "log_tail": _concat([p.tokens["log_tail"] for p in parts], (0,), "<f2"),
-            "scale": _concat([p.tokens["scale"] for p in parts], (0,), "<f2"),
+            "scale_code": _concat([p.tokens["scale_code"] for p in parts], (0,), "u1"),
             "entries": np.concatenate(streams + [np.zeros(8, np.uint8)]),  # 8 spare bytes for 8-byte reads
         }
         return arrays, np.array([p.num_entries for p in parts], dtype=np.int64)
 
     def decode(self, arrays, token_ranges, entry_ranges, k: int):
         """-> ids [N, k] int64, logprobs [N, k] float32. Slots past a token's kept count hold log-prob -inf and
-        distinct ids that are not among that token's kept ids (see `fill_missing`)."""
+        distinct ids that are not among that token's kept ids (see `fill_free_ids`).
+
+        Sequences are decoded in groups of about DECODE_CHUNK_SLOTS / k tokens: the temporaries stay small
+        enough for the allocator to reuse, where multi-MB ones would be mapped and page-faulted afresh on every
+        call (2-3x slower)."""
+        budget = max(1, DECODE_CHUNK_SLOTS // max(k, 1))
+        groups, size = [[]], 0
+        for i, (a, b) in enumerate(token_ranges):
+            if groups[-1] and size + (b - a) > budget:
+                groups.append([])
+                size = 0
+            groups[-1].append(i)
+            size += b - a
+        if len(groups) == 1:
+            return self._decode(arrays, token_ranges, entry_ranges, k)
+        n = sum(b - a for a, b in token_ranges)
+        ids, logprobs = np.empty((n, k), dtype=np.int64), np.empty((n, k), dtype=np.float32)  # [N, k]
+        at = 0
+        for group in groups:
+            part_ids, part_lp = self._decode(arrays, [token_ranges[i] for i in group],
+                                             [entry_ranges[i] for i in group], k)
+            ids[at : at + len(part_ids)] = part_ids
+            logprobs[at : at + len(part_ids)] = part_lp
+            at += len(part_ids)
+        return ids, logprobs
+
+    def _decode(self, arrays, token_ranges, entry_ranges, k: int):
+        """`decode` of one group of sequences, all at once."""
         def gather(name):
             return np.concatenate([arrays[name][a:b] for a, b in token_ranges]) if token_ranges else arrays[name][:0]
 
         counts = gather("counts").astype(np.int64)  # [N]
-        widths = gather("widths").astype(np.int64)
-        scale = gather("scale").astype(np.float32)
+        rice = gather("rice").astype(np.int64)  # [N]
+        scale = decode_scale(gather("scale_code"))  # [N] float32
         log_tail = gather("log_tail").astype(np.float32)
-        stream = np.concatenate([np.asarray(arrays["entries"][a:b]) for a, b in entry_ranges] + [np.zeros(8, np.uint8)])
         n = counts.shape[0]
-        M = int(counts.max()) if n else 0
-        word_bits = widths + self.logprob_bits  # [N]
-        run_bytes = (counts * word_bits + 7) // 8
-        run_start = np.cumsum(run_bytes) - run_bytes  # [N] byte where each token's run starts
-        slot = np.arange(M)[None, :]
-        valid = slot < counts[:, None]  # [N, M] stored entries, in id order
-        bit = np.where(valid, run_start[:, None] * 8 + slot * word_bits[:, None], 0)  # [N, M]
-        window = _byte_windows(stream)[bit >> 3]  # [N, M] the 8 bytes from each entry's first byte, as LE u64
+        word_bits = rice + self.logprob_bits  # [N]
+        token_bits = counts * word_bits  # [N] low-section bits of each token
+        seq_lengths = np.array([b - a for a, b in token_ranges], dtype=np.int64)  # [S]
+        seq_of = np.repeat(np.arange(len(token_ranges)), seq_lengths)  # [N]
+        seq_first = np.cumsum(seq_lengths) - seq_lengths  # [S]
+        excl = np.cumsum(token_bits) - token_bits  # [N] bit offset if all sequences were one run
+        seq_low_bits = np.add.reduceat(token_bits, seq_first) if n else np.zeros(0, np.int64)
+        seq_low_bits = np.where(seq_lengths > 0, seq_low_bits, 0)  # reduceat repeats a value for empty ranges
+        seq_low_bytes = (seq_low_bits + 7) // 8  # [S]
+        low_parts, unary_parts = [], []
+        for (a, b), low_bytes in zip(entry_ranges, seq_low_bytes.tolist()):
+            low_parts.append(np.asarray(arrays["entries"][a : a + low_bytes]))
+            unary_parts.append(np.asarray(arrays["entries"][a + low_bytes : b]))
+        low_stream = np.concatenate(low_parts + [np.zeros(8, np.uint8)])
+        seq_low_start = (np.cumsum(seq_low_bytes) - seq_low_bytes) * 8  # [S] bit where each sequence's run starts
+        token_start = seq_low_start[seq_of] + excl - excl[seq_first][seq_of] if n else excl  # [N]
+        # every stored entry, flat in storage order (token by token, by id within a token): [E]
+        num = int(counts.sum())
+        row = np.repeat(np.arange(n), counts)  # [E] token of each entry
+        first = np.cumsum(counts) - counts  # [N] index of each token's first entry
+        slot = np.arange(num) - first[row]  # [E] rank by id within its token
+        width = word_bits[row]
+        bit = token_start[row] + slot * width  # [E]
+        window = _byte_windows(low_stream)[bit >> 3]  # [E] the 8 bytes from each entry's first byte, as LE u64
         one = np.uint64(1)
-        words = (window >> (bit & 7).astype(np.uint64)) & ((one << word_bits[:, None].astype(np.uint64)) - one)
-        w = widths[:, None].astype(np.uint64)
-        gaps = (words & ((one << w) - one)).astype(np.int64)
-        ids = np.cumsum(np.where(valid, gaps + 1, 0), axis=1) - 1  # [N, M] ascending on the valid prefix
-        qtype = np.uint16 if self.logprob_bits < 16 else np.uint32
-        q = np.where(valid, (words >> w).astype(np.int64), self.levels + 1).astype(qtype)
-        order = np.argsort(q, axis=1, kind="stable")  # by distance from the best, ties by id; padding last
-        ids = np.take_along_axis(ids, order, 1)
-        neg_dist = np.take_along_axis(q, order, 1).astype(np.float32)
-        neg_dist *= -scale[:, None]
-        np.copyto(neg_dist, -np.inf, where=~valid)  # valid entries come first after the sort
+        words = (window >> (bit & 7).astype(np.uint64)) & ((one << width.astype(np.uint64)) - one)
+        r = rice[row].astype(np.uint64)
+        quotient = unary_decode(unary_parts, counts, seq_lengths)  # [E]
+        gaps = ((quotient << r) | (words & ((one << r) - one))).astype(np.int64)
+        q = (words >> r).astype(np.int64)  # [E]
+        run = np.cumsum(gaps + 1)  # ids = running sum of gap + 1 within each token, minus 1
+        start_run = run - gaps - 1  # exclusive running sum
+        ids_flat = run - 1 - start_run[np.minimum(first, max(num - 1, 0))][row]  # [E] ascending within a token
+        step = scale[row]
         with np.errstate(divide="ignore", invalid="ignore"):
-            norm = np.log(np.exp(neg_dist).sum(axis=1))  # [N] over every stored entry; >= 0 (best has 0)
-            log_kept = np.log1p(-np.exp(log_tail.astype(np.float64))).astype(np.float32)  # log(1 - tail)
-        logprobs = neg_dist
-        logprobs += (log_kept - norm)[:, None]  # [N, M], -inf past the count
-        if M >= k:
-            ids, logprobs, valid = ids[:, :k], logprobs[:, :k], valid[:, :k]
-        else:
-            pad = ((0, 0), (0, k - M))
-            ids, logprobs = np.pad(ids, pad), np.pad(logprobs, pad, constant_values=-np.inf)
-            valid = np.pad(valid, pad)
-        fill_missing(ids, np.minimum(counts, k))
-        return ids.astype(np.int64, copy=False), logprobs.astype(np.float32, copy=False)
+            norm = np.log(np.add.reduceat(np.exp(-q.astype(np.float32) * step), first) if num else counts * 0.0)
+            log_kept = np.log1p(-np.exp(log_tail.astype(np.float64))).astype(np.float32)  # [N] log(1 - tail)
+        shift = (log_kept - norm).astype(np.float32)  # [N] log-prob of q = 0
+        # sort each token by distance from the best, ties by id, padding last: one row sort of (q << id_bits | id),
+        # in uint32 whenever it fits (numpy sorts 32-bit keys many times faster than 64-bit ones)
+        M = int(counts.max()) if n else 0
+        width_keys = max(M, k)
+        small = self.logprob_bits + self.id_bits <= 31
+        key_dtype, id_shift = (np.uint32, self.id_bits) if small else (np.int64, 32)
+        keys = np.full((n, width_keys), np.iinfo(key_dtype).max, dtype=key_dtype)  # [N, max(M, k)]
+        keys.reshape(-1)[row * width_keys + slot] = (q << id_shift) | ids_flat
+        keys.sort(axis=1)
+        keys = keys[:, :k]
+        valid = np.arange(k)[None, :] < counts[:, None]  # [N, k] stored entries come first after the sort
+        ids = (keys & key_dtype((1 << id_shift) - 1)).astype(np.int64)
+        logprobs = (keys >> key_dtype(id_shift)).astype(np.float32)
+        logprobs *= -scale[:, None]
+        logprobs += shift[:, None]
+        np.copyto(logprobs, -np.inf, where=~valid)
+        fill_free_ids(ids, counts, ids_flat, row, slot)
+        return ids, logprobs
 
     @staticmethod
     def num_entries(arrays) -> int:
         return int(arrays["counts"].astype(np.int64).sum())
+
+
+DEFAULT_MASS, DEFAULT_LOGPROB_BITS = 0.99, 4  # loss error is set by the mass, gradient cosine by the bits
+DECODE_CHUNK_SLOTS = 1 << 15  # tokens x k answer slots decoded in one pass
+SCALE_CODE_OFFSET, SCALE_CODE_STEPS = 192, 16  # scale = 2 ** ((code - 192) / 16): 2**-12 .. 2**3.94 nats
+
+
+def encode_scale(scale: np.ndarray) -> np.ndarray:
+    """Quantization steps (nats, >= 0) -> uint8 codes of the smallest representable step >= each (so the
+    token's largest distance still fits in the levels); 0 for steps below 2**-12 nats."""
+    scale = np.asarray(scale, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        code = np.ceil(np.log2(np.maximum(scale, 1e-30)) * SCALE_CODE_STEPS - 1e-9) + SCALE_CODE_OFFSET
+    return np.clip(code, 0, 255).astype("u1")
+
+
+def decode_scale(code: np.ndarray) -> np.ndarray:
+    """uint8 codes -> quantization steps in nats, float32."""
+    return np.exp2((np.asarray(code, dtype=np.float32) - SCALE_CODE_OFFSET) / SCALE_CODE_STEPS)
+
+
+def rice_parameters(gaps: np.ndarray, counts: np.ndarray, max_bits: int) -> np.ndarray:
+    """Per row of gaps [N, k] (0 past the row's count), the Rice parameter r in [0, max_bits] with the fewest
+    bits: count * r low bits + sum(gap >> r) unary zeros (the count terminating ones are the same for all r)."""
+    n = gaps.shape[0]
+    best, best_cost = np.zeros(n, np.int64), np.full(n, np.iinfo(np.int64).max)
+    for r in range(max_bits + 1):
+        cost = counts * r + (gaps >> r).sum(axis=1)
+        better = cost < best_cost
+        best, best_cost = np.where(better, r, best), np.where(better, cost, best_cost)
+    return best
 
 
 def _bit_length(values: np.ndarray) -> np.ndarray:
@@ -266,49 +353,66 @@ def _bit_length(values: np.ndarray) -> np.ndarray:
     return np.where(values > 0, np.floor(np.log2(np.maximum(values, 1))).astype(np.int64) + 1, 0)
 
 
-def pack_runs(words: np.ndarray, word_bits: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Words [E] of per-word widths `word_bits` [E], grouped in runs of `counts` [N] words, each run written
-    LSB-first starting on a fresh byte -> uint8 stream (each run padded to whole bytes)."""
-    E = words.shape[0]
-    if E == 0:
+def pack_varwidth(words: np.ndarray, widths: np.ndarray) -> np.ndarray:
+    """Words [E] of widths [E] bits written back to back, LSB-first -> uint8 stream padded to whole bytes."""
+    words = np.asarray(words, dtype=np.uint64)
+    widths = np.asarray(widths, dtype=np.int64)
+    if words.size == 0:
         return np.zeros(0, np.uint8)
-    run_bits = np.add.reduceat(word_bits, np.cumsum(counts) - counts) if counts.size else np.zeros(0, np.int64)
-    run_bits = np.where(counts > 0, run_bits, 0)
-    run_start = (np.cumsum((run_bits + 7) // 8) - (run_bits + 7) // 8) * 8  # [N] bit where each run starts
-    first = np.cumsum(counts) - counts
-    token_of = np.repeat(np.arange(counts.shape[0]), counts)
-    offsets = np.cumsum(word_bits) - word_bits  # [E] bit offset in a stream with no padding
-    run_offset = offsets[first[counts > 0]]  # [runs with words] where each run starts without padding
-    shift = np.zeros(counts.shape[0], np.int64)
-    shift[counts > 0] = run_start[counts > 0] - run_offset
-    position = offsets + shift[token_of]  # [E] bit position with byte-aligned runs
-    total_bytes = int((run_start[-1] + run_bits[-1] + 7) // 8) if counts.size else 0
-    max_bits = int(word_bits.max())
+    max_bits = int(widths.max())
     bit_index = np.arange(max_bits)
     bits = ((words[:, None] >> bit_index.astype(np.uint64)) & np.uint64(1)).astype(np.uint8)  # [E, max_bits]
-    valid = bit_index[None, :] < word_bits[:, None]
-    flat = np.zeros(total_bytes * 8, np.uint8)
-    flat[(position[:, None] + bit_index[None, :])[valid]] = bits[valid]
+    valid = bit_index[None, :] < widths[:, None]
+    return np.packbits(bits[valid], bitorder="little")  # row-major order: word 0's bits, then word 1's, ...
+
+
+def pack_unary(values: np.ndarray) -> np.ndarray:
+    """Each value v [E] as v zero bits then a one, back to back, LSB-first -> uint8 stream padded to bytes."""
+    values = np.asarray(values, dtype=np.int64)
+    if values.size == 0:
+        return np.zeros(0, np.uint8)
+    ones = np.cumsum(values + 1) - 1  # [E] bit position of each terminating one
+    flat = np.zeros(int(ones[-1]) + 1, np.uint8)
+    flat[ones] = 1
     return np.packbits(flat, bitorder="little")
 
 
-def fill_missing(ids: np.ndarray, counts: np.ndarray) -> None:
-    """In place: in row i, slots counts[i]..k-1 get the smallest ids in 0..k-1 not among its first counts[i]
-    ids, so every row names k distinct tokens (the loss requires it). At least k - counts[i] of 0..k-1 are
-    free, because only counts[i] ids are taken."""
+def unary_decode(parts: list[np.ndarray], counts: np.ndarray, seq_lengths: np.ndarray) -> np.ndarray:
+    """The values of unary streams (`pack_unary`, one part per sequence, each holding sum(counts) values of its
+    tokens) -> [E] uint64 in order. Padding zeros after a part's last one are never counted: each part's first
+    value is measured from the part's own start."""
+    if not parts:
+        return np.zeros(0, np.uint64)
+    part_bits = np.array([p.size * 8 for p in parts], dtype=np.int64)
+    ones = np.flatnonzero(np.unpackbits(np.concatenate(parts), bitorder="little"))  # [E]
+    per_part = np.add.reduceat(counts, np.cumsum(seq_lengths) - seq_lengths) if counts.size else counts
+    per_part = np.where(seq_lengths > 0, per_part, 0)
+    if ones.size != int(per_part.sum()):
+        raise ValueError(f"cache entries are corrupted: {ones.size} unary codes where {int(per_part.sum())} "
+                         "were expected; rebuild the cache")
+    previous = np.empty_like(ones)
+    previous[1:] = ones[:-1]
+    first = np.cumsum(per_part) - per_part  # [S] index of each part's first value
+    has = per_part > 0
+    previous[first[has]] = (np.cumsum(part_bits) - part_bits)[has] - 1
+    return (ones - previous - 1).astype(np.uint64)
+
+
+def fill_free_ids(ids: np.ndarray, counts: np.ndarray, kept: np.ndarray, row: np.ndarray, slot: np.ndarray) -> None:
+    """In place: in every row i of ids [N, k] with counts[i] < k, slots counts[i]..k-1 get the smallest ids not
+    among the row's kept ids (so every row names k distinct tokens; the loss requires it). `kept` [E] holds each
+    row's kept ids in ascending order (entry e is rank `slot[e]` of row `row[e]`). The j-th smallest integer
+    missing from an ascending set s is j + #{i : s_i - i <= j}, counted for all rows at once."""
     n, k = ids.shape
-    short = np.nonzero(counts < k)[0]
-    if short.size == 0:
+    if n == 0 or bool((counts >= k).all()):
         return
-    m = counts[short]
-    kept = ids[short]  # [S, k]
-    valid = (np.arange(k)[None, :] < m[:, None]) & (kept < k)
-    taken = np.zeros((short.size, k), dtype=bool)
-    taken[np.nonzero(valid)[0], kept[valid]] = True
-    free = ~taken
-    rank = np.cumsum(free, axis=1) - 1  # [S, k] rank of each free candidate id within its row
-    rows, cand = np.nonzero(free & (rank < (k - m)[:, None]))
-    ids[short[rows], m[rows] + rank[rows, cand]] = cand
+    d = kept - slot  # [E] s_i - i, non-decreasing within a row
+    near = d < k
+    below = np.bincount(row[near] * k + d[near], minlength=n * k).reshape(n, k).cumsum(axis=1)  # [N, k]
+    j = np.arange(k)[None, :] - counts[:, None]  # [N, k] rank of each empty slot among the row's empty slots
+    jc = np.maximum(j, 0)
+    free = jc + np.take_along_axis(below, jc, axis=1)  # [N, k] the j-th missing id of each row
+    np.copyto(ids, free, where=j >= 0)
 
 
 def _concat(arrays: list[np.ndarray], empty_shape: tuple, dtype: str) -> np.ndarray:

@@ -318,8 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="truncate sequences like the trainer does (use the training config's max_seq_length)")
     p.add_argument("--encoding", default="compact",
                    help="naive (int32 ids + fp16 log-probs, 6 bytes per entry) or compact[:mass=M,bits=B]: the "
-                   "entries holding M of the top-k mass (default 0.99), log-probs in B bits (default 5), "
-                   "delta-coded ids (default: compact; see docs/cache_format.md)")
+                   "entries holding M of the top-k mass (default 0.99), log-probs in B bits (default 4), "
+                   "Rice-coded id gaps (default: compact; see docs/cache_format.md)")
     p.add_argument("--shard-tokens", type=int, default=32768, help="tokens per shard (default 32768)")
     p.add_argument("--dtype", default="auto", help="teacher dtype: auto, float32, bfloat16, float16")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -5,6 +5,12 @@ import pytest
 
 from training.cache_format import (
     CompactEncoding,
+    decode_scale,
+    encode_scale,
+    fill_free_ids,
+    pack_unary,
+    pack_varwidth,
+    unary_decode,
     NaiveEncoding,
     make_encoding,
     open_shard,
@@ -74,7 +80,7 @@ def test_compact_keeps_mass_tail_and_order(k, vocab, mass, bits):
     out_ids, out_lp = enc.decode(arrays, [(0, 77), (77, n)], [(units[0], units[1]), (units[1], units[2])], k)
     counts = arrays["counts"].astype(int)
     p = np.exp(logprobs.astype(np.float64))
-    step = arrays["scale"].astype(np.float64)
+    step = decode_scale(arrays["scale_code"]).astype(np.float64)
     for i in range(n):
         m = counts[i]
         # the kept entries are the shortest prefix holding `mass` of the top-k's probability
@@ -93,10 +99,83 @@ def test_compact_keeps_mass_tail_and_order(k, vocab, mass, bits):
     true_tail = 1.0 - (p * kept).sum(1)
     np.testing.assert_allclose(decoded_mass, 1.0 - np.exp(arrays["log_tail"].astype(np.float64)), atol=1e-5)
     np.testing.assert_allclose(1.0 - decoded_mass, true_tail, atol=2e-3 * true_tail.max() + 1e-6)
-    # bytes: per token a byte-aligned run of m words of (gap width + bits) bits
-    run_bytes = (counts * (arrays["widths"].astype(int) + bits) + 7) // 8
-    assert arrays["entries"].nbytes == run_bytes.sum() + 8
+    # bytes: per sequence, a low section of m (r + bits)-bit words per token, then one unary quotient per entry
+    rice = arrays["rice"].astype(int)
+    gaps = [np.diff(np.sort(ids[i, : counts[i]]), prepend=-1) - 1 for i in range(n)]
+    for i in range(n):  # the per-token Rice parameter is the cheapest one
+        cost = [counts[i] * r + int((gaps[i] >> r).sum()) for r in range(enc.id_bits + 1)]
+        assert cost[rice[i]] == min(cost)
+    expect = 0
+    for a, b in [(0, 77), (77, n)]:
+        expect += -(-sum(counts[i] * (rice[i] + bits) for i in range(a, b)) // 8)
+        expect += -(-sum(int((gaps[i] >> rice[i]).sum()) + counts[i] for i in range(a, b)) // 8)
+    assert arrays["entries"].nbytes == expect + 8
+    assert list(entries) == [units[1] - units[0], units[2] - units[1]]
     assert enc.num_entries(arrays) == counts.sum()
+
+
+def test_compact_decodes_any_subset_of_sequences_in_any_order():
+    """The reader asks for the sequences of a batch: any subset, in any order, must decode like the whole."""
+    k, vocab = 32, 128256
+    ids, logprobs = topk_answer(90, vocab, k, sharpness=2.0, seed=3)
+    enc = CompactEncoding(k, vocab)
+    bounds = [0, 7, 8, 40, 90]
+    arrays, entries = enc.pack([enc.encode(ids[a:b], logprobs[a:b]) for a, b in zip(bounds[:-1], bounds[1:])])
+    units = np.concatenate([[0], np.cumsum(entries)])
+    tokens = list(zip(bounds[:-1], bounds[1:]))
+    spans = list(zip(units[:-1].tolist(), units[1:].tolist()))
+    all_ids, all_lp = enc.decode(arrays, tokens, spans, k)
+    for pick in ([2], [3, 0], [1, 3, 2], [0, 1, 2, 3]):
+        sub_ids, sub_lp = enc.decode(arrays, [tokens[s] for s in pick], [spans[s] for s in pick], k)
+        rows = np.concatenate([np.arange(*tokens[s]) for s in pick])
+        np.testing.assert_array_equal(sub_ids, all_ids[rows])
+        np.testing.assert_array_equal(sub_lp, all_lp[rows])
+
+
+def test_bit_streams_round_trip():
+    rng = np.random.default_rng(1)
+    widths = rng.integers(1, 33, 500)
+    words = rng.integers(0, 1 << 62, 500, dtype=np.uint64) & ((np.uint64(1) << widths.astype(np.uint64)) - np.uint64(1))
+    stream = pack_varwidth(words, widths)
+    assert stream.nbytes == -(-int(widths.sum()) // 8)
+    bits = np.unpackbits(stream, bitorder="little").astype(np.uint64)
+    starts = np.cumsum(widths) - widths
+    for i in range(500):  # word i is bits [start, start + width) of the stream, LSB first
+        back = (bits[starts[i] : starts[i] + widths[i]] << np.arange(widths[i], dtype=np.uint64)).sum()
+        assert back == words[i]
+    values = rng.geometric(0.3, 300) - 1
+    parts = [pack_unary(values[:100]), pack_unary(values[100:101]), pack_unary(values[101:])]
+    counts = np.ones(300, dtype=np.int64)
+    out = unary_decode(parts, counts, np.array([100, 1, 199]))
+    np.testing.assert_array_equal(out, values)
+    with pytest.raises(ValueError, match="corrupted"):
+        unary_decode(parts, counts[:299], np.array([100, 1, 198]))
+
+
+def test_fill_free_ids_gives_the_smallest_missing_ids():
+    rng = np.random.default_rng(2)
+    k, n = 12, 40
+    counts = rng.integers(1, k + 1, n)
+    kept = [np.sort(rng.choice(30, c, replace=False)) for c in counts]
+    ids = np.full((n, k), -1, dtype=np.int64)
+    for i in range(n):
+        ids[i, : counts[i]] = kept[i]
+    row = np.repeat(np.arange(n), counts)
+    first = np.cumsum(counts) - counts
+    slot = np.arange(counts.sum()) - first[row]
+    fill_free_ids(ids, counts, np.concatenate(kept), row, slot)
+    for i in range(n):
+        missing = [v for v in range(k + 30) if v not in set(kept[i].tolist())][: k - counts[i]]
+        assert ids[i, counts[i] :].tolist() == missing
+        assert len(set(ids[i].tolist())) == k
+
+
+def test_scale_code_never_shrinks_the_step():
+    steps = np.array([0.0, 1e-6, 2.4e-4, 0.01, 0.1234, 1.0, 3.3, 15.0])
+    decoded = decode_scale(encode_scale(steps)).astype(np.float64)
+    inside = steps >= 2.0 ** -12
+    assert (decoded[inside] >= steps[inside] * (1 - 1e-6)).all()
+    assert (decoded[inside] <= steps[inside] * 2 ** (1 / 16) * (1 + 1e-6)).all()  # at most one code step coarser
 
 
 def test_compact_decode_smaller_k_is_a_prefix():
@@ -128,7 +207,7 @@ def test_compact_is_much_smaller_on_peaked_distributions():
 
 @pytest.mark.parametrize("spec,expect", [
     ("naive", {"name": "naive"}),
-    ("compact", {"name": "compact", "mass": 0.99, "logprob_bits": 5, "id_bits": 17}),
+    ("compact", {"name": "compact", "mass": 0.99, "logprob_bits": 4, "id_bits": 17}),
     ("compact:mass=0.99,bits=6", {"name": "compact", "mass": 0.99, "logprob_bits": 6, "id_bits": 17}),
 ])
 def test_make_encoding_from_cli_string_and_spec(spec, expect):
