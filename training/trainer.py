@@ -70,6 +70,13 @@ class DistillationTrainer(Trainer):
         if not hasattr(teacher, "topk") or not hasattr(teacher, "vocab_size"):
             raise TypeError(f"teacher {type(teacher).__name__} is not a TeacherSource (needs topk() and vocab_size)")
         check_teacher_student(int(teacher.vocab_size), student_vocab, args.teacher_topk)
+        if getattr(teacher, "drops_entries", False) and (args.kd_loss != "forward_kl" or args.reverse_kl_warmup_steps):
+            raise ValueError(
+                f"config key 'kd_loss': {args.kd_loss} (or a reverse-KL warm-up) from a cache whose encoding "
+                f"{teacher.encoding.name!r} dropped top-k entries below a mass threshold is not exact (measured "
+                "7-14% loss error); use kd_loss: forward_kl, or rebuild the cache with --encoding naive or "
+                "--encoding compact:mass=1.0"
+            )
         if args.full_vocab_kd and not getattr(teacher, "return_full_logits", False):
             raise ValueError("config key 'full_vocab_kd': the teacher source does not return full logits")
         super().__init__(model=model, args=args, callbacks=callbacks, **kwargs)

@@ -242,3 +242,14 @@ def test_train_cached_yaml_trains_without_a_teacher_model(tmp_path, sharp_teache
     state = json.load(open(tmp_path / "run" / "trainer_state.json"))
     kd = [h["loss/kd"] for h in state["log_history"] if "loss/kd" in h]
     assert len(kd) == 3 and all(v > 0 for v in kd)
+
+
+@pytest.mark.parametrize("kd", [["--kd_loss", "reverse_kl"], ["--kd_loss", "jsd"], ["--reverse_kl_warmup_steps", "2"]])
+def test_reverse_kl_from_a_cache_that_dropped_entries_is_refused(tmp_path, tiny_teacher_dir, text_data, kd):
+    cache = tmp_path / "cache"
+    assert cache_main(["--teacher", tiny_teacher_dir, "--data", text_data, "--output", str(cache), "--topk", "32",
+                       "--encoding", "compact", "--dtype", "float32", "--max-seq-length", "64",
+                       "--no-progress"]) == 0
+    with pytest.raises(ValueError, match="kd_loss.*mass threshold.*--encoding naive"):
+        train_losses(tmp_path / "run", tiny_teacher_dir, text_data, "--teacher_source", "cached",
+                     "--teacher_cache", str(cache), *kd)

@@ -59,6 +59,9 @@ class CachedTeacher:
         self.encoding = make_encoding(self.manifest["encoding"], self.k, self.vocab_size)
         # True when answers can hold -inf slots (fewer than k stored entries) whose mass belongs to the tail
         self.empty_slots = self.encoding.name != "naive"
+        # True when the encoding dropped top-k entries below a mass threshold: exact for forward KL (their
+        # teacher mass is kept in the tail), not for reverse KL / JSD, which weigh the student's mass on them.
+        self.drops_entries = getattr(self.encoding, "mass", 1.0) < 1.0
         if topk is not None:
             self._check_k(topk)
         if temperature is not None:
