@@ -16,15 +16,6 @@ from training.tiny_models import build_tiny_llama
 VOCAB, SEQ = 256, 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared 2-core machine they oversubscribe."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class Tokens(torch.utils.data.Dataset):
     def __init__(self, n=64, seed=0):
         g = torch.Generator().manual_seed(seed)

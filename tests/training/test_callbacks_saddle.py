@@ -23,15 +23,6 @@ SMALL = dict(window=40, min_steps=60, min_relative_improvement=0.005, noise_z=1.
              max_interventions=None)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared 2-core machine they oversubscribe (10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def run_detector(losses, grad_norm=0.1, **overrides):
     det = SaddleDetector(SaddleEscapeConfig(**{**SMALL, **overrides}))
     factors = [det.update(loss, grad_norm) for loss in losses]

@@ -29,15 +29,6 @@ SADDLE_FAST = dict(window=4, min_steps=4, min_relative_improvement=0.05, grad_no
                    judge_steps=2, cooldown_steps=2, boost_factor=3.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared 2-core machine they oversubscribe."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class Padded(torch.utils.data.Dataset):
     """Right-padded rows of random lengths; `delay` seconds of "loading" per item."""
 
