@@ -13,19 +13,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from training.callbacks import NonFiniteGuardCallback, NonFiniteTrainingError, report_step_loss
 from training.tiny_models import build_tiny_llama
 
-VOCAB, SEQ = 256, 16
+from .random_tokens import VOCAB, RandomTokens
 
-
-class Tokens(torch.utils.data.Dataset):
-    def __init__(self, n=64, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(0, VOCAB, (n, SEQ), generator=g)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones(SEQ, dtype=torch.long), "labels": self.ids[i]}
 
 
 class WeightWatch(TrainerCallback):
@@ -90,7 +79,7 @@ def test_a_bad_step_is_skipped_and_training_continues(tmp_path, kind, accumulati
     Corruptor(model, kind, calls=[(bad_step - 1) * accumulation + 1])  # the step's first micro-batch
     guard, watch = NonFiniteGuardCallback(), WeightWatch()
     trainer = Trainer(model=model, args=tiny_args(tmp_path, gradient_accumulation_steps=accumulation),
-                      train_dataset=Tokens(), callbacks=[guard, watch])
+                      train_dataset=RandomTokens(), callbacks=[guard, watch])
     trainer.train()
 
     assert trainer.state.global_step == 8  # training went on
@@ -111,7 +100,7 @@ def test_muon_family_is_skipped_too(tmp_path):
     Corruptor(model, "embeddings", calls=[2])
     opt = build_muon_optimizer(model, muon_lr=1e-2, adamw_lr=1e-3, weight_decay=0.1)
     guard, watch = NonFiniteGuardCallback(), WeightWatch()
-    trainer = Trainer(model=model, args=tiny_args(tmp_path, max_steps=4), train_dataset=Tokens(),
+    trainer = Trainer(model=model, args=tiny_args(tmp_path, max_steps=4), train_dataset=RandomTokens(),
                       optimizers=(opt, None), callbacks=[guard, watch])
     trainer.train()
     assert watch.changed == {1: True, 2: False, 3: True, 4: True}
@@ -133,7 +122,7 @@ class ReportingTrainer(Trainer):
 def test_reported_loss_takes_precedence_over_the_model_output(tmp_path):
     model = build_tiny_llama(VOCAB, hidden_size=32, num_layers=2, seed=0)
     guard, watch = NonFiniteGuardCallback(), WeightWatch()
-    trainer = ReportingTrainer(model=model, args=tiny_args(tmp_path, max_steps=5), train_dataset=Tokens(),
+    trainer = ReportingTrainer(model=model, args=tiny_args(tmp_path, max_steps=5), train_dataset=RandomTokens(),
                                callbacks=[guard, watch])
     trainer.train()
     assert guard.skipped_at == [3]
@@ -145,7 +134,7 @@ def test_a_streak_stops_with_a_clear_error_and_the_checkpoint_intact(tmp_path):
     Corruptor(model, "embeddings", calls=range(5, 1000))  # diverged from step 5 on
     guard = NonFiniteGuardCallback(max_consecutive=3)
     trainer = Trainer(model=model, args=tiny_args(tmp_path, max_steps=20, save_strategy="steps", save_steps=3),
-                      train_dataset=Tokens(), callbacks=[guard])
+                      train_dataset=RandomTokens(), callbacks=[guard])
     with pytest.raises(NonFiniteTrainingError) as err:
         trainer.train()
     out = tmp_path / "out"

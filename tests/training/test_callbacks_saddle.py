@@ -15,7 +15,8 @@ from training.callbacks import SaddleDetector, SaddleEscapeCallback, SaddleEscap
 from training.callbacks.saddle import window_trend
 from training.tiny_models import build_tiny_llama
 
-VOCAB, SEQ = 256, 16
+from .random_tokens import VOCAB, RandomTokens
+
 
 # Small windows so synthetic runs stay short; the logic is the same at the defaults.
 SMALL = dict(window=40, min_steps=60, min_relative_improvement=0.005, noise_z=1.0, grad_norm_threshold=0.5,
@@ -153,21 +154,6 @@ def test_config_rejects_unknown_keys():
 
 
 # ---------------- real tiny Trainer runs ----------------
-
-class RandomTokens(torch.utils.data.Dataset):
-    """Uniformly random tokens: nothing to learn beyond the uniform distribution, so at a tiny LR the loss is a
-    noisy plateau at ~log(VOCAB) -- an induced plateau."""
-
-    def __init__(self, n=64, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(0, VOCAB, (n, SEQ), generator=g)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones(SEQ, dtype=torch.long), "labels": self.ids[i]}
-
 
 class LRRecorder(TrainerCallback):
     """Every param group's lr as `optimizer.step()` sees it (a torch step pre-hook, so it does not depend on the
