@@ -2,8 +2,10 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
+OLDEST  = .venv-oldest
+TEST_ENV = WANDB_MODE=offline HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: install test bench clean
+.PHONY: install install-oldest test test-oldest bench clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,8 +16,24 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 install: $(VENV)/.installed
 
+# The declared lower bounds (ci/oldest.txt). torch 2.9.0 comes from PyPI as a CUDA build (about 3 GB; it runs on
+# the CPU): there is no CPU wheel of it on the package index.
+$(OLDEST)/.installed: setup.cfg pyproject.toml ci/oldest.txt
+	$(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/python -m pip install -q -c ci/oldest.txt torch
+	$(OLDEST)/bin/python -m pip install -q -c ci/oldest.txt -e ".[dev]"
+	touch $@
+
+install-oldest: $(OLDEST)/.installed
+
+# the newest releases the resolver picks
 test: install
-	WANDB_MODE=offline HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY) -m pytest -q tests
+	$(TEST_ENV) $(PY) -m pytest -q tests
+
+# the oldest releases setup.cfg admits
+test-oldest: install-oldest
+	$(OLDEST)/bin/python -m pip check
+	$(TEST_ENV) $(OLDEST)/bin/python -m pytest -q tests
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(OLDEST) build *.egg-info
