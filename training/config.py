@@ -27,7 +27,7 @@ MUON_ADJUST_LR = ("original", "match_rms_adamw")
 
 @dataclass
 class DistillationConfig(TrainingArguments):
-    """`TrainingArguments` plus what distilling a teacher into a RetNet student needs (see DESIGN.md)."""
+    """`TrainingArguments` plus what distilling a teacher into a RetNet student needs (README: "Real-teacher workflow")."""
 
     # Redeclared Trainer fields: `optim` also accepts "muon" (see training/optim.py); evaluation only needs the loss.
     optim: str = field(

@@ -1,4 +1,4 @@
-"""The public names DESIGN.md lists resolve to the real classes, lazily, and nothing else is invented."""
+"""The public names the README and the package docstrings list resolve to the real classes, lazily, and nothing else is invented."""
 
 import subprocess
 import sys
