@@ -116,6 +116,7 @@ class DistillationTrainer(Trainer):
         self._step_has_tokens = True  # False when the whole step (all micro-batches, all processes) has no token
         self.skipped_empty_batches = 0  # micro-batches without a trained token (this process), whole run
         self.skipped_empty_steps = 0  # optimizer steps without a trained token anywhere: no update applied
+        self._skip_counts_restored = False
         self._keep_last_logit = None
 
     # ---- batches: exact token counts and one-batch-ahead prefetch ----
@@ -344,7 +345,12 @@ class DistillationTrainer(Trainer):
             if w["teacher_batches"] > 0:
                 logs["teacher_seconds"] = w["teacher_seconds"] / w["teacher_batches"]
                 logs["teacher_wait_seconds"] = w["teacher_wait"] / w["teacher_batches"]
-            # the window's optimizer steps may be fewer than logging_steps when some had no token
+            if not self._skip_counts_restored:  # a resumed run continues the counts of its checkpoint's logs
+                self._skip_counts_restored = True
+                earlier = [h for h in self.state.log_history if "skipped_empty_batches" in h]
+                if earlier:
+                    self.skipped_empty_batches += int(earlier[-1]["skipped_empty_batches"])
+                    self.skipped_empty_steps += int(earlier[-1].get("skipped_empty_steps", 0))
             logs["skipped_empty_batches"] = float(self.skipped_empty_batches)
             logs["skipped_empty_steps"] = float(self.skipped_empty_steps)
             # the values the window's last optimizer step trained with
