@@ -88,3 +88,16 @@ def test_an_empty_eval_batch_is_left_out_of_the_means(tmp_path, sharp_teacher_di
     real_only = make_trainer(config, tok, real, teacher=teacher, eval_dataset=real).evaluate()
     for key in ("eval_loss", "eval_ce", "eval_kd", "eval_kl", "eval_top1"):
         assert with_empty[key] == pytest.approx(real_only[key], rel=1e-6), key
+
+
+def test_skip_counts_continue_after_a_resume(tmp_path, sharp_teacher_dir, tok):
+    items = empty_items(tok) + make_items(tok, default_texts(4))
+    out = tmp_path / "run"
+    settings = dict(per_device_train_batch_size=2, save_strategy="steps", save_steps=1)
+    make_trainer(make_config(out, sharp_teacher_dir, max_steps=1, **settings), tok, items).train()
+    resumed = make_trainer(make_config(out, sharp_teacher_dir, max_steps=3, **settings), tok, items)
+    resumed.train(resume_from_checkpoint=str(out / "checkpoint-1"))
+    logs = {h["step"]: h for h in resumed.state.log_history if "loss" in h}
+    assert sorted(logs) == [1, 2, 3]
+    assert [logs[s]["skipped_empty_steps"] for s in (1, 2, 3)] == [1, 1, 1]
+    assert logs[3]["skipped_empty_batches"] == 1
