@@ -16,17 +16,18 @@ from typing import Any
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.training_args import OptimizerNames
 
-from .teachers.direct import looks_like_local_path
+from .paths import looks_like_local_path
 
 TEACHER_SOURCES = ("direct", "cached", "network")
 KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
+CACHE_VERIFY = ("full", "manifest", "none")
 MUON_ADJUST_LR = ("original", "match_rms_adamw")
 
 
 @dataclass
 class DistillationConfig(TrainingArguments):
-    """`TrainingArguments` plus what distilling a teacher into a RetNet student needs (see DESIGN.md)."""
+    """`TrainingArguments` plus what distilling a teacher into a RetNet student needs (README: "Real-teacher workflow")."""
 
     # Redeclared Trainer fields: `optim` also accepts "muon" (see training/optim.py); evaluation only needs the loss.
     optim: str = field(
@@ -68,6 +69,14 @@ class DistillationConfig(TrainingArguments):
     )
     teacher_cache: str | None = field(
         default=None, metadata={"help": "Folder written by `python -m training.cache_teacher_logits` (cached mode)."}
+    )
+    teacher_cache_verify: str = field(
+        default="full",
+        metadata={"help": f"How the teacher cache is checked at start (cached mode), one of {CACHE_VERIFY}: 'full' "
+                  "(default) hashes every shard against the manifest's sha256 (reads the whole cache, on every "
+                  "process, at every start); 'manifest' checks shard sizes and headers against the manifest "
+                  "(no data read: use it for large caches); 'none' skips the size check. Every row is still "
+                  "checked against the hash of its token ids when it is read."},
     )
     teacher_url: str | None = field(
         default=None, metadata={"help": "Base URL of `python -m training.serve_teacher` (network mode)."}
@@ -251,6 +260,8 @@ class DistillationConfig(TrainingArguments):
                 raise bad("teacher_cache", "required when teacher_source=cached")
             if not os.path.isdir(os.path.expanduser(self.teacher_cache)):
                 raise FileNotFoundError(f"config key 'teacher_cache': folder {self.teacher_cache!r} does not exist")
+        if self.teacher_cache_verify not in CACHE_VERIFY:
+            raise bad("teacher_cache_verify", f"{self.teacher_cache_verify!r} is not one of {CACHE_VERIFY}")
         if self.teacher_protocol not in ("topk", "openai"):
             raise bad("teacher_protocol", "must be 'topk' or 'openai'")
         if self.teacher_protocol == "openai" and self.teacher_source == "network" and not self.teacher_vocab_size:

@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from ..paths import looks_like_local_path
 from .base import TeacherOutput
 
 
@@ -20,11 +21,6 @@ def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
     except KeyError:
         raise ValueError(f"teacher dtype {dtype!r} is not one of auto, float32, bfloat16, float16") from None
-
-
-def looks_like_local_path(value: str) -> bool:
-    """A Hub id is `org/name`; anything starting with '/', '.', '~' or with more than one '/' is a local path."""
-    return value.startswith(("/", ".", "~")) or value.count("/") > 1 or (os.path.sep == "\\" and "\\" in value)
 
 
 def load_teacher_model(model: str, adapter: str | None = None, dtype=None, device=None):
