@@ -88,6 +88,18 @@ def state_bytes(config: dict) -> int:
     return config["num_hidden_layers"] * heads * d_k * d_k * config.get("value_factor", 2) * 4
 
 
+def public(value):
+    """A value as shown on a public card: local absolute paths shortened to their last component (a card should
+    not publish the trainer's file system), Hub ids and relative paths unchanged."""
+    if isinstance(value, str) and os.path.isabs(value):
+        return os.path.basename(value.rstrip("/")) or value
+    if isinstance(value, list):
+        return [public(v) for v in value]
+    if isinstance(value, dict):
+        return {k: public(v) for k, v in value.items()}
+    return value
+
+
 def _fmt(value) -> str:
     if value is None:
         return "–"
@@ -160,14 +172,14 @@ def _training_section(state: dict | None, recipe: dict | None, config: dict) -> 
     rows = []
     teacher = recipe.get("teacher_model")
     if teacher:
-        rows.append(["teacher", f"`{teacher}`" + (f" (source: {recipe['teacher_source']})" if recipe.get("teacher_source") else "")])
+        rows.append(["teacher", f"`{public(teacher)}`" + (f" (source: {recipe['teacher_source']})" if recipe.get("teacher_source") else "")])
     if recipe.get("kd_loss"):
         rows.append(["objective", f"{recipe.get('distill_alpha')} × CE + (1 − {recipe.get('distill_alpha')}) × "
                                   f"{recipe['kd_loss']} on the teacher's top-{recipe.get('teacher_topk')} "
                                   f"(temperature {recipe.get('temperature')})"])
     if recipe.get("train_data"):
         data = recipe["train_data"]
-        rows.append(["training data", ", ".join(f"`{d}`" for d in (data if isinstance(data, list) else [data]))])
+        rows.append(["training data", ", ".join(f"`{public(d)}`" for d in (data if isinstance(data, list) else [data]))])
     if state:
         steps = state.get("global_step")
         rows.append(["optimizer steps", steps])
@@ -232,11 +244,13 @@ def build_card(run_dir: str, repo_id: str | None = None, base_model: str | None 
         ["tied embeddings", config.get("tie_word_embeddings")],
         ["recurrent state", f"{_bytes(state_bytes(config))} fp32 per sequence, whatever the context length"],
     ]
-    recipe_view = {k: recipe[k] for k in RECIPE_KEYS if recipe and recipe.get(k) not in (None, "", [], {})}
-    if recipe_view.get("max_steps") == -1:
-        recipe_view.pop("max_steps")
+    recipe_view = {k: public(recipe[k]) for k in RECIPE_KEYS if recipe and recipe.get(k) not in (None, "", [], {})}
+    if recipe_view.get("max_steps", -1) > 0:
+        recipe_view.pop("num_train_epochs", None)  # max_steps decides the length
+    else:
+        recipe_view.pop("max_steps", None)
     intro, train_table = _training_section(state, recipe, config)
-    teacher_text = f"`{teacher}`" if teacher else "a Transformer teacher"
+    teacher_text = f"`{base_model or public(teacher)}`" if teacher else "a Transformer teacher"
     held = (report or {}).get("heldout")
     values = {
         "metadata": yaml.safe_dump(meta, sort_keys=False).strip(),
