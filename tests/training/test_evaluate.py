@@ -237,3 +237,12 @@ def test_config_and_section_errors_name_the_fix():
         evaluate("unused", sections=["bleu"], output_dir="unused")
     with pytest.raises(TypeError, match="unknown option"):
         evaluate("unused", output_dir="unused", windw=3)
+
+
+def test_evaluation_stays_out_of_the_training_import_path(tmp_path):
+    code = ("import sys, training.train, training.trainer, training.push\n"
+            "bad = [m for m in sys.modules if m.startswith(('training.evaluat', 'lm_eval', 'model_cards'))]\n"
+            "assert not bad, bad\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "PYTHONPATH": REPO},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
