@@ -136,6 +136,20 @@ def test_long_documents_are_scored_in_windows_and_said_so(paths, tmp_path):
     assert rep["heldout"]["student"]["tokens"] == sum(len(d["input_ids"]) - 1 for d in docs)
 
 
+def test_shard_folder_gives_the_same_numbers_as_its_jsonl(paths, report, tmp_path):
+    """Data read through the project's shard reader (training.preprocess output) scores the same tokens."""
+    from transformers import AutoTokenizer
+
+    from training.preprocess import preprocess
+
+    preprocess([paths["heldout"]], tmp_path / "shards", AutoTokenizer.from_pretrained(paths["run"]), progress=False)
+    rep = evaluate(paths["run"], teacher=paths["teacher"], data=str(tmp_path / "shards"), output_dir=str(tmp_path),
+                   sections=["heldout"], progress=False)
+    for name in ("student", "teacher"):
+        assert rep["heldout"][name]["token_digest"] == report["heldout"][name]["token_digest"]
+        assert rep["heldout"][name]["loss"] == pytest.approx(report["heldout"][name]["loss"], rel=1e-6)
+
+
 @pytest.mark.parametrize("depth", [0.0, 0.25, 0.5, 1.0])
 def test_passkey_prompt_hides_the_key_at_the_depth(paths, depth):
     from transformers import AutoTokenizer

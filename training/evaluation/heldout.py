@@ -171,6 +171,7 @@ def score(student, windows: list[Window], pad_id: int, teacher=None, batch_size:
         tgt = targets[keep].to(s_logits.device)  # [N]
         s_rows = s_logits[keep.to(s_logits.device)]  # [N, V]
         t_rows = t_logits[keep.to(t_logits.device)].to(s_rows.device) if teacher is not None else None
+        s_logits = t_logits = None  # only the scored rows stay alive
         vocab = s_rows.shape[-1] if t_rows is None else min(s_rows.shape[-1], t_rows.shape[-1])
         for start in range(0, tgt.numel(), row_chunk):
             sl = slice(start, start + row_chunk)
