@@ -61,6 +61,9 @@ def plot_passkey(passkey: dict, path: str) -> str | None:
         for c in cells:
             grid[depths.index(c["depth"])][lengths.index(c["context_length"])] = c["accuracy"]
         image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
+        for c in cells:
+            ax.text(lengths.index(c["context_length"]), depths.index(c["depth"]), f"{c['accuracy']:.2f}",
+                    ha="center", va="center", color="white" if c["accuracy"] < 0.6 else "black")
         ax.set_xticks(range(len(lengths)), [str(v) for v in lengths])
         ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
         ax.set_xlabel("context length (tokens)")
