@@ -46,7 +46,8 @@ def _read_json(path: str):
 
 def is_hub_id(value) -> bool:
     """'owner/name' that is not an existing local path: something the Hub's base_model/datasets fields accept."""
-    return isinstance(value, str) and bool(_HUB_ID_RE.match(value)) and not os.path.exists(value)
+    return (isinstance(value, str) and bool(_HUB_ID_RE.match(value)) and not os.path.exists(value)
+            and not value.lower().endswith((".jsonl", ".json", ".parquet", ".txt", ".csv", ".yaml", ".md")))
 
 
 def count_parameters(run_dir: str) -> int:

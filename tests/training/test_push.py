@@ -172,3 +172,23 @@ def test_hub_folder_refuses_incomplete_runs(run, tmp_path):
     with pytest.raises(FileExistsError, match="not an empty folder"):
         build_hub_folder(run["run"], dest)
     assert os.listdir(dest) == ["x"] and [p for p in os.listdir(tmp_path) if "staging" in p] == []
+
+
+def test_card_header_takes_hub_ids_from_the_recipe(run, tmp_path):
+    """A run distilled from a Hub teacher on Hub data gets base_model and datasets in its metadata header."""
+    import shutil
+
+    import yaml
+
+    copy = tmp_path / "hub-run"
+    shutil.copytree(run["run"], copy)
+    recipe = json.loads((copy / "training_config.json").read_text())
+    recipe.update(teacher_model="meta-llama/Llama-3.2-1B-Instruct",
+                  train_data=["HuggingFaceFW/fineweb-edu:train", os.path.join(str(tmp_path), "local.jsonl")])
+    (copy / "training_config.json").write_text(json.dumps(recipe))
+    card = build_card(str(copy), repo_id="someone/retnet")
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["base_model"] == "meta-llama/Llama-3.2-1B-Instruct"
+    assert meta["datasets"] == ["HuggingFaceFW/fineweb-edu"]  # local files are not Hub datasets
+    assert "distilled from `meta-llama/Llama-3.2-1B-Instruct`" in card and str(tmp_path) not in card
+    assert find_placeholders(card) == []
