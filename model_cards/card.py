@@ -168,6 +168,16 @@ def _evaluation_section(report: dict | None) -> str:
     return "\n\n".join(parts)
 
 
+def _describe_data(spec) -> str:
+    """`name`, with its sequence and token counts when it is a shard folder (training.preprocess manifest) here."""
+    text = f"`{public(spec)}`"
+    manifest = _read_json(os.path.join(str(spec), "manifest.json")) if os.path.isdir(str(spec)) else None
+    totals = (manifest or {}).get("totals") or {}
+    if totals.get("num_tokens"):
+        text += f" ({totals.get('num_sequences', 0):,} sequences, {totals['num_tokens']:,} tokens)"
+    return text
+
+
 def _training_section(state: dict | None, recipe: dict | None, config: dict) -> tuple[str, str]:
     recipe = recipe or {}
     rows = []
@@ -180,7 +190,7 @@ def _training_section(state: dict | None, recipe: dict | None, config: dict) -> 
                                   f"(temperature {recipe.get('temperature')})"])
     if recipe.get("train_data"):
         data = recipe["train_data"]
-        rows.append(["training data", ", ".join(f"`{public(d)}`" for d in (data if isinstance(data, list) else [data]))])
+        rows.append(["training data", ", ".join(_describe_data(d) for d in (data if isinstance(data, list) else [data]))])
     if state:
         steps = state.get("global_step")
         rows.append(["optimizer steps", steps])
