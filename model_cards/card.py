@@ -15,6 +15,12 @@ import string
 
 import yaml
 
+from training.evaluation.report import markdown_table
+
+
+def _table(header, rows) -> str:
+    return "\n".join(markdown_table(header, rows))
+
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "retnet_student.md")
 PROJECT_URL = "https://github.com/hf-retnet/hf-retnet"
 CARD_NAME = "README.md"
@@ -101,20 +107,6 @@ def public(value):
     return value
 
 
-def _fmt(value) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-def _table(header, rows) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def _evaluation_section(report: dict | None) -> str:
     if not report:
         return ("This run has no evaluation report (eval/report.json), so no quality numbers are claimed here; "
@@ -178,7 +170,7 @@ def _describe_data(spec) -> str:
     return text
 
 
-def _training_section(state: dict | None, recipe: dict | None, config: dict) -> tuple[str, str]:
+def _training_section(state: dict | None, recipe: dict | None) -> tuple[str, str]:
     recipe = recipe or {}
     rows = []
     teacher = recipe.get("teacher_model")
@@ -260,7 +252,7 @@ def build_card(run_dir: str, repo_id: str | None = None, base_model: str | None 
         recipe_view.pop("num_train_epochs", None)  # max_steps decides the length
     else:
         recipe_view.pop("max_steps", None)
-    intro, train_table = _training_section(state, recipe, config)
+    intro, train_table = _training_section(state, recipe)
     teacher_text = f"`{base_model or public(teacher)}`" if teacher else "a Transformer teacher"
     held = (report or {}).get("heldout")
     values = {

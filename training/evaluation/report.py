@@ -41,7 +41,8 @@ def _fmt(value, digits: int = 4) -> str:
     return str(value)
 
 
-def _table(header: list[str], rows: list[list]) -> list[str]:
+def markdown_table(header: list[str], rows: list[list]) -> list[str]:
+    """Lines of a Markdown table; numbers with 4 significant digits, None as a dash."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
     return lines
@@ -67,12 +68,12 @@ def render_markdown(report: dict) -> str:
         lines += ["## Held-out loss", "", f"Data: `{held['data']}`. Scoring: {held['scoring']['text']}.", ""]
         rows = [[name, held[name]["tokens"], held[name]["loss"], held[name]["perplexity"]]
                 for name in ("student", "teacher") if name in held]
-        lines += _table(["model", "tokens", "loss (nats/token)", "perplexity"], rows) + [""]
+        lines += markdown_table(["model", "tokens", "loss (nats/token)", "perplexity"], rows) + [""]
         if "agreement" in held:
             a = held["agreement"]
             lines += ["Agreement with the teacher on the same tokens "
                       f"(identical inputs: {'yes' if held['identical_tokens'] else 'NO'}):", ""]
-            lines += _table(["KL(teacher ‖ student) per token", "top-1 agreement", "tokens"],
+            lines += markdown_table(["KL(teacher ‖ student) per token", "top-1 agreement", "tokens"],
                             [[a["kl_teacher_student"], a["top1_agreement"], a["tokens"]]]) + [""]
 
     passkey = report.get("passkey")
@@ -83,7 +84,7 @@ def render_markdown(report: dict) -> str:
         for name in ("student", "teacher"):
             for c in (passkey.get(name) or {}).get("cells", []):
                 rows.append([name, c["context_length"], f"{c['depth']:.0%}", c["trials"], c["accuracy"]])
-        lines += _table(["model", "context", "depth", "trials", "accuracy"], rows) + [""]
+        lines += markdown_table(["model", "context", "depth", "trials", "accuracy"], rows) + [""]
         if passkey.get("plot"):
             lines += [f"![passkey]({passkey['plot']})", ""]
 
@@ -95,7 +96,7 @@ def render_markdown(report: dict) -> str:
         for name in ("student", "teacher"):
             for s in gen.get(name, []):
                 rows.append([name, _cell(s["prompt"]), _cell(s["greedy"]), _cell(s["sampled"])])
-        lines += _table(["model", "prompt", "greedy", "sampled"], rows) + [""]
+        lines += markdown_table(["model", "prompt", "greedy", "sampled"], rows) + [""]
 
     lat = report.get("latency")
     if lat:
@@ -107,7 +108,7 @@ def render_markdown(report: dict) -> str:
             for r in (lat.get(name) or {}).get("rows", []):
                 rows.append([name, r["context_length"], r["ms_per_token"], r["cache_bytes"] / 2**20,
                              None if r["peak_bytes"] is None else r["peak_bytes"] / 2**20])
-        lines += _table(["model", "context", "ms/token", "state/cache MiB", "peak MiB (CUDA)"], rows) + [""]
+        lines += markdown_table(["model", "context", "ms/token", "state/cache MiB", "peak MiB (CUDA)"], rows) + [""]
         if lat.get("plot"):
             lines += [f"![latency]({lat['plot']})", ""]
 
@@ -120,7 +121,7 @@ def render_markdown(report: dict) -> str:
                 numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
                 if numeric and "," in metric and "stderr" not in metric:  # "acc,none"; not sample_len
                     rows.append([task, metric.split(",")[0], value, lm["n_samples"].get(task, {}).get("effective")])
-        lines += _table(["task", "metric", "value", "samples"], rows) + [""]
+        lines += markdown_table(["task", "metric", "value", "samples"], rows) + [""]
     return "\n".join(lines)
 
 
