@@ -129,9 +129,11 @@ def save_final(trainer, tokenizer, output_dir: str) -> None:
 def run(config: DistillationConfig):
     """Build everything from `config`, train, save. Returns the trainer (tests read its state)."""
     from .data import PaddingCollator, build_dataset
+    from .push import finish_run, prepare_push
     from .teachers import build_teacher_source
     from .trainer import DistillationTrainer, check_teacher_student
 
+    push_plan = prepare_push(config)  # --push_to_hub without a token fails here, before anything loads
     tokenizer = build_tokenizer(config)
     source = None if config.teacher_source == "direct" else build_teacher_source(config, device=config.device)
     vocab = teacher_vocab_size(config, source)
@@ -162,6 +164,7 @@ def run(config: DistillationConfig):
         resume = True
     trainer.train(resume_from_checkpoint=resume)
     save_final(trainer, tokenizer, config.output_dir)
+    finish_run(trainer, config, push_plan)  # training_config.json beside the weights; the Hub upload when asked
     return trainer
 
 
