@@ -21,6 +21,7 @@ SFTConfig's GPU defaults (bf16, gradient checkpointing) only apply where a GPU i
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -29,7 +30,10 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 
-from trl import SFTConfig
+try:
+    from trl import SFTConfig
+except ImportError as err:  # pragma: no cover - trl ships with the dev and trl extras
+    raise ImportError("teacher finetuning needs TRL: pip install 'hf-retnet[trl]' (or pip install 'trl>=1.16')") from err
 
 from .config import load_config
 from .teachers.direct import looks_like_local_path
@@ -136,8 +140,11 @@ class TeacherFinetuneConfig(SFTConfig):
             import torch
 
             self.bf16 = bool(gpu and torch.cuda.is_bf16_supported()) and not self.fp16
-        if self.gradient_checkpointing is None:
-            self.gradient_checkpointing = gpu
+        if self.gradient_checkpointing is None and getattr(self, "activation_checkpointing", None) is None:
+            # transformers >= 5.x names it activation_checkpointing (gradient_checkpointing is a deprecated alias)
+            names = {f.name for f in dataclasses.fields(self)}
+            setattr(self, "activation_checkpointing" if "activation_checkpointing" in names else
+                    "gradient_checkpointing", gpu)
         super().__post_init__()
 
     @property
