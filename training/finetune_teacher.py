@@ -78,8 +78,9 @@ class TeacherFinetuneConfig(SFTConfig):
     # ---- data ----
     train_data: str | None = field(
         default=None,
-        metadata={"help": "The student's training data: a JSONL / Parquet / text file (text records, or chat records "
-                  "trained on assistant turns only), tokenized as training.train tokenizes it."},
+        metadata={"help": "The student's training data: a shard folder from training.preprocess, or a JSONL / Parquet "
+                  "/ text file (text records, or chat records trained on assistant turns only), tokenized as "
+                  "training.train tokenizes it."},
     )
     eval_data: str | None = field(
         default=None, metadata={"help": "Held-out data, same forms; default: the last `eval_fraction` of train_data."}
@@ -199,18 +200,36 @@ def tokenize_records(records: list, tokenizer, max_length: int | None):
     return Dataset.from_dict(rows)
 
 
-def split_records(config: TeacherFinetuneConfig) -> tuple[list, list]:
-    """(train, held-out) records: eval_data if given, else the last `eval_fraction` of train_data."""
-    records = load_records(config.train_data)
+def load_examples(spec: str, tokenizer, max_length: int | None):
+    """{input_ids, labels} rows of `spec`: a shard folder from `training.preprocess` (memory-mapped, checked against
+    the tokenizer) or a text / JSONL / Parquet file or folder of records (encoded as the student's reader does)."""
+    spec = os.path.expanduser(spec)
+    from .data import MANIFEST_NAME
+
+    if os.path.isfile(os.path.join(spec, MANIFEST_NAME)):
+        import datasets
+
+        from .data import PretokenizedShardDataset
+
+        shards = PretokenizedShardDataset(spec, max_length, shuffle=False, tokenizer=tokenizer)
+        paths = [os.path.join(spec, entry["file"]) for entry in shards.manifest["shards"]]
+        full = datasets.load_dataset("parquet", data_files=paths, split="train")
+        return full.select_columns(["input_ids", "labels"])  # SFTTrainer truncates to max_length
+    return tokenize_records(load_records(spec), tokenizer, max_length)
+
+
+def train_eval_datasets(config: TeacherFinetuneConfig, tokenizer):
+    """(train, held-out) rows: eval_data if given, else the last `eval_fraction` of train_data (in file order)."""
+    train = load_examples(config.train_data, tokenizer, config.max_length)
     if config.eval_data:
-        return records, load_records(config.eval_data)
-    held = max(1, int(round(len(records) * config.eval_fraction)))
-    if held >= len(records):
+        return train, load_examples(config.eval_data, tokenizer, config.max_length)
+    held = max(1, int(round(len(train) * config.eval_fraction)))
+    if held >= len(train):
         raise ValueError(
-            f"config key 'train_data': {len(records)} record(s) cannot be split into train and held-out parts; "
+            f"config key 'train_data': {len(train)} record(s) cannot be split into train and held-out parts; "
             "add records or pass eval_data"
         )
-    return records[:-held], records[-held:]
+    return train.select(range(len(train) - held)), train.select(range(len(train) - held, len(train)))
 
 
 def _dtype(name: str):
@@ -257,9 +276,7 @@ def run(config: TeacherFinetuneConfig) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(config.teacher_model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    train_records, eval_records = split_records(config)
-    train_dataset = tokenize_records(train_records, tokenizer, config.max_length)
-    eval_dataset = tokenize_records(eval_records, tokenizer, config.max_length)
+    train_dataset, eval_dataset = train_eval_datasets(config, tokenizer)
 
     init_kwargs = dict(config.model_init_kwargs or {})
     init_kwargs.setdefault("dtype", _dtype(config.teacher_dtype))

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from training.finetune_teacher import RESULT_FILE, TeacherFinetuneConfig, main, split_records, tokenize_records
+from training.finetune_teacher import RESULT_FILE, TeacherFinetuneConfig, main, tokenize_records, train_eval_datasets
 from training.teachers.direct import DirectTeacher, load_teacher_model
 from training.tiny_models import default_texts, save_tiny_teacher
 
@@ -61,8 +61,7 @@ def test_finetuned_teacher_has_lower_held_out_loss(finetuned):
 
 def held_out_loss(model, config, tokenizer) -> float:
     """Token-mean next-token loss of `model` on the held-out records, computed here without the trainer."""
-    _, held = split_records(config)
-    dataset = tokenize_records(held, tokenizer, config.max_length)
+    _, dataset = train_eval_datasets(config, tokenizer)
     total, count = 0.0, 0
     with torch.no_grad():
         for row in dataset:
@@ -222,3 +221,20 @@ def test_accelerate_launch_with_trl_gpu_defaults_on_cpu(tiny_teacher_dir, tmp_pa
     assert "teacher held-out loss: before" in proc.stdout
     result = json.loads((out / RESULT_FILE).read_text())
     assert result["global_step"] == 3 and result["merged"] is None and not (out / "merged").exists()
+
+
+def test_shard_folder_gives_the_same_rows_as_the_file_it_was_made_from(tiny_teacher_dir, tiny_tokenizer, tmp_path):
+    """The teacher can be corrected on the student's preprocessed shards: same rows, same held-out split."""
+    from training.preprocess import main as preprocess
+
+    data = story_file(str(tmp_path), 30)
+    shards = tmp_path / "shards"
+    assert preprocess(["--input", data, "--output", str(shards), "--tokenizer", tiny_teacher_dir,
+                       "--shard_size", "7"]) == 0
+    from_file = TeacherFinetuneConfig(teacher_model=tiny_teacher_dir, train_data=data, output_dir=str(tmp_path / "a"))
+    from_shards = TeacherFinetuneConfig(teacher_model=tiny_teacher_dir, train_data=str(shards),
+                                        output_dir=str(tmp_path / "b"))
+    for a, b in zip(train_eval_datasets(from_file, tiny_tokenizer), train_eval_datasets(from_shards, tiny_tokenizer)):
+        assert len(a) == len(b) and len(b) > 0
+        assert [list(r) for r in a["input_ids"]] == [list(r) for r in b["input_ids"]]
+        assert [list(r) for r in a["labels"]] == [list(r) for r in b["labels"]]
