@@ -238,3 +238,17 @@ def test_shard_folder_gives_the_same_rows_as_the_file_it_was_made_from(tiny_teac
         assert len(a) == len(b) and len(b) > 0
         assert [list(r) for r in a["input_ids"]] == [list(r) for r in b["input_ids"]]
         assert [list(r) for r in a["labels"]] == [list(r) for r in b["labels"]]
+
+
+def test_base_fingerprint_ignores_the_storage_dtype_but_not_the_weights(tiny_teacher_dir, other_bases, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from training.teachers.adapter import base_fingerprint
+
+    bf16 = tmp_path / "bf16-copy"
+    AutoModelForCausalLM.from_pretrained(tiny_teacher_dir, dtype=torch.bfloat16).save_pretrained(bf16)
+    assert base_fingerprint(str(bf16)) == base_fingerprint(tiny_teacher_dir)
+    assert base_fingerprint(other_bases[0]) != base_fingerprint(tiny_teacher_dir)
+    (tmp_path / "no-weights").mkdir()
+    assert base_fingerprint(str(tmp_path / "no-weights")) is None
+    assert base_fingerprint(str(tmp_path / "not-there")) is None

@@ -32,7 +32,10 @@ def _safetensors_files(model: str) -> list[str]:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:  # pragma: no cover - huggingface_hub ships with transformers
         return []
-    index = try_to_load_from_cache(model, "model.safetensors.index.json")
+    try:
+        index = try_to_load_from_cache(model, "model.safetensors.index.json")
+    except ValueError:  # not a valid Hub id (e.g. a local path that does not exist)
+        return []
     if isinstance(index, str):
         with open(index, encoding="utf-8") as handle:
             names = sorted(set(json.load(handle)["weight_map"].values()))
@@ -74,10 +77,11 @@ def write_adapter_base(adapter_dir: str, base_model: str) -> None:
     os.replace(tmp, path)
 
 
-def check_adapter_folder(adapter: str, base_model: str | None = None) -> None:
+def check_adapter_folder(adapter: str, base_model: str | None = None) -> bool:
     """Fail clearly on a missing folder, a folder that is not a peft adapter, or an adapter recorded for another base.
 
-    Runs before any weights load, so a wrong `--adapter` costs nothing."""
+    Runs before any weights load, so a wrong `--adapter` costs nothing. Returns False when the adapter records a
+    base fingerprint that could not be compared yet (a Hub base not downloaded so far): check again after loading."""
     if not os.path.isdir(adapter):
         raise FileNotFoundError(
             f"teacher adapter folder {adapter!r} does not exist; pass the folder written by "
@@ -90,17 +94,20 @@ def check_adapter_folder(adapter: str, base_model: str | None = None) -> None:
         )
     record_path = os.path.join(adapter, ADAPTER_BASE_FILE)
     if base_model is None or not os.path.isfile(record_path):
-        return
+        return True
     with open(record_path, encoding="utf-8") as handle:
         record = json.load(handle)
     want = record.get("fingerprint")
     got = base_fingerprint(base_model) if want else None
-    if want and got and want != got:
+    if want and got is None:
+        return False
+    if want and want != got:
         raise ValueError(
             f"teacher adapter {adapter!r} was made for base model {record.get('base_model')!r}, but the teacher given "
             f"is {base_model!r} with different weights (fingerprint {got[:12]} != {want[:12]}); pass the base the "
             "adapter was trained on, or finetune an adapter for this teacher with `python -m training.finetune_teacher`"
         )
+    return True
 
 
 def merge_adapter(model, adapter: str, base_model: str | None = None):

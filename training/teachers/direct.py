@@ -43,11 +43,14 @@ def load_teacher_model(model: str, adapter: str | None = None, dtype=None, devic
             f"teacher model folder {model!r} does not exist; pass an existing folder or a Hub id such as "
             "'meta-llama/Llama-3.2-1B-Instruct'"
         )
+    checked = True
     if adapter is not None:
         adapter = os.path.expanduser(adapter)
-        check_adapter_folder(adapter, model)  # before the weights load: a wrong adapter fails fast
+        checked = check_adapter_folder(adapter, model)  # before the weights load: a wrong adapter fails fast
     teacher = AutoModelForCausalLM.from_pretrained(model, dtype=_resolve_dtype(dtype), use_safetensors=True)
     if adapter is not None:
+        if not checked:  # a Hub base that was not in the local cache before: its files are there now
+            check_adapter_folder(adapter, model)
         teacher = merge_adapter(teacher, adapter, base_model=model)
     teacher.requires_grad_(False)
     teacher.eval()
