@@ -330,8 +330,11 @@ def distillation_field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(DistillationConfig) if f.name not in base]
 
 
-def load_config(yaml_path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> DistillationConfig:
-    """YAML file, then `--key value` overrides (HfArgumentParser semantics) -> a validated DistillationConfig.
+def load_config(
+    yaml_path: str | os.PathLike | None = None, overrides: list[str] | None = None, config_class: type | None = None
+):
+    """YAML file, then `--key value` overrides (HfArgumentParser semantics) -> a validated DistillationConfig
+    (or `config_class`, any `TrainingArguments` dataclass, e.g. the teacher finetuning config).
 
     Raises ValueError naming the key for an unknown key, a malformed override or an out-of-range value, and
     FileNotFoundError for a missing config file or teacher/student folder. Nothing is loaded or written.
@@ -347,10 +350,11 @@ def load_config(yaml_path: str | os.PathLike | None = None, overrides: list[str]
         if loaded is not None and not isinstance(loaded, dict):
             raise ValueError(f"config file {str(yaml_path)!r} must hold a mapping of keys to values")
         values = dict(loaded or {})
-    known = {f.name for f in dataclasses.fields(DistillationConfig) if f.init}
+    config_class = config_class or DistillationConfig
+    known = {f.name for f in dataclasses.fields(config_class) if f.init}
     _reject_unknown(values, known, where=f"config file {str(yaml_path)!r}")
 
-    parser = HfArgumentParser(DistillationConfig, exit_on_error=False)
+    parser = HfArgumentParser(config_class, exit_on_error=False)
     parser.set_defaults(**values)
     overrides = list(overrides or [])
     flags = [a.split("=", 1)[0][2:].replace("-", "_") for a in overrides if a.startswith("--")]
@@ -361,7 +365,7 @@ def load_config(yaml_path: str | os.PathLike | None = None, overrides: list[str]
         raise ValueError(f"bad command-line override: {err}") from None
     if remaining:
         raise ValueError(f"unused command-line arguments {remaining}; pass overrides as --key value")
-    return DistillationConfig(**{k: v for k, v in vars(namespace).items() if k in known})
+    return config_class(**{k: v for k, v in vars(namespace).items() if k in known})
 
 
 def _reject_unknown(values: dict, known: set[str], where: str) -> None:
