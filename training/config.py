@@ -61,7 +61,8 @@ class DistillationConfig(TrainingArguments):
     )
     teacher_model: str | None = field(
         default=None,
-        metadata={"help": "Teacher Hub id or folder (direct mode); its tokenizer is the default `tokenizer`."},
+        metadata={"help": "Teacher Hub id or folder (direct mode); its tokenizer is the default `tokenizer`. With "
+                          "teacher_protocol=openai, the model id the vLLM server must serve (when set)."},
     )
     teacher_adapter: str | None = field(
         default=None, metadata={"help": "Optional peft adapter folder merged into the teacher's weights."}

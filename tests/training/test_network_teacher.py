@@ -14,7 +14,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from training.serve_teacher import ServerProcess, free_port
+from tests.servers import ServerProcess, free_port
 from training.teachers.direct import DirectTeacher
 from training.teachers.network import (
     NetworkTeacher,
@@ -183,11 +183,29 @@ def test_server_killed_and_restarted_mid_sequence(tiny_teacher_dir, direct, tmp_
 def test_server_down_longer_than_the_retry_budget(tmp_path):
     url = f"http://127.0.0.1:{free_port()}"  # nobody listens here
     started = time.monotonic()
-    with NetworkTeacher(url, retries=2, backoff=0.05, vocab_size=100) as teacher:
+    with NetworkTeacher(url, retries=2, backoff=0.05, vocab_size=100, startup_timeout=0) as teacher:
         with pytest.raises(TeacherUnavailableError, match="after 3 attempts") as info:
             teacher.topk(torch.ones(1, 4, dtype=torch.long), None, k=2)
     assert "serve_teacher" in str(info.value)
     assert time.monotonic() - started < 5
+
+
+def test_a_server_still_starting_is_waited_for_within_startup_timeout(tiny_teacher_dir, direct, tmp_path, caplog):
+    import logging
+
+    ids = torch.randint(0, direct.vocab_size, (2, 9))
+    proc = ServerProcess(["--model", tiny_teacher_dir], log_path=str(tmp_path / "server.log"), env=ONE_THREAD)
+    with NetworkTeacher(proc.url, retries=0, startup_timeout=0.5, vocab_size=direct.vocab_size) as teacher:
+        with pytest.raises(TeacherUnavailableError, match="did not come up within startup_timeout=0s"):
+            teacher.topk(ids, None, k=4)  # nothing listening, and no time to wait
+    proc.start(wait=False)  # loading the model takes seconds; retries=0 alone would fail at once
+    try:
+        with caplog.at_level(logging.WARNING, logger="training.teachers.network"):
+            with NetworkTeacher(proc.url, retries=0, startup_timeout=120, vocab_size=direct.vocab_size) as teacher:
+                out = teacher.topk(ids, None, k=4)
+        torch.testing.assert_close(out.token_ids, direct.topk(ids, None, k=4).token_ids, rtol=0, atol=0)
+    finally:
+        proc.stop()
 
 
 BROKEN = ["short_row", "wrong_k", "truncated", "other_tokens", "ids_out_of_vocab", "unsorted", "json_ragged", "http_500"]

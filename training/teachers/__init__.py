@@ -15,7 +15,8 @@ def build_teacher_source(config, device=None) -> TeacherSource:
     direct: `DirectTeacher(teacher_model, teacher_adapter, teacher_dtype)`, full logits when `full_vocab_kd`.
     cached: `CachedTeacher(teacher_cache)`, checked against teacher_topk, temperature, tokenizer and train_data.
     network: `NetworkTeacher(teacher_url, api_key=teacher_api_key, protocol=teacher_protocol,
-    vocab_size=teacher_vocab_size)` (the key defaults to $TEACHER_API_KEY).
+    vocab_size=teacher_vocab_size, model=teacher_model (openai), tokenizer=tokenizer)` (the key defaults to
+    $TEACHER_API_KEY; with openai the server must serve that model and tokenizer).
     """
     kind = config.teacher_source
     if kind == "direct":
@@ -44,5 +45,7 @@ def build_teacher_source(config, device=None) -> TeacherSource:
             api_key=config.teacher_api_key,
             protocol=config.teacher_protocol,
             vocab_size=config.teacher_vocab_size,
+            model=config.teacher_model if config.teacher_protocol == "openai" else None,
+            tokenizer=config.tokenizer,
         )
     raise ValueError(f"config key 'teacher_source': {kind!r} is not one of ('direct', 'cached', 'network')")
