@@ -45,8 +45,19 @@ def vllm_direct(vllm_teacher_dir):
 
 
 @pytest.fixture(scope="module")
-def vllm_server(vllm_teacher_dir, vllm_python, tmp_path_factory):
-    """A stock vLLM OpenAI-compatible server serving the tiny teacher (float32, --max-logprobs 64)."""
+def vllm_starting_server(vllm_teacher_dir, vllm_python, tmp_path_factory):
+    """A stock vLLM OpenAI-compatible server serving the tiny teacher (float32, --max-logprobs 64), handed
+    over as soon as its process is launched: the first test to use it meets a server still starting."""
     log = tmp_path_factory.mktemp("vllm-server") / "vllm.log"
-    with VLLMServerProcess(vllm_teacher_dir, vllm_python, max_logprobs=MAX_LOGPROBS, log_path=str(log)) as server:
-        yield server
+    server = VLLMServerProcess(vllm_teacher_dir, vllm_python, max_logprobs=MAX_LOGPROBS, log_path=str(log))
+    try:
+        yield server.start(wait=False)
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def vllm_server(vllm_starting_server):
+    """The same server, once it answers /health."""
+    vllm_starting_server.wait_ready()
+    return vllm_starting_server

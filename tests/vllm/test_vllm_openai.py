@@ -29,6 +29,24 @@ def assert_topk_matches(got_ids, got_lps, want_ids_k1, want_lps_k1, k):
     return int((~clear).sum())
 
 
+def test_a_vllm_server_still_starting_is_waited_for(vllm_starting_server, vllm_direct, caplog):
+    """Runs first in this module, while vLLM loads (about a minute or more): the client waits, bounded by
+    startup_timeout, saying so every 10 s, and then answers correctly."""
+    torch.manual_seed(1)
+    ids = torch.randint(0, vllm_direct.vocab_size, (2, 16))
+    with pytest.raises(httpx.TransportError):  # the premise: nothing answers yet
+        httpx.get(f"{vllm_starting_server.url}/health", timeout=5)
+    with caplog.at_level(logging.WARNING, logger="training.teachers.network"):
+        with NetworkTeacher(vllm_starting_server.url, protocol="openai", vocab_size=vllm_direct.vocab_size,
+                            retries=0, startup_timeout=900) as teacher:
+            out = teacher.topk(ids, None, k=8)
+    # vLLM takes far longer than the 10 s between notes to start: the wait was announced
+    assert any("waiting for the teacher server" in r.getMessage() for r in caplog.records)
+    want = vllm_direct.topk(ids, None, k=9)
+    for b in range(2):
+        assert_topk_matches(out.token_ids[b], out.logprobs[b], want.token_ids[b], want.logprobs[b], 8)
+
+
 def test_what_a_real_vllm_server_sends(vllm_server, vllm_direct):
     """The facts the parser relies on: entry 0 null, then the top-k plus the prompt token when it is
     outside the top-k (k or k+1 keys), and the generated token's top-k keyed "token_id:<id>"."""
