@@ -1,10 +1,13 @@
 """NetworkTeacher: the teacher's top-k over HTTP, from `python -m training.serve_teacher` (`/v1/topk`)
 or, as a fallback, from any stock vLLM OpenAI-compatible server (`/v1/completions` + `prompt_logprobs`).
 
-Rows are sent without their padding and the answer is re-padded here. Every answer is checked against
-the request (row lengths, k, an input checksum, id range, finite sorted log-probs) and retried with
-exponential backoff when the server is down, overloaded or sends a broken answer; after the retry
-budget a `TeacherUnavailableError` says so. A failed or partial answer is never returned.
+Before the first request the client waits (bounded by `startup_timeout`) for a server that is still
+starting, and with the openai protocol checks that the server serves the asked-for model and the run's
+tokenizer (docs/vllm.md). Rows are sent without their padding and the answer is re-padded here. Every
+answer is checked against the request (row lengths, k, an input checksum, id range, finite sorted
+log-probs) and retried with exponential backoff when the server is down, overloaded or sends a broken
+answer; after the retry budget a `TeacherUnavailableError` says so. A failed or partial answer is never
+returned.
 """
 
 from __future__ import annotations
