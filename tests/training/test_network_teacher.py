@@ -167,7 +167,8 @@ def test_server_killed_and_restarted_mid_sequence(tiny_teacher_dir, direct, tmp_
     batches = [torch.randint(0, direct.vocab_size, (2, 12)) for _ in range(5)]
     proc = ServerProcess(["--model", tiny_teacher_dir], log_path=str(tmp_path / "server.log"), env=ONE_THREAD).start()
     try:
-        with NetworkTeacher(proc.url, retries=12, backoff=0.2, max_backoff=2.0) as teacher:
+        # ~75 s of retries: a restart takes seconds, longer on a busy machine
+        with NetworkTeacher(proc.url, retries=40, backoff=0.2, max_backoff=2.0) as teacher:
             outs = []
             for i, batch in enumerate(batches):
                 if i == 2:
