@@ -439,5 +439,16 @@ def test_example_config_builds_a_network_teacher(monkeypatch):
                          ["--teacher_url", "http://127.0.0.1:9", "--bf16", "false", "--use_cpu", "true"])
     teacher = build_teacher_source(config)
     assert isinstance(teacher, NetworkTeacher) and teacher.binary and teacher.protocol == "topk"
+    assert teacher.retries == 5  # teacher_retries' default; raise it to outlast a server restart
     assert teacher._client.headers["authorization"] == "Bearer from-env"  # the key stays out of the YAML
     teacher.close()
+    config = load_config(os.path.join(repo, "examples/configs/train_network.yaml"),
+                         ["--teacher_url", "http://127.0.0.1:9", "--bf16", "false", "--use_cpu", "true",
+                          "--teacher_retries", "12"])
+    teacher = build_teacher_source(config)
+    assert teacher.retries == 12
+    teacher.close()
+    with pytest.raises(ValueError, match="teacher_retries.*>= 0"):
+        load_config(os.path.join(repo, "examples/configs/train_network.yaml"),
+                    ["--teacher_url", "http://127.0.0.1:9", "--bf16", "false", "--use_cpu", "true",
+                     "--teacher_retries", "-1"])

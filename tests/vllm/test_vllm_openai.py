@@ -156,15 +156,13 @@ def test_vllm_killed_and_restarted_mid_run_continues_the_run(
                 vllm_server.kill()  # SIGKILL, workers included: the teacher machine dies ...
                 vllm_server.start(wait=False)  # ... and comes back (about a minute) while the client retries
 
-    # Retries outlast a vLLM start-up (~1-2 min here): 0.5 + 1 + 2 + 4 + 5 * 56 s.
-    teacher = NetworkTeacher(vllm_server.url, protocol="openai", vocab_size=vllm_direct.vocab_size, retries=60,
-                             backoff=0.5, max_backoff=5.0)
-    try:
-        with caplog.at_level(logging.WARNING, logger="training.teachers.network"):
-            run = distill(tmp_path, vllm_teacher_dir, tokenizer, "restarted", teacher=teacher,
-                          callbacks=[KillAndRestartAfterStep2()])
-    finally:
-        teacher.close()
-    assert vllm_server.pid != first_pid
+    # From the config alone: teacher_retries=14 waits 0.5 + 1 + ... + 16 + 8 * 30 s, ~4.5 min, which
+    # outlasts a vLLM restart on this machine (1-3 min in eager mode).
+    with caplog.at_level(logging.WARNING, logger="training.teachers.network"):
+        run = distill(tmp_path, vllm_teacher_dir, tokenizer, "restarted", teacher_source="network",
+                      teacher_url=vllm_server.url, teacher_protocol="openai", teacher_vocab_size=vllm_direct.vocab_size,
+                      teacher_retries=14, callbacks=[KillAndRestartAfterStep2()])
+    run.teacher.close()
+    assert run.teacher.retries == 14 and vllm_server.pid != first_pid
     assert any("retry" in r.getMessage() for r in caplog.records)  # the run really waited for the new server
     assert_same_losses(losses(run), direct_losses)

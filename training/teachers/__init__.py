@@ -15,7 +15,8 @@ def build_teacher_source(config, device=None) -> TeacherSource:
     direct: `DirectTeacher(teacher_model, teacher_adapter, teacher_dtype)`, full logits when `full_vocab_kd`.
     cached: `CachedTeacher(teacher_cache)`, checked against teacher_topk, temperature, tokenizer and train_data.
     network: `NetworkTeacher(teacher_url, api_key=teacher_api_key, protocol=teacher_protocol,
-    vocab_size=teacher_vocab_size, model=teacher_model (openai), tokenizer=tokenizer)` (the key defaults to
+    vocab_size=teacher_vocab_size, model=teacher_model (openai), tokenizer=tokenizer,
+    retries=teacher_retries)` (the key defaults to
     $TEACHER_API_KEY; with openai the server must serve that model and tokenizer).
     """
     kind = config.teacher_source
@@ -47,5 +48,6 @@ def build_teacher_source(config, device=None) -> TeacherSource:
             vocab_size=config.teacher_vocab_size,
             model=config.teacher_model if config.teacher_protocol == "openai" else None,
             tokenizer=config.tokenizer,
+            retries=config.teacher_retries,
         )
     raise ValueError(f"config key 'teacher_source': {kind!r} is not one of ('direct', 'cached', 'network')")
