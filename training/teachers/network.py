@@ -82,7 +82,7 @@ class NetworkTeacher:
             "openai" protocol a probe text is tokenized here and by the server's `/tokenize`; different ids
             mean the server serves another tokenizer (another teacher), which is refused at once.
         startup_timeout: seconds to wait, before the first request, for a server that is still starting
-            (vLLM takes about a minute) or not up yet; a warning says what it waits for every ~10 s.
+            (vLLM takes one to several minutes) or not up yet; a warning says what it waits for every ~10 s.
     """
 
     def __init__(
@@ -100,7 +100,7 @@ class NetworkTeacher:
         model: str | None = None,
         vocab_size: int | None = None,
         tokenizer=None,
-        startup_timeout: float = 300.0,
+        startup_timeout: float = 600.0,
     ):
         if protocol not in ("topk", "openai"):
             raise ValueError(f"protocol={protocol!r} must be 'topk' (our /v1/topk) or 'openai' (vLLM /v1/completions)")
