@@ -49,6 +49,8 @@ class RetNetConfig(PretrainedConfig):
             torchscale's parallel form computes it: each output row is divided by
             max(sqrt(sum_m D_nm), |sum_m q_n k_m D_nm|) before the per-head norm. The norm cancels that factor
             except through its eps, so it matters only for exact parity with torchscale checkpoints.
+        fp32_decays (`bool`, defaults to False): evaluate the decays log(1 - 2^(-5-h)) in fp32, as torchscale does,
+            where heads h >= 20 round to gamma = 1 (no decay); False computes them exactly (float64, log1p).
     """
 
     model_type = "hf_retnet"  # "retnet" belongs to flash-linear-attention
@@ -78,6 +80,7 @@ class RetNetConfig(PretrainedConfig):
         rotary_spacing: str = "arange",
         group_norm_affine: bool = True,
         retention_score_normalization: bool = False,
+        fp32_decays: bool = False,
         **kwargs,
     ):
         if hidden_size % num_heads != 0:
@@ -120,6 +123,7 @@ class RetNetConfig(PretrainedConfig):
         self.rotary_spacing = rotary_spacing
         self.group_norm_affine = group_norm_affine
         self.retention_score_normalization = retention_score_normalization
+        self.fp32_decays = fp32_decays
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from .configuration_retnet import RetNetConfig
-from .modeling_retnet import RetNetForCausalLM, rotary_linspace_inv_freq
+from .modeling_retnet import RetNetForCausalLM, fp32_log_decays, rotary_linspace_inv_freq
 
 # torchscale 0.3.0 `RetNetConfig` defaults of the arguments that shape a RetNet decoder.
 TORCHSCALE_DEFAULTS = {
@@ -241,6 +241,7 @@ def config_from_torchscale(state_dict: Mapping[str, torch.Tensor], args=None, **
         rotary_spacing="linspace",
         group_norm_affine=False,
         retention_score_normalization=True,
+        fp32_decays=True,
         **value_width,
     )
     return RetNetConfig(**{**kwargs, **overrides})
@@ -278,8 +279,7 @@ def _value_dim(config: RetNetConfig) -> int:
 def _torchscale_buffers(config: RetNetConfig) -> dict[str, torch.Tensor]:
     """The `retnet_rel_pos` buffers as torchscale 0.3.0 computes them for this shape."""
     angle = rotary_linspace_inv_freq(config).unsqueeze(-1).repeat(1, 2).flatten()
-    decay = torch.log(1 - 2 ** (-5 - torch.arange(config.num_heads, dtype=torch.float)))
-    return {ANGLE_KEY: angle, DECAY_KEY: decay}
+    return {ANGLE_KEY: angle, DECAY_KEY: fp32_log_decays(config.num_heads)}
 
 
 def convert_state_dict(state_dict: Mapping[str, torch.Tensor], config: RetNetConfig) -> dict[str, torch.Tensor]:
@@ -314,7 +314,7 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], config: RetNetCon
         if not tensor.is_floating_point():
             raise ValueError(f"{key} has dtype {tensor.dtype}; a RetNet's weights are floating point")
     for key, ours in _torchscale_buffers(config).items():
-        if key in state_dict and not torch.allclose(state_dict[key].float(), ours, rtol=1e-6, atol=1e-7):
+        if key in state_dict and not torch.allclose(state_dict[key].float(), ours, rtol=1e-6, atol=0.0):
             raise ValueError(
                 f"{key} = {state_dict[key].tolist()[:6]}... differs from torchscale 0.3.0's {ours.tolist()[:6]}...: "
                 "the checkpoint comes from a torchscale patched to other rotary angles or decays, which this "
@@ -400,7 +400,7 @@ def torchscale_args(config: RetNetConfig) -> dict:
         "rope_theta": 10000.0,
         "group_norm_affine": False,
         "retention_score_normalization": True,
-    }
+    }  # fp32_decays is checked on the decays themselves: below 21 heads both ways agree
     for name, value in needed.items():
         if getattr(config, name) != value:
             raise ValueError(
@@ -448,7 +448,7 @@ def to_torchscale_state_dict(model: RetNetForCausalLM, prefix: str = "") -> dict
     for key, value in _torchscale_buffers(config).items():
         out[key] = value
     log_decay = model.model.layers[0].retention.log_decay.float().cpu()
-    if not torch.allclose(log_decay, out[DECAY_KEY], rtol=1e-6, atol=1e-7):
+    if not torch.allclose(log_decay, out[DECAY_KEY], rtol=1e-6, atol=0.0):
         raise ValueError(f"the model's decays {log_decay.exp().tolist()} are not torchscale's fixed 1 - 2^(-5-h)")
     return {prefix + k: v.detach().cpu().contiguous() for k, v in out.items()}
 

@@ -145,6 +145,12 @@ def retnet_log_decays(num_heads: int) -> torch.Tensor:
     return torch.log1p(-torch.pow(2.0, -5.0 - torch.arange(num_heads, dtype=torch.float64))).float()
 
 
+def fp32_log_decays(num_heads: int) -> torch.Tensor:
+    """log(1 - 2^(-5-h)) evaluated in fp32 (`fp32_decays=True`), as torchscale computes its decay buffer: heads
+    h >= 20 get log 1 = 0, i.e. no decay. Only for exact parity with checkpoints trained that way."""
+    return torch.log(1 - 2 ** (-5 - torch.arange(num_heads, dtype=torch.float)))
+
+
 def _decay_matrix(time: torch.Tensor, log_decay: torch.Tensor) -> torch.Tensor:
     """D[..., n, m] = gamma^(c_n - c_m) for m <= n, else 0.  time: [B, *, T] -> [B, H, *, T, T]."""
     t = time.shape[-1]
@@ -223,7 +229,10 @@ def retention_score_scale(qz: torch.Tensor, positions: torch.Tensor, log_decay: 
     as one divisor per row. R_n = sum_m D_nm = (1 - gamma^N) / (1 - gamma) over the N = positions + 1 real tokens
     read; q_n . z_n = sum_m q_n k_m D_nm. qz: [B, H, T, 1], positions: [B, T] -> [B, H, T, 1]."""
     count = positions.float().unsqueeze(1) + 1  # [B, 1, T]
-    rows = torch.expm1(count * log_decay.view(1, -1, 1)) / torch.expm1(log_decay).view(1, -1, 1)  # [B, H, T]
+    log_decay = log_decay.view(1, -1, 1)
+    no_decay = log_decay == 0  # gamma = 1 (fp32_decays, heads >= 20): R_n = N
+    rows = torch.expm1(count * log_decay) / torch.expm1(log_decay).masked_fill(no_decay, 1.0)  # [B, H, T]
+    rows = torch.where(no_decay, count, rows)
     return torch.maximum(rows.sqrt().unsqueeze(-1), qz.abs())
 
 
@@ -311,7 +320,8 @@ class RetNetMultiScaleRetention(nn.Module):
         self.rotate = rotate_every_two if config.rotary_style == "interleaved" else rotate_half
         self.score_normalization = config.retention_score_normalization
         # gamma_h = 1 - 2^(-5-h): fixed, not learned; a buffer so it follows .to(device) but stays fp32.
-        self.register_buffer("log_decay", retnet_log_decays(config.num_heads), persistent=False)
+        log_decay = fp32_log_decays if config.fp32_decays else retnet_log_decays
+        self.register_buffer("log_decay", log_decay(config.num_heads), persistent=False)
 
     def forward(self, hidden_states, cos, sin, mask, time, state=None, mode="chunkwise", positions=None):
         """hidden_states: [B, T, d]; cos/sin: [B, 1, T, d_k]; mask, time: [B, T]; state: [B, H, d_k, d_v] fp32
@@ -411,7 +421,8 @@ class RetNetPreTrainedModel(PreTrainedModel):
         elif isinstance(module, RetNetRMSNorm) and module.weight is not None:
             init.ones_(module.weight)
         elif isinstance(module, RetNetMultiScaleRetention):
-            init.copy_(module.log_decay, retnet_log_decays(module.num_heads))
+            log_decay = fp32_log_decays if self.config.fp32_decays else retnet_log_decays
+            init.copy_(module.log_decay, log_decay(module.num_heads))
         elif isinstance(module, RetNetRotaryEmbedding):
             dim = self.config.head_dim
             inv_freq = 1.0 / (self.config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
