@@ -10,6 +10,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	# torch first and pinned: on these machines 2.13.0 is a local CPU wheel; an unpinned torch pulls CUDA.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps torchscale==0.3.0 fairscale==0.4.0  # the torchscale extra, without timm (docs/torchscale.md)
 	touch $@
 
 install: $(VENV)/.installed

@@ -186,7 +186,7 @@ def torchscale_incremental(decoder, ids, steps: int = 0):
     """torchscale's token-by-token decoding: its recurrent form fed one token per call (torchscale passes the
     whole prefix and reads the last token). Returns the logits of every position and `steps` greedy tokens."""
     state, logits, n = {}, [], ids.shape[1]
-    for t in range(n + steps - 1):
+    for t in range(n + steps - 1 if steps else n):  # the last generated token needs no forward
         out = decoder(ids[:, : t + 1], incremental_state=state)[0][:, -1]
         logits.append(out)
         if t + 1 >= n:
