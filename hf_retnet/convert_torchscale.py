@@ -1,6 +1,7 @@
 """Convert torchscale RetNet checkpoints to `hf_retnet` (and back) with identical outputs.
 
-    python -m hf_retnet.convert_torchscale <checkpoint.pt | .safetensors> <out dir> [--config args.json|yaml] [--tokenizer DIR]
+    python -m hf_retnet.convert_torchscale <checkpoint.pt | .safetensors> <out dir> \
+        [--config args.json|yaml] [--tokenizer DIR]
     python -m hf_retnet.convert_torchscale --to-torchscale <hf_retnet dir> <out.pt | out.safetensors>
 
 The checkpoint is the state dict of a torchscale `RetNetDecoder` (torchscale 0.3.0), bare or under a prefix as
@@ -142,7 +143,9 @@ def load_torchscale_args(source) -> dict:
     elif not isinstance(source, Mapping):
         source = vars(source)
     if not isinstance(source, Mapping):
-        raise ValueError(f"the torchscale config must be a mapping of RetNetConfig arguments; got {type(source).__name__}")
+        raise ValueError(
+            f"the torchscale config must be a mapping of RetNetConfig arguments; got {type(source).__name__}"
+        )
     if not any(k in source for k in TORCHSCALE_DEFAULTS) and isinstance(source.get("model"), Mapping):
         source = source["model"]
     return {k: source[k] for k in TORCHSCALE_DEFAULTS if k in source and source[k] is not None}
@@ -250,7 +253,8 @@ def config_from_torchscale(state_dict: Mapping[str, torch.Tensor], args=None, **
 def expected_torchscale_keys(config: RetNetConfig) -> dict[str, tuple[int, ...]]:
     """torchscale key -> shape for the RetNetDecoder `config` describes (buffers included)."""
     d, v, f = config.hidden_size, _value_dim(config), config.intermediate_size
-    shapes = {"embed_tokens.weight": (config.vocab_size, d), "layer_norm.weight": (d,), OUTPUT_KEY: (config.vocab_size, d)}
+    shapes = {"embed_tokens.weight": (config.vocab_size, d), "layer_norm.weight": (d,)}
+    shapes[OUTPUT_KEY] = (config.vocab_size, d)
     per_layer = {
         "retention.q_proj.weight": (d, d),
         "retention.k_proj.weight": (d, d),
@@ -276,6 +280,12 @@ def _value_dim(config: RetNetConfig) -> int:
     return config.hidden_size * config.value_factor
 
 
+def _same(stored: torch.Tensor, computed: torch.Tensor) -> bool:
+    """A stored rotary / decay buffer equals the fp32 value we compute, once rounded to the buffer's dtype (a model
+    saved after .half() holds them rounded)."""
+    return torch.allclose(stored.float().cpu(), computed.to(stored.dtype).float(), rtol=1e-6, atol=0.0)
+
+
 def _torchscale_buffers(config: RetNetConfig) -> dict[str, torch.Tensor]:
     """The `retnet_rel_pos` buffers as torchscale 0.3.0 computes them for this shape."""
     angle = rotary_linspace_inv_freq(config).unsqueeze(-1).repeat(1, 2).flatten()
@@ -298,9 +308,11 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], config: RetNetCon
         )
     extra = [k for k in state_dict if k not in expected]
     if extra:
-        hint = {
-            "layernorm_embedding.weight": " (layernorm_embedding=True is not supported)",
-        }.get(extra[0], "" if ".A." not in extra[0] and ".B." not in extra[0] else " (multiway RetNets are not supported)")
+        hint = ""
+        if extra[0] == "layernorm_embedding.weight":
+            hint = " (layernorm_embedding=True is not supported)"
+        elif ".A." in extra[0] or ".B." in extra[0]:
+            hint = " (multiway RetNets are not supported)"
         raise KeyError(
             f"unexpected key {extra[0]!r}{hint}" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
             + ": it has no place in an hf_retnet model of this config; check the checkpoint and --config"
@@ -314,7 +326,8 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], config: RetNetCon
         if not tensor.is_floating_point():
             raise ValueError(f"{key} has dtype {tensor.dtype}; a RetNet's weights are floating point")
     for key, ours in _torchscale_buffers(config).items():
-        if key in state_dict and not torch.allclose(state_dict[key].float(), ours, rtol=1e-6, atol=0.0):
+        theirs = state_dict.get(key)  # a checkpoint saved after .half() holds them rounded to its dtype
+        if theirs is not None and not _same(theirs, ours):
             raise ValueError(
                 f"{key} = {state_dict[key].tolist()[:6]}... differs from torchscale 0.3.0's {ours.tolist()[:6]}...: "
                 "the checkpoint comes from a torchscale patched to other rotary angles or decays, which this "
@@ -407,13 +420,18 @@ def torchscale_args(config: RetNetConfig) -> dict:
                 f"{name}={getattr(config, name)!r}: torchscale's RetNet computes {name}={value!r}, so this model has "
                 "no torchscale equivalent (only models converted from torchscale, or built with its options, do)"
             )
-    for name, value in (("num_kv_heads", config.num_heads), ("retention_decays", None), ("use_output_gate", True),
-                        ("gate_bias", False), ("rope_scaling", None)):
-        if getattr(config, name, value) != value:  # options of other converters, when this version has them
-            raise ValueError(f"{name}={getattr(config, name)!r} has no torchscale equivalent")
+    others = (("num_kv_heads", config.num_heads), ("head_dim", config.hidden_size // config.num_heads),
+              ("retention_decays", None), ("use_output_gate", True), ("gate_bias", False), ("rotary_scaling", None))
+    for name, value in others:
+        if getattr(config, name, value) != value:  # options of other converters, where this version has them
+            raise ValueError(
+                f"{name}={getattr(config, name)!r} has no torchscale equivalent (it needs {name}={value!r})"
+            )
     act = {v: k for k, v in ACTIVATIONS.items()}.get(config.hidden_act)
     if act is None:
-        raise ValueError(f"hidden_act={config.hidden_act!r} is not one of torchscale's activations {sorted(ACTIVATIONS.values())}")
+        raise ValueError(
+            f"hidden_act={config.hidden_act!r} is not one of torchscale's activations {sorted(ACTIVATIONS.values())}"
+        )
     return {
         "vocab_size": config.vocab_size,
         "decoder_embed_dim": config.hidden_size,
@@ -439,16 +457,18 @@ def to_torchscale_state_dict(model: RetNetForCausalLM, prefix: str = "") -> dict
     ours = model.state_dict()
     extra = [k for k in ours if k.endswith(".bias") or "group_norm" in k]
     if extra:
-        raise ValueError(f"{extra[0]} has no place in a torchscale RetNet (its projections have no bias, its group norm no weight)")
+        raise ValueError(
+            f"{extra[0]} has no place in a torchscale RetNet (its projections have no bias, its group norm no weight)"
+        )
     out = {theirs: ours[key] for theirs, key in TOP_KEYS.items()}
     out[OUTPUT_KEY] = ours["lm_head.weight"]
     for i in range(config.num_hidden_layers):
         for theirs, key in LAYER_KEYS.items():
             out[f"layers.{i}.{theirs}"] = ours[f"model.layers.{i}.{key}"]
     for key, value in _torchscale_buffers(config).items():
-        out[key] = value
-    log_decay = model.model.layers[0].retention.log_decay.float().cpu()
-    if not torch.allclose(log_decay, out[DECAY_KEY], rtol=1e-6, atol=0.0):
+        out[key] = value.to(out["embed_tokens.weight"].dtype)  # as torchscale's .to(dtype) leaves them
+    log_decay = model.model.layers[0].retention.log_decay.cpu()  # rounded to the model dtype after .to(dtype)
+    if not _same(log_decay, fp32_log_decays(config.num_heads)):
         raise ValueError(f"the model's decays {log_decay.exp().tolist()} are not torchscale's fixed 1 - 2^(-5-h)")
     return {prefix + k: v.detach().cpu().contiguous() for k, v in out.items()}
 
@@ -520,9 +540,13 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m hf_retnet.convert_torchscale",
         description="Convert a torchscale RetNet checkpoint to an hf_retnet model folder, or (--to-torchscale) back.",
     )
-    parser.add_argument("source", help="torchscale checkpoint (.pt/.bin/.safetensors); with --to-torchscale an hf_retnet folder")
+    parser.add_argument(
+        "source", help="torchscale checkpoint (.pt/.bin/.safetensors); with --to-torchscale an hf_retnet folder"
+    )
     parser.add_argument("output", help="output folder; with --to-torchscale the .pt/.safetensors file to write")
-    parser.add_argument("--config", help="torchscale RetNetConfig arguments (JSON or YAML); shapes come from the weights")
+    parser.add_argument(
+        "--config", help="torchscale RetNetConfig arguments (JSON or YAML); shapes come from the weights"
+    )
     parser.add_argument("--tokenizer", help="tokenizer folder to save beside the model (sets bos/eos/pad ids)")
     parser.add_argument("--to-torchscale", action="store_true", help="convert an hf_retnet folder to torchscale")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")

@@ -9,7 +9,10 @@ skip (saying why) only when it is not installed; the option tests at the top run
 import argparse
 import importlib.util
 import json
+import os
+import subprocess
 import sys
+import textwrap
 import types
 
 import pytest
@@ -135,8 +138,9 @@ def _drop_path(x, drop_prob=0.0, training=False):
 
 def _torchscale():
     """Import torchscale's RetNet, with a stand-in for timm's drop_path when timm is absent or fails to import."""
+    how = "pip install --no-deps torchscale==0.3.0 fairscale==0.4.0 (make install does; see docs/torchscale.md)"
     if importlib.util.find_spec("torchscale") is None:
-        pytest.skip("torchscale is not installed: pip install --no-deps torchscale==0.3.0 fairscale==0.4.0 (see docs/torchscale.md)")
+        pytest.skip(f"torchscale is not installed: {how}")
     if "timm.models.layers" not in sys.modules:
         try:
             from timm.models.layers import drop_path  # noqa: F401  (a working timm, if there is one)
@@ -144,9 +148,11 @@ def _torchscale():
             for name in ("timm", "timm.models", "timm.models.layers"):
                 sys.modules[name] = types.ModuleType(name)
             sys.modules["timm.models.layers"].drop_path = _drop_path
-    from torchscale.architecture.config import RetNetConfig as TorchscaleConfig
-    from torchscale.architecture.retnet import RetNetDecoder
-
+    try:
+        from torchscale.architecture.config import RetNetConfig as TorchscaleConfig
+        from torchscale.architecture.retnet import RetNetDecoder
+    except ImportError as err:  # e.g. fairscale missing
+        pytest.skip(f"torchscale is installed but does not import ({err}): {how}")
     return TorchscaleConfig, RetNetDecoder
 
 
@@ -251,7 +257,8 @@ def test_round_trip_to_torchscale(shape):
         assert torch.equal(back[key], value), key
     TorchscaleConfig, RetNetDecoder = _torchscale()
     ts_args = torchscale_args(torchscale_to_hf(original, args).config)
-    fresh = RetNetDecoder(TorchscaleConfig(**ts_args), embed_tokens=nn.Embedding(args["vocab_size"], args["decoder_embed_dim"]))
+    embed = nn.Embedding(args["vocab_size"], args["decoder_embed_dim"])
+    fresh = RetNetDecoder(TorchscaleConfig(**ts_args), embed_tokens=embed)
     fresh.load_state_dict(back, strict=True)
     ids = torch.randint(0, args["vocab_size"], (1, 9))
     with torch.no_grad():
@@ -309,6 +316,54 @@ def test_files_both_ways_with_tokenizer(tmp_path, tiny_teacher_dir, layout):
     assert sorted(restored) == sorted(original)
     assert all(torch.equal(restored[k], original[k]) for k in original)
     assert json.loads((tmp_path / "back.args.json").read_text())["decoder_layers"] == args["decoder_layers"]
+
+
+def test_converted_folder_runs_as_remote_code_without_the_package(tmp_path):
+    """The torchscale options travel with the saved modeling file: a process that cannot import hf_retnet loads the
+    folder with trust_remote_code and reproduces torchscale's logits."""
+    decoder, args = build_torchscale("h4_v1.5x_gelu")
+    torch.save(decoder.state_dict(), tmp_path / "ckpt.pt")
+    convert_torchscale(tmp_path / "ckpt.pt", tmp_path / "hf", args)
+    ids = torch.randint(0, args["vocab_size"], (2, 12))
+    with torch.no_grad():
+        torch.save({"ids": ids, "expected": decoder(ids)[0]}, tmp_path / "io.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        class Block:  # make `import hf_retnet` impossible in this process
+            def find_spec(self, name, path=None, target=None):
+                if name == "hf_retnet" or name.startswith("hf_retnet."):
+                    raise ImportError("hf_retnet is blocked in this process")
+        sys.meta_path.insert(0, Block())
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "hf")!r}, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        io = torch.load({str(tmp_path / "io.pt")!r})
+        for mode in ("parallel", "chunkwise", "recurrent"):
+            logits = model(io["ids"], retention_mode=mode).logits
+            torch.testing.assert_close(logits, io["expected"], atol=1e-4, rtol=1e-4)
+        print("REMOTE-TORCHSCALE-OK")
+        """
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "PYTHONPATH": ""}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "REMOTE-TORCHSCALE-OK" in result.stdout
+
+
+def test_half_precision_checkpoint_keeps_its_dtype():
+    decoder, args = build_torchscale("h2_v1x_swish")
+    half = {k: v.to(torch.bfloat16) for k, v in decoder.state_dict().items()}
+    model = torchscale_to_hf(half, args)
+    assert model.dtype == torch.bfloat16 and model.config.dtype == torch.bfloat16
+    back = to_torchscale_state_dict(model)
+    assert sorted(back) == sorted(half) and all(torch.equal(back[k], half[k]) for k in half)
+    ids = torch.randint(0, args["vocab_size"], (1, 8))
+    with torch.no_grad():
+        decoder.load_state_dict({k: v.float() for k, v in half.items()})
+        ref = decoder(ids)[0]
+        assert (model(ids).logits.float() - ref).abs().max() < 0.05 * ref.abs().max()
 
 
 def test_output_is_not_overwritten_by_accident(tmp_path):
@@ -375,7 +430,8 @@ def test_config_not_matching_weights(arg, value, needle):
 def test_mis_shaped_weight_is_named():
     sd, args = _state()
     sd["layers.1.retention.g_proj.weight"] = torch.zeros(40, 32)
-    with pytest.raises(ValueError, match=r"layers.1.retention.g_proj.weight has shape \(40, 32\) but the config implies \(48, 32\)"):
+    needle = r"layers.1.retention.g_proj.weight has shape \(40, 32\) but the config implies \(48, 32\)"
+    with pytest.raises(ValueError, match=needle):
         torchscale_to_hf(sd, args)
 
 
