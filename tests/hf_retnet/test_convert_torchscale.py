@@ -295,10 +295,15 @@ def test_files_both_ways_with_tokenizer(tmp_path, tiny_teacher_dir, layout):
     decoder, args = build_torchscale(shape)
     ckpt = tmp_path / f"ckpt.{layout.split('.')[-1]}"
     _save(decoder.state_dict(), ckpt, layout)
-    (tmp_path / "args.yaml").write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in args.items()) + "lr: 0.001\n")
+    if layout == "bare.pt":  # training arguments beside the model's are ignored
+        config_file = tmp_path / "args.json"
+        config_file.write_text(json.dumps({**args, "lr": 0.001, "seed": 1}))
+    else:
+        config_file = tmp_path / "args.yaml"
+        config_file.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in args.items()) + "lr: 0.001\n")
     out = tmp_path / "hf"
     tokenizer = tiny_teacher_dir if args["vocab_size"] >= 512 else None
-    argv = [str(ckpt), str(out), "--config", str(tmp_path / "args.yaml")]
+    argv = [str(ckpt), str(out), "--config", str(config_file)]
     assert main(argv + (["--tokenizer", str(tokenizer)] if tokenizer else [])) == 0
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     if tokenizer:
@@ -364,6 +369,14 @@ def test_half_precision_checkpoint_keeps_its_dtype():
         decoder.load_state_dict({k: v.float() for k, v in half.items()})
         ref = decoder(ids)[0]
         assert (model(ids).logits.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path, tiny_teacher_dir):
+    decoder, args = build_torchscale("h4_v1.5x_gelu")  # 101 ids; the tiny tokenizer has several hundred
+    torch.save(decoder.state_dict(), tmp_path / "ckpt.pt")
+    with pytest.raises(ValueError, match=r"has \d+ tokens but the checkpoint's vocabulary has 101"):
+        convert_torchscale(tmp_path / "ckpt.pt", tmp_path / "out", args, tokenizer=tiny_teacher_dir)
+    assert not (tmp_path / "out").exists()
 
 
 def test_output_is_not_overwritten_by_accident(tmp_path):
