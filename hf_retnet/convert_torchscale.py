@@ -351,9 +351,13 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], config: RetNetCon
 def torchscale_to_hf(state_dict: Mapping[str, torch.Tensor], args=None, **overrides) -> RetNetForCausalLM:
     """A RetNetForCausalLM (eval mode, in the checkpoint's dtype) computing what the torchscale RetNet computes."""
     state_dict = strip_prefix(state_dict)
-    if OUTPUT_KEY not in state_dict and "share_decoder_input_output_embed" not in load_torchscale_args(args):
-        # safetensors' save_model drops one name of a shared tensor: a missing output projection means tied.
-        args = {**load_torchscale_args(args), "share_decoder_input_output_embed": True}
+    given = load_torchscale_args(args)
+    if "share_decoder_input_output_embed" not in given:
+        # Not stated: a shared output projection is either absent (safetensors' save_model keeps one name of a
+        # shared tensor) or equal to the embedding.
+        output, embed = state_dict.get(OUTPUT_KEY), state_dict.get("embed_tokens.weight")
+        shared = output is None or (embed is not None and output.shape == embed.shape and torch.equal(output, embed))
+        args = {**given, "share_decoder_input_output_embed": shared}
     config = config_from_torchscale(state_dict, args, **overrides)
     weights = convert_state_dict(state_dict, config)
     dtype = weights["model.embed_tokens.weight"].dtype

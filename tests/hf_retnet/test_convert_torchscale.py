@@ -470,6 +470,23 @@ def test_cli_reports_errors_without_a_traceback(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_heads_come_from_the_buffers_or_the_config():
+    sd, args = _state()
+    del sd["retnet_rel_pos.decay"], sd["retnet_rel_pos.angle"]
+    shapes = {k: v for k, v in args.items() if k != "decoder_retention_heads"}
+    with pytest.raises(ValueError, match="head count is unknown: pass the torchscale config"):
+        torchscale_to_hf(sd, shapes)
+    assert torchscale_to_hf(sd, args).config.num_heads == 4
+
+
+def test_tying_is_read_from_the_weights_when_the_config_does_not_say():
+    tied, args = build_torchscale("h3_v3x_relu_tied")
+    untied, _ = build_torchscale("h2_v1x_swish")
+    unsaid = {k: v for k, v in args.items() if k != "share_decoder_input_output_embed"}
+    assert torchscale_to_hf(tied.state_dict(), unsaid).config.tie_word_embeddings
+    assert not torchscale_to_hf(untied.state_dict()).config.tie_word_embeddings
+
+
 def test_prefix_is_found_and_other_entries_ignored():
     sd, _ = _state()
     wrapped = {**{f"model.decoder.{k}": v for k, v in sd.items()}, "criterion.weight": torch.zeros(1)}
