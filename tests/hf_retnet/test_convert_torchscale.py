@@ -141,11 +141,13 @@ def _torchscale():
     how = "pip install --no-deps torchscale==0.3.0 fairscale==0.4.0 (make install does; see docs/torchscale.md)"
     if importlib.util.find_spec("torchscale") is None:
         pytest.skip(f"torchscale is not installed: {how}")
-    if "timm.models.layers" not in sys.modules:
+    stand_in = []
+    if "torchscale.component.droppath" not in sys.modules:
         try:
             from timm.models.layers import drop_path  # noqa: F401  (a working timm, if there is one)
         except Exception:  # absent, or torchvision's CUDA build failing to import
-            for name in ("timm", "timm.models", "timm.models.layers"):
+            stand_in = ["timm", "timm.models", "timm.models.layers"]
+            for name in stand_in:
                 sys.modules[name] = types.ModuleType(name)
             sys.modules["timm.models.layers"].drop_path = _drop_path
     try:
@@ -153,6 +155,9 @@ def _torchscale():
         from torchscale.architecture.retnet import RetNetDecoder
     except ImportError as err:  # e.g. fairscale missing
         pytest.skip(f"torchscale is installed but does not import ({err}): {how}")
+    finally:  # torchscale holds its own reference to drop_path; nothing else may mistake the stand-in for timm
+        for name in stand_in:
+            sys.modules.pop(name, None)
     return TorchscaleConfig, RetNetDecoder
 
 
