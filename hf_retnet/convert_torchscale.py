@@ -197,7 +197,8 @@ def config_from_torchscale(state_dict: Mapping[str, torch.Tensor], args=None, **
     vocab, embed = _shape(state_dict, "embed_tokens.weight")
     value = _shape(state_dict, "layers.0.retention.v_proj.weight")[0]
     ffn = _shape(state_dict, "layers.0.ffn.fc1.weight")[0]
-    layers = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("layers."))
+    parts = [k.split(".") for k in state_dict]
+    layers = 1 + max(int(p[1]) for p in parts if p[0] == "layers" and len(p) > 1 and p[1].isdigit())
     inferred = {
         "vocab_size": (vocab, "embed_tokens.weight"),
         "decoder_embed_dim": (embed, "embed_tokens.weight"),
