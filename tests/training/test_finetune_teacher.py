@@ -104,7 +104,7 @@ def test_adapter_is_served_identically_by_direct_cached_and_network_teachers(
     finetuned, tiny_teacher_dir, tiny_tokenizer, tmp_path
 ):
     from training.cache_teacher_logits import main as cache_main
-    from training.serve_teacher import ServerProcess
+    from tests.servers import ServerProcess
     from training.teachers.cached import CachedTeacher
     from training.teachers.network import NetworkTeacher
 
