@@ -224,14 +224,37 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def rotary_inv_freq(config: RetNetConfig) -> torch.Tensor:
+    """Rotary frequencies theta^(-2i/d) of one head, with Llama-3's scaling when `config.rotary_scaling` asks for it:
+    long wavelengths are slowed by `factor`, short ones kept, the band between interpolated smoothly."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaling = getattr(config, "rotary_scaling", None) or {}
+    if scaling.get("rope_type", scaling.get("type")) == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        context = scaling["original_max_position_embeddings"]
+        wavelen = 2 * torch.pi / inv_freq
+        smooth = ((context / wavelen - low) / (high - low)).clamp(0.0, 1.0)  # 0: long wavelength, 1: short
+        inv_freq = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return inv_freq.float()
+
+
+def retention_log_decays(config: RetNetConfig, layer_idx: int, default: torch.Tensor) -> torch.Tensor:
+    """log gamma of each k/v head of one layer: `config.retention_decays` when given, else the first
+    `num_kv_heads` of RetNet's fixed defaults `default` (heads in a k/v group share one state, hence one decay)."""
+    decays = getattr(config, "retention_decays", None)
+    if decays is None:
+        return default[: getattr(config, "num_kv_heads", None) or config.num_heads]
+    row = decays[layer_idx] if isinstance(decays[0], (list, tuple)) else decays
+    return torch.log(torch.tensor(row, dtype=torch.float64)).float()
+
+
 class RetNetRotaryEmbedding(nn.Module):
     """Rotary relative position of queries and keys; with the per-head decay this is RetNet's xPos-style encoding."""
 
     def __init__(self, config: RetNetConfig):
         super().__init__()
-        dim = config.head_dim
-        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", rotary_inv_freq(config), persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: [B, T] -> cos, sin: [B, 1, T, d_k] fp32."""
@@ -247,37 +270,52 @@ class RetNetMultiScaleRetention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads = config.num_heads
+        self.num_kv_heads = getattr(config, "num_kv_heads", None) or config.num_heads
         self.head_dim = config.head_dim
-        self.value_dim = config.hidden_size * config.value_factor
+        self.value_dim = config.num_heads * config.head_dim * config.value_factor
+        kv_value_dim = self.num_kv_heads * config.head_dim * config.value_factor
         self.chunk_size = config.chunk_size
-        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, self.value_dim, bias=False)
-        self.g_proj = nn.Linear(config.hidden_size, self.value_dim, bias=False)
+        self.q_proj = nn.Linear(config.hidden_size, config.num_heads * config.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * config.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, kv_value_dim, bias=False)
+        if getattr(config, "use_output_gate", True):
+            self.g_proj = nn.Linear(config.hidden_size, self.value_dim, bias=getattr(config, "gate_bias", False))
+        else:
+            self.g_proj = None
         self.o_proj = nn.Linear(self.value_dim, config.hidden_size, bias=False)
         self.group_norm = RetNetRMSNorm(self.value_dim, eps=config.rms_norm_eps, groups=config.num_heads)
         # gamma_h = 1 - 2^(-5-h): fixed, not learned; a buffer so it follows .to(device) but stays fp32.
         log_decay = torch.log(1 - torch.pow(2.0, -5.0 - torch.arange(config.num_heads, dtype=torch.float32)))
+        log_decay = retention_log_decays(config, layer_idx, log_decay)  # [num_kv_heads]
         self.register_buffer("log_decay", log_decay, persistent=False)
 
     def forward(self, hidden_states, cos, sin, mask, time, state=None, mode="chunkwise"):
         """hidden_states: [B, T, d]; cos/sin: [B, 1, T, d_k]; mask, time: [B, T]; state: [B, H, d_k, d_v] fp32."""
         b, t, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(b, t, self.num_heads, -1).transpose(1, 2).float()  # [B, H, T, d_k]
-        k = self.k_proj(hidden_states).view(b, t, self.num_heads, -1).transpose(1, 2).float()
-        v = self.v_proj(hidden_states).view(b, t, self.num_heads, -1).transpose(1, 2).float()  # [B, H, T, d_v]
+        k = self.k_proj(hidden_states).view(b, t, self.num_kv_heads, -1).transpose(1, 2).float()  # [B, H_kv, T, d_k]
+        v = self.v_proj(hidden_states).view(b, t, self.num_kv_heads, -1).transpose(1, 2).float()  # [B, H_kv, T, d_v]
         q = q * cos + rotate_half(q) * sin
         k = (k * cos + rotate_half(k) * sin) * (self.head_dim**-0.5)
         keep = mask[:, None, :, None].float()
         k, v = k * keep, v * keep  # padding adds nothing to the state
         log_decay = self.log_decay.float()
+        group = self.num_heads // self.num_kv_heads
+        if group > 1:  # every query head of a group reads its k/v head's state: expand, compute, keep one copy
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+            log_decay = log_decay.repeat_interleave(group)
+            state = None if state is None else state.repeat_interleave(group, dim=1)
         if mode == "parallel":
             out, state = retention_parallel(q, k, v, log_decay, time, state)
         elif mode == "chunkwise":
             out, state = retention_chunkwise(q, k, v, log_decay, time, state, self.chunk_size)
         else:
             out, state = retention_recurrent(q, k, v, log_decay, time, state)
+        if group > 1:
+            state = state[:, ::group].contiguous()  # [B, H_kv, d_k, d_v]: group members hold identical states
         out = self.group_norm(out.transpose(1, 2).reshape(b, t, self.value_dim))  # [B, T, H * d_v], fp32
+        if self.g_proj is None:
+            return self.o_proj(out.to(hidden_states.dtype)), state
         gate = F.silu(self.g_proj(hidden_states))
         return self.o_proj(gate * out.to(gate.dtype)), state
 
@@ -351,11 +389,9 @@ class RetNetPreTrainedModel(PreTrainedModel):
             init.ones_(module.weight)
         elif isinstance(module, RetNetMultiScaleRetention):
             decay = 1 - torch.pow(2.0, -5.0 - torch.arange(module.num_heads, dtype=torch.float32))
-            init.copy_(module.log_decay, torch.log(decay))
+            init.copy_(module.log_decay, retention_log_decays(self.config, module.layer_idx, torch.log(decay)))
         elif isinstance(module, RetNetRotaryEmbedding):
-            dim = self.config.head_dim
-            inv_freq = 1.0 / (self.config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-            init.copy_(module.inv_freq, inv_freq)
+            init.copy_(module.inv_freq, rotary_inv_freq(self.config))
 
 
 class RetNetModel(RetNetPreTrainedModel):
