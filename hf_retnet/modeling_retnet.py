@@ -502,6 +502,16 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @classmethod
+    def from_llama(cls, llama_model_or_path, **kwargs) -> "RetNetForCausalLM":
+        """A teacher-initialised RetNet from a `LlamaForCausalLM` (or its folder): see `hf_retnet.convert_llama`.
+        The converter ships with the `hf_retnet` package, not with checkpoints, so it is imported only here."""
+        try:
+            from hf_retnet.convert_llama import retnet_from_llama
+        except ImportError as err:
+            raise ImportError("from_llama needs the hf_retnet package installed (install this project: pip install -e .)") from err
+        return retnet_from_llama(llama_model_or_path, **kwargs)
+
     def get_input_embeddings(self):
         return self.model.embed_tokens
 
