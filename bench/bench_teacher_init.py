@@ -1,0 +1,225 @@
+"""Teacher-initialised vs random-init RetNet students on a real teacher, at one token budget.
+
+    # the demo teacher as a Llama folder (python -m training.convert_llama2c ... --output runs/teacher260K)
+    python bench/bench_teacher_init.py prepare --teacher runs/teacher260K --text tinystories_4000.txt --work runs/ti
+    python bench/bench_teacher_init.py run --work runs/ti --arm random_init     # the two arms can run side by side
+    python bench/bench_teacher_init.py run --work runs/ti --arm teacher_init
+    python bench/bench_teacher_init.py report --work runs/ti                    # table + teacher_init.png
+
+Held-out text: the last 10% of the paragraphs, each BOS-prefixed and whole (never trained on). Training text: the
+rest, packed into 256-token windows. Both arms distil with DistillationTrainer (Muon + AdamW, top-64 forward KL,
+alpha 0.5, batch 16 x 256) for the same total budget; the teacher-initialised arm spends part of it on stage 1
+(`training.align`), and its curve starts at those tokens. The held-out loss is measured token-weighted on every
+held-out paragraph at the end, and on the first 100 paragraphs during training (the curve).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BATCH, SEQ = 16, 256
+ARMS = ("random_init", "teacher_init")
+
+
+def _paragraphs(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as handle:
+        return [p.strip() for p in handle.read().split("\n\n") if p.strip()]
+
+
+def _write_text(path: str, paragraphs: list[str]) -> None:
+    with open(path + ".tmp", "w", encoding="utf-8") as handle:
+        handle.write("\n\n".join(paragraphs) + "\n")
+    os.replace(path + ".tmp", path)
+
+
+def prepare(args) -> None:
+    """Split the text, give the teacher's tokenizer a pad token, pack the training text."""
+    from transformers import AutoTokenizer
+
+    os.makedirs(args.work, exist_ok=True)
+    paragraphs = _paragraphs(args.text)
+    cut = len(paragraphs) - len(paragraphs) // 10
+    _write_text(os.path.join(args.work, "train.txt"), paragraphs[:cut])
+    _write_text(os.path.join(args.work, "eval.txt"), paragraphs[cut:])
+    _write_text(os.path.join(args.work, "eval_small.txt"), paragraphs[cut : cut + 100])
+    teacher = os.path.join(args.work, "teacher")
+    if not os.path.isdir(teacher):
+        import shutil
+
+        shutil.copytree(args.teacher, teacher)
+    tokenizer = AutoTokenizer.from_pretrained(teacher)
+    if tokenizer.pad_token is None:  # padding positions are masked; any id will do
+        tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.save_pretrained(teacher)
+    packed = os.path.join(args.work, "train_packed")
+    if not os.path.isdir(packed):
+        subprocess.run([sys.executable, "-m", "training.preprocess", "--input", os.path.join(args.work, "train.txt"),
+                        "--output", packed, "--tokenizer", teacher, "--max_seq_length", str(SEQ), "--pack"],
+                       check=True, cwd=ROOT)
+    print(f"prepared {args.work}: {cut} training and {len(paragraphs) - cut} held-out paragraphs")
+
+
+def distill_overrides(args, student: str, output_dir: str, steps: int) -> list[str]:
+    w = args.work
+    values = {
+        "student": student, "teacher_source": "direct", "teacher_model": os.path.join(w, "teacher"),
+        "teacher_dtype": "float32", "teacher_topk": 64, "distill_alpha": args.alpha, "kd_loss": "forward_kl",
+        "train_data": os.path.join(w, "train_packed"), "eval_data": os.path.join(w, "eval_small.txt"),
+        "max_seq_length": SEQ, "optim": "muon", "muon_learning_rate": args.muon_lr, "learning_rate": args.lr,
+        "lr_scheduler_type": "cosine", "warmup_steps": max(1, steps // 20), "per_device_train_batch_size": BATCH,
+        "per_device_eval_batch_size": 25, "max_steps": steps, "eval_strategy": "steps", "eval_steps": args.eval_steps,
+        "use_cpu": "true", "dataloader_num_workers": 0, "output_dir": output_dir, "logging_steps": 10,
+        "save_strategy": "no", "report_to": "none", "seed": 0, "eval_on_start": "true",
+    }
+    if student == "random":
+        values["student"] = "350M"
+        values["student_overrides"] = json.dumps(args.random_student)
+    return [x for key, value in values.items() for x in (f"--{key}", str(value))]
+
+
+@torch.no_grad()
+def heldout_loss(model, tokenizer, paragraphs: list[str], batch: int = 25) -> float:
+    """Token-weighted mean next-token loss over whole BOS-prefixed paragraphs."""
+    model.eval()
+    total, count = 0.0, 0
+    encoded = [tokenizer(p)["input_ids"] for p in paragraphs]
+    for start in range(0, len(encoded), batch):
+        chunk = encoded[start : start + batch]
+        width = max(map(len, chunk))
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, e in enumerate(chunk):
+            ids[i, : len(e)], mask[i, : len(e)] = torch.tensor(e), 1
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        total += torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
+        ).item()
+        count += int((labels != -100).sum())
+    return total / count
+
+
+def run_arm(args) -> None:
+    from training.config import load_config
+    from training.train import run
+
+    w = args.work
+    arm_dir = os.path.join(w, args.arm)
+    os.makedirs(arm_dir, exist_ok=True)
+    budget = args.budget_tokens
+    align_tokens = 0
+    student = "random"
+    if args.arm == "teacher_init":
+        from training.align import AlignConfig
+        from training.align import run as align
+
+        aligned = os.path.join(arm_dir, "aligned")
+        os.makedirs(aligned, exist_ok=True)
+        report = align(AlignConfig(
+            teacher=os.path.join(w, "teacher"), student_out=aligned, data=os.path.join(w, "train.txt"),
+            eval_data=os.path.join(w, "eval_small.txt"), max_tokens=args.align_tokens, eval_sequences=32,
+            eval_steps=20, save_steps=10**9,
+        ))
+        align_tokens, student = report["tokens"], aligned
+    steps = max(1, (budget - align_tokens) // (BATCH * SEQ))
+    config = load_config(None, distill_overrides(args, student, os.path.join(arm_dir, "distill"), steps))
+    trainer = run(config)
+    curve = [
+        {"tokens": align_tokens + h["step"] * BATCH * SEQ, "eval_ce": h["eval_ce"], "eval_kd": h.get("eval_kd")}
+        for h in trainer.state.log_history if "eval_ce" in h
+    ]
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(w, "teacher"))
+    final = heldout_loss(trainer.model, tokenizer, _paragraphs(os.path.join(w, "eval.txt")))
+    result = {"arm": args.arm, "align_tokens": align_tokens, "distill_steps": steps, "alpha": args.alpha,
+              "total_tokens": align_tokens + steps * BATCH * SEQ, "heldout_loss": final, "curve": curve}
+    with open(os.path.join(arm_dir, "result.json.tmp"), "w", encoding="utf-8") as handle:
+        json.dump(result, handle, indent=1)
+    os.replace(os.path.join(arm_dir, "result.json.tmp"), os.path.join(arm_dir, "result.json"))
+    print(json.dumps({k: v for k, v in result.items() if k != "curve"}))
+
+
+def report(args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    w = args.work
+    teacher_dir = os.path.join(w, "teacher")
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
+    t_loss = heldout_loss(teacher, tokenizer, _paragraphs(os.path.join(w, "eval.txt")))
+    t_small = heldout_loss(teacher, tokenizer, _paragraphs(os.path.join(w, "eval_small.txt")))
+    rows = [("teacher", 0, t_loss)]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    results = {}
+    for arm in ARMS:
+        path = os.path.join(w, arm, "result.json")
+        if not os.path.isfile(path):
+            continue
+        with open(path, encoding="utf-8") as handle:
+            r = results[arm] = json.load(handle)
+        rows.append((arm, r["total_tokens"], r["heldout_loss"]))
+        ax.plot([p["tokens"] / 1e6 for p in r["curve"]], [p["eval_ce"] for p in r["curve"]], marker=".", label=arm)
+    ax.axhline(t_small, color="k", ls="--", lw=1, label="teacher")
+    ax.set_xlabel("tokens (stage 1 + stage 2), millions")
+    ax.set_ylabel("held-out loss, nats/token (100 paragraphs)")
+    ax.set_ylim(bottom=min(1.5, t_small - 0.1), top=4.0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("RetNet students of stories260K")
+    fig.tight_layout()
+    png = os.path.join(w, "teacher_init.png")
+    fig.savefig(png, dpi=120)
+    print(f"| student | tokens | held-out loss (all held-out paragraphs) | ppl vs teacher |")
+    print("| --- | --- | --- | --- |")
+    for name, tokens, loss in rows:
+        print(f"| {name} | {tokens / 1e6:.2f}M | {loss:.3f} | {torch.tensor(loss - t_loss).exp().item():.2f}x |")
+    if "random_init" in results and "teacher_init" in results:
+        target = results["random_init"]["heldout_loss"]
+        reach = next((p["tokens"] for p in results["teacher_init"]["curve"] if p["eval_ce"] <= target), None)
+        print(f"teacher_init first at or below random_init's final loss ({target:.3f}, curve set) after "
+              f"{'never' if reach is None else f'{reach / 1e6:.2f}M tokens'}")
+    print(f"plot: {png}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare")
+    p.add_argument("--teacher", required=True, help="LlamaForCausalLM folder with its tokenizer")
+    p.add_argument("--text", required=True, help="text file, one story per paragraph")
+    p.add_argument("--work", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--work", required=True)
+    r.add_argument("--arm", choices=ARMS, required=True)
+    r.add_argument("--budget_tokens", type=int, default=600 * BATCH * SEQ)
+    r.add_argument("--align_tokens", type=int, default=200_000)
+    r.add_argument("--alpha", type=float, default=0.5)
+    r.add_argument("--lr", type=float, default=3e-3)
+    r.add_argument("--muon_lr", type=float, default=0.02)
+    r.add_argument("--eval_steps", type=int, default=50)
+    r.add_argument("--random_student", type=json.loads, default={
+        "vocab_size": 512, "hidden_size": 64, "num_hidden_layers": 5, "num_heads": 4, "intermediate_size": 172,
+        "chunk_size": 64,
+    })
+    s = sub.add_parser("report")
+    s.add_argument("--work", required=True)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    {"prepare": prepare, "run": run_arm, "report": report}[args.command](args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
