@@ -25,6 +25,8 @@ import time
 
 import torch
 
+from hf_retnet.modeling_retnet import CACHE_FIELD  # "cache" on transformers >= 5.24, "past_key_values" before
+
 
 def model_kwargs(args):
     return dict(
@@ -103,16 +105,16 @@ def point_decode(args, kind, contexts):
     caches, tokens, times = {}, {}, {c: [] for c in contexts}
     for c in contexts:
         out = model(torch.randint(0, args.vocab_size, (1, c), device=args.device), use_cache=True, **prefill)
-        caches[c], tokens[c] = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        caches[c], tokens[c] = out[CACHE_FIELD], out.logits[:, -1:].argmax(-1)
     for i in range(args.decode_steps):
         for c in contexts:
             sync(args.device)
             start = time.perf_counter()
-            out = model(tokens[c], past_key_values=caches[c], use_cache=True, **step_kwargs)
+            out = model(tokens[c], use_cache=True, **{CACHE_FIELD: caches[c]}, **step_kwargs)
             sync(args.device)
             if i >= 2:  # first steps warm up allocator and kernels
                 times[c].append(time.perf_counter() - start)
-            caches[c], tokens[c] = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            caches[c], tokens[c] = out[CACHE_FIELD], out.logits[:, -1:].argmax(-1)
 
     def cache_bytes(cache):
         if kind == "retnet":

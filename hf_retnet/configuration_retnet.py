@@ -49,7 +49,7 @@ class RetNetConfig(PretrainedConfig):
     """
 
     model_type = "hf_retnet"  # "retnet" belongs to flash-linear-attention
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
     def __init__(
         self,

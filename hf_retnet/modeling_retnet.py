@@ -33,6 +33,17 @@ from .configuration_retnet import RETENTION_MODES, RetNetConfig
 
 logger = logging.get_logger(__name__)
 
+# transformers >= 5.24 names the cache `cache` (in generate(), forward kwargs and model outputs); older 5.x releases
+# name it `past_key_values`. Both are accepted, and outputs use the field the installed release declares, so
+# generate() hands our state back to us on every version this file may meet on the Hub.
+CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _pick_cache(cache: RetNetCache | None, past_key_values: RetNetCache | None) -> RetNetCache | None:
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("pass the recurrent state once, as `cache` (or the older name `past_key_values`), not both")
+    return cache if cache is not None else past_key_values
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Recurrent state
@@ -123,6 +134,14 @@ class RetNetCache(Cache):
 #   q, k: [B, H, T, d_k] (k already masked and scaled), v: [B, H, T, d_v] (masked)
 #   log_decay: [H] (log gamma_h < 0); time: [B, T] effective time c_n; state: [B, H, d_k, d_v] or None
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def retnet_log_decays(num_heads: int) -> torch.Tensor:
+    """log gamma_h = log(1 - 2^(-5-h)), h = 0..H-1: [H] fp32.
+
+    In float64 with log1p: in fp32, 1 - 2^(-5-h) rounds to 1 (no decay at all) from h = 20 on.
+    """
+    return torch.log1p(-torch.pow(2.0, -5.0 - torch.arange(num_heads, dtype=torch.float64))).float()
 
 
 def _decay_matrix(time: torch.Tensor, log_decay: torch.Tensor) -> torch.Tensor:
@@ -285,8 +304,7 @@ class RetNetMultiScaleRetention(nn.Module):
         self.o_proj = nn.Linear(self.value_dim, config.hidden_size, bias=False)
         self.group_norm = RetNetRMSNorm(self.value_dim, eps=config.rms_norm_eps, groups=config.num_heads)
         # gamma_h = 1 - 2^(-5-h): fixed, not learned; a buffer so it follows .to(device) but stays fp32.
-        log_decay = torch.log(1 - torch.pow(2.0, -5.0 - torch.arange(config.num_heads, dtype=torch.float32)))
-        log_decay = retention_log_decays(config, layer_idx, log_decay)  # [num_kv_heads]
+        log_decay = retention_log_decays(config, layer_idx, retnet_log_decays(config.num_heads))  # [num_kv_heads]
         self.register_buffer("log_decay", log_decay, persistent=False)
 
     def forward(self, hidden_states, cos, sin, mask, time, state=None, mode="chunkwise"):
@@ -388,8 +406,8 @@ class RetNetPreTrainedModel(PreTrainedModel):
         elif isinstance(module, RetNetRMSNorm):
             init.ones_(module.weight)
         elif isinstance(module, RetNetMultiScaleRetention):
-            decay = 1 - torch.pow(2.0, -5.0 - torch.arange(module.num_heads, dtype=torch.float32))
-            init.copy_(module.log_decay, retention_log_decays(self.config, module.layer_idx, torch.log(decay)))
+            default = retnet_log_decays(module.num_heads)
+            init.copy_(module.log_decay, retention_log_decays(self.config, module.layer_idx, default))
         elif isinstance(module, RetNetRotaryEmbedding):
             init.copy_(module.inv_freq, rotary_inv_freq(self.config))
 
@@ -416,19 +434,21 @@ class RetNetModel(RetNetPreTrainedModel):
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: RetNetCache | None = None,
+        cache: RetNetCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         retention_mode: str | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        past_key_values: RetNetCache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
         """
         input_ids: [B, T]. attention_mask: [B, T] or [B, past + T] (generation passes the whole mask); zeros are
-        padding. past_key_values: a RetNetCache to start from and update. retention_mode: parallel / chunkwise /
-        recurrent, None for the config's default.
+        padding. cache (older name: past_key_values): a RetNetCache to start from and update. retention_mode:
+        parallel / chunkwise / recurrent, None for the config's default.
         """
+        past_key_values = _pick_cache(cache, past_key_values)
         mode = retention_mode or self.config.retention_mode
         if mode not in RETENTION_MODES:
             raise ValueError(f"retention_mode={mode!r} is not one of {RETENTION_MODES}; pass one of them or None")
@@ -486,7 +506,7 @@ class RetNetModel(RetNetPreTrainedModel):
         if not return_dict:
             return tuple(x for x in (hidden_states, cache, all_hidden_states) if x is not None)
         return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states, past_key_values=cache, hidden_states=all_hidden_states
+            last_hidden_state=hidden_states, hidden_states=all_hidden_states, **{CACHE_FIELD: cache}
         )
 
 
@@ -528,7 +548,7 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: RetNetCache | None = None,
+        cache: RetNetCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -536,14 +556,15 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: RetNetCache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
-        """labels: [B, T] token ids (shifted inside the loss), -100 where no loss is taken."""
+        """labels: [B, T] token ids (shifted inside the loss), -100 where no loss is taken. cache: as in RetNetModel."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=_pick_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             retention_mode=retention_mode,
@@ -556,12 +577,13 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        cache = outputs[CACHE_FIELD] if CACHE_FIELD in outputs else None
         if not return_dict:
-            out = (logits, outputs.past_key_values, outputs.hidden_states)
+            out = (logits, cache, outputs.hidden_states)
             out = tuple(x for x in out if x is not None)
             return (loss,) + out if loss is not None else out
         return CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, **{CACHE_FIELD: cache}
         )
 
 

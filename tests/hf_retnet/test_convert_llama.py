@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from hf_retnet import RetNetForCausalLM, retnet_from_llama
 from hf_retnet.convert_llama import attention_statistics, copied_parameter_names, decays_from_distances
+from hf_retnet.modeling_retnet import CACHE_FIELD
 
 TOL = 1e-4
 
@@ -43,7 +44,7 @@ def test_every_copied_tensor_equals_the_teacher(share_kv, gate, tie):
         if not share_kv and name.endswith(("k_proj.weight", "v_proj.weight")):  # k/v heads repeated per query head
             expected = expected.unflatten(0, (2, -1)).repeat_interleave(2, 0).flatten(0, 1)
         assert torch.equal(ours[name], expected), name
-    state = student(ids(), use_cache=True).past_key_values.states[0]
+    state = student(ids(), use_cache=True)[CACHE_FIELD].states[0]
     assert state.shape[1] == (2 if share_kv else 4)  # shared k/v heads share their state
     assert student.config.num_kv_heads == (2 if share_kv else 4)
     assert (student.lm_head.weight is student.model.embed_tokens.weight) == tie

@@ -5,6 +5,7 @@ import torch
 from transformers import TextIteratorStreamer, pipeline
 
 from hf_retnet import RetNetCache, RetNetConfig, RetNetForCausalLM
+from hf_retnet.modeling_retnet import CACHE_FIELD
 
 TOL = 1e-4
 
@@ -19,17 +20,46 @@ def model():
     return RetNetForCausalLM(config).eval()
 
 
+@pytest.fixture(scope="module")
+def sharp_model():
+    """Larger init: next-token distributions depend strongly on the context, so a lost state cannot hide."""
+    torch.manual_seed(0)
+    config = RetNetConfig(
+        vocab_size=97, hidden_size=32, num_hidden_layers=2, num_heads=4, intermediate_size=64, chunk_size=4,
+        initializer_range=0.3, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+    )
+    return RetNetForCausalLM(config).eval()
+
+
+def uncached_logprobs(model, seq):
+    """log p(next | seq[:t+1]) at every position, each from a full forward with no state carried over."""
+    return torch.log_softmax(model(seq, use_cache=False).logits.double(), -1)
+
+
+def exhaustive_beam_search(model, prompt, num_beams, steps):
+    """Textbook beam search (no EOS, no length penalty) re-running every hypothesis from scratch at each step."""
+    beams = [(0.0, prompt)]
+    for _ in range(steps):
+        candidates = []
+        for score, seq in beams:
+            logp = uncached_logprobs(model, seq[None])[0, -1]
+            top = logp.topk(num_beams)
+            candidates += [(score + v.item(), torch.cat([seq, i.view(1)])) for v, i in zip(top.values, top.indices)]
+        beams = sorted(candidates, key=lambda c: -c[0])[:num_beams]
+    return beams
+
+
 @pytest.mark.parametrize("prompt_len", [3, 8, 11])
 @pytest.mark.parametrize("prefill_mode", ["chunkwise", "parallel"])
 def test_prefill_then_recurrent_decoding_equals_full_forward(model, prompt_len, prefill_mode):
     ids = torch.randint(3, 97, (2, prompt_len + 6))
     full = model(ids, retention_mode="parallel").logits
     out = model(ids[:, :prompt_len], retention_mode=prefill_mode, use_cache=True)
-    cache = out.past_key_values
+    cache = out[CACHE_FIELD]
     assert isinstance(cache, RetNetCache)
     steps = [out.logits]
     for t in range(prompt_len, ids.shape[1]):
-        out = model(ids[:, t : t + 1], past_key_values=cache, retention_mode="recurrent", use_cache=True)
+        out = model(ids[:, t : t + 1], cache=cache, retention_mode="recurrent", use_cache=True)
         steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=TOL, rtol=TOL)
 
@@ -39,20 +69,25 @@ def test_chunked_prefill_in_pieces_equals_one_forward(model):
     full = model(ids, retention_mode="chunkwise").logits
     cache, pieces = None, []
     for start in range(0, 21, 8):
-        out = model(ids[:, start : start + 8], past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(ids[:, start : start + 8], cache=cache, use_cache=True)
+        cache = out[CACHE_FIELD]
         pieces.append(out.logits)
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=TOL, rtol=TOL)
 
 
-def test_greedy_generate_equals_argmax_loop_without_cache(model):
-    ids = torch.randint(3, 97, (1, 7))
-    generated = model.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=None)
+def test_greedy_generate_equals_argmax_loop_without_cache(sharp_model):
+    ids = torch.randint(3, 97, (2, 7))
+    out = sharp_model.generate(
+        ids, max_new_tokens=10, do_sample=False, eos_token_id=None, return_dict_in_generate=True, output_logits=True
+    )
     seq = ids
     for _ in range(10):
-        nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+        nxt = sharp_model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
         seq = torch.cat([seq, nxt], dim=1)
-    assert torch.equal(generated, seq)
+    assert torch.equal(out.sequences, seq)
+    # every step's logits come from the carried state and equal a full uncached forward over the prefix
+    full = sharp_model(seq, use_cache=False).logits[:, 6:-1]
+    torch.testing.assert_close(torch.stack(out.logits, dim=1), full, atol=TOL, rtol=TOL)
 
 
 def test_left_padded_batch_generates_what_each_sequence_generates_alone(model):
@@ -69,22 +104,37 @@ def test_left_padded_batch_generates_what_each_sequence_generates_alone(model):
         assert torch.equal(batched[i, width:], alone[0, len(p) :]), f"sequence {i} differs"
 
 
-def test_sampling_and_beam_search(model):
+def test_sampling_equals_a_manual_sampling_loop_without_cache(sharp_model):
     ids = torch.randint(3, 97, (2, 5))
     torch.manual_seed(1)
-    a = model.generate(ids, max_new_tokens=6, do_sample=True, top_k=10, eos_token_id=None)
+    sampled = sharp_model.generate(ids, max_new_tokens=6, do_sample=True, top_k=10, eos_token_id=None)
     torch.manual_seed(1)
-    b = model.generate(ids, max_new_tokens=6, do_sample=True, top_k=10, eos_token_id=None)
-    assert torch.equal(a, b) and a.shape == (2, 11)
-    beams = model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False, eos_token_id=None)
-    # beam search with a reordered recurrent state scores the same as re-running the chosen sequences
-    out = model.generate(
-        ids, max_new_tokens=6, num_beams=3, do_sample=False, eos_token_id=None,
-        return_dict_in_generate=True, output_scores=True,
+    seq = ids
+    for _ in range(6):
+        logits = sharp_model(seq, use_cache=False).logits[:, -1]
+        kth = logits.topk(10).values[:, -1:]
+        probs = torch.softmax(logits.masked_fill(logits < kth, float("-inf")), -1)
+        seq = torch.cat([seq, torch.multinomial(probs, 1)], dim=1)
+    assert torch.equal(sampled, seq)
+
+
+@pytest.mark.parametrize("num_beams", [2, 3])
+def test_beam_search_equals_exhaustive_uncached_search_and_rescoring(sharp_model, num_beams):
+    ids = torch.randint(3, 97, (2, 5))
+    steps = 6
+    out = sharp_model.generate(
+        ids, max_new_tokens=steps, num_beams=num_beams, num_return_sequences=num_beams, do_sample=False,
+        eos_token_id=None, length_penalty=0.0, early_stopping=True, return_dict_in_generate=True, output_scores=True,
     )
-    assert torch.equal(out.sequences, beams)
-    logp = torch.log_softmax(model(beams).logits[:, 4:-1].float(), -1).gather(-1, beams[:, 5:, None]).sum((1, 2))
-    torch.testing.assert_close(out.sequences_scores * 6, logp, atol=1e-3, rtol=1e-4)
+    for b in range(ids.shape[0]):
+        expected = exhaustive_beam_search(sharp_model, ids[b], num_beams, steps)
+        got = out.sequences[b * num_beams : (b + 1) * num_beams]
+        for (score, seq), hyp, hyp_score in zip(expected, got, out.sequences_scores[b * num_beams :]):
+            assert torch.equal(hyp, seq)
+            torch.testing.assert_close(hyp_score.double(), torch.tensor(score, dtype=torch.float64), atol=1e-4, rtol=0)
+    # sequences_scores equal rescoring the returned sequences from scratch
+    logp = uncached_logprobs(sharp_model, out.sequences)[:, 4:-1].gather(-1, out.sequences[:, 5:, None]).sum((1, 2))
+    torch.testing.assert_close(out.sequences_scores.double(), logp, atol=1e-4, rtol=0)
 
 
 def test_assisted_generation_is_refused_clearly(model):

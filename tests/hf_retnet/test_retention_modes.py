@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from hf_retnet import RetNetConfig, RetNetForCausalLM
-from hf_retnet.modeling_retnet import retention_chunkwise, retention_parallel, retention_recurrent
+from hf_retnet.modeling_retnet import (
+    CACHE_FIELD,
+    retention_chunkwise,
+    retention_parallel,
+    retention_recurrent,
+    retnet_log_decays,
+)
 
 TOL = 1e-4  # fp32
 
@@ -32,7 +38,7 @@ def ops_inputs(b, h, t, dk, dv, padding, seed=0):
     mask = make_mask(b, t, padding)
     k, v = k * mask[:, None, :, None], v * mask[:, None, :, None]
     time = mask.cumsum(-1).float()
-    log_decay = torch.log(1 - 2.0 ** (-5.0 - torch.arange(h, dtype=torch.float32)))
+    log_decay = retnet_log_decays(h)
     state = torch.randn(b, h, dk, dv, generator=g)
     return q, k, v, log_decay, time, state
 
@@ -70,7 +76,7 @@ def test_model_modes_agree(seq_len, chunk_size, batch, padding):
     keep = mask.bool()  # padded positions carry no meaning
     for mode in ("chunkwise", "recurrent"):
         torch.testing.assert_close(outs[mode].logits[keep], outs["parallel"].logits[keep], atol=TOL, rtol=TOL)
-        for a, b in zip(outs[mode].past_key_values.states, outs["parallel"].past_key_values.states):
+        for a, b in zip(outs[mode][CACHE_FIELD].states, outs["parallel"][CACHE_FIELD].states):
             torch.testing.assert_close(a, b, atol=TOL, rtol=TOL)
 
 
@@ -95,7 +101,7 @@ def test_retention_state_is_fp32_in_bf16_model():
     model = RetNetForCausalLM(tiny_config()).to(torch.bfloat16).eval()
     out = model(torch.randint(0, 97, (2, 9)), use_cache=True)
     assert out.logits.dtype == torch.bfloat16
-    assert all(s.dtype == torch.float32 for s in out.past_key_values.states)
+    assert all(s.dtype == torch.float32 for s in out[CACHE_FIELD].states)
 
 
 def test_bf16_close_to_fp32():
@@ -156,7 +162,7 @@ def test_model_modes_agree_with_options(option, padding):
     kv_heads = config.num_kv_heads
     for mode in ("chunkwise", "recurrent"):
         torch.testing.assert_close(outs[mode].logits[keep], outs["parallel"].logits[keep], atol=TOL, rtol=TOL)
-        for a, b in zip(outs[mode].past_key_values.states, outs["parallel"].past_key_values.states):
+        for a, b in zip(outs[mode][CACHE_FIELD].states, outs["parallel"][CACHE_FIELD].states):
             assert a.shape == (2, kv_heads, config.head_dim, config.head_dim * config.value_factor)
             torch.testing.assert_close(a, b, atol=TOL, rtol=TOL)
 
@@ -170,10 +176,10 @@ def test_state_continuation_with_options(option):
     ids = torch.randint(0, 97, (2, 10))
     full = model(ids, retention_mode="parallel").logits
     first = model(ids[:, :6], retention_mode="chunkwise", use_cache=True)
-    cache, steps = first.past_key_values, [first.logits]
+    cache, steps = first[CACHE_FIELD], [first.logits]
     for i in range(6, 10):
         out = model(ids[:, i : i + 1], past_key_values=cache, retention_mode="recurrent", use_cache=True)
-        cache = out.past_key_values
+        cache = out[CACHE_FIELD]
         steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=TOL, rtol=TOL)
 
@@ -228,3 +234,43 @@ def test_llama3_rope_scaling_matches_transformers():
 def test_bad_options_fail_clearly(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         tiny_config(**kwargs)
+
+
+def test_log_decays_are_exact_for_many_heads():
+    heads = 32
+    expected = torch.log1p(-(2.0 ** (-5.0 - torch.arange(heads, dtype=torch.float64))))
+    got = retnet_log_decays(heads)
+    assert got.dtype == torch.float32
+    assert (got < 0).all(), "every head must decay; fp32 log(1 - 2^(-5-h)) rounds to 0 from h = 20"
+    assert (got.diff() > 0).all(), "later heads decay more slowly"
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=0)
+    model = RetNetForCausalLM(tiny_config(hidden_size=64, num_heads=heads))
+    torch.testing.assert_close(model.model.layers[0].retention.log_decay, got, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("seq_len,chunk_size", [(1024, 64), (2048, 128), (3001, 256)])
+def test_ops_agree_on_long_sequences_with_many_heads(seq_len, chunk_size):
+    q, k, v, log_decay, time, state = ops_inputs(1, 24, seq_len, 4, 4, "left", seed=1)
+    ref_out, ref_state = retention_recurrent(q, k, v, log_decay, time, state)
+    chk_out, chk_state = retention_chunkwise(q, k, v, log_decay, time, state, chunk_size)
+    # Slow heads (gamma = 1 - 2^-28) sum thousands of fp32 terms without forgetting, and the recurrent reference
+    # rounds at every step: compare relative to the output's size (5e-5 of its largest value).
+    scale = ref_out.abs().max()
+    torch.testing.assert_close(chk_out, ref_out, atol=5e-5 * scale, rtol=1e-4)
+    torch.testing.assert_close(chk_state, ref_state, atol=1e-5 * ref_state.abs().max(), rtol=1e-4)
+    if seq_len <= 2048:  # parallel is O(T^2) memory
+        par_out, par_state = retention_parallel(q, k, v, log_decay, time, state)
+        torch.testing.assert_close(par_out, ref_out, atol=5e-5 * scale, rtol=1e-4)
+        torch.testing.assert_close(par_state, ref_state, atol=1e-5 * ref_state.abs().max(), rtol=1e-4)
+
+
+def test_model_modes_agree_on_a_long_sequence_with_many_heads():
+    torch.manual_seed(0)
+    model = RetNetForCausalLM(tiny_config(hidden_size=96, num_heads=24, chunk_size=128)).eval()
+    ids = torch.randint(0, 97, (1, 2048))
+    with torch.no_grad():
+        outs = {m: model(ids, retention_mode=m, use_cache=True) for m in ("parallel", "chunkwise", "recurrent")}
+    for mode in ("chunkwise", "recurrent"):
+        torch.testing.assert_close(outs[mode].logits, outs["parallel"].logits, atol=1e-4, rtol=1e-4)
+        for a, b in zip(outs[mode][CACHE_FIELD].states, outs["parallel"][CACHE_FIELD].states):
+            torch.testing.assert_close(a, b, atol=1e-4 * b.abs().max(), rtol=1e-4)
