@@ -116,7 +116,10 @@ def run_arm(args) -> None:
     budget = args.budget_tokens
     align_tokens = 0
     student = "random"
-    if args.arm == "teacher_init":
+    if args.arm == "teacher_init" and args.aligned:  # reuse a stage-1 result; its tokens still count
+        with open(os.path.join(args.aligned, "align_report.json"), encoding="utf-8") as handle:
+            align_tokens, student = json.load(handle)["tokens"], args.aligned
+    elif args.arm == "teacher_init":
         from training.align import AlignConfig
         from training.align import run as align
 
@@ -145,6 +148,51 @@ def run_arm(args) -> None:
         json.dump(result, handle, indent=1)
     os.replace(os.path.join(arm_dir, "result.json.tmp"), os.path.join(arm_dir, "result.json"))
     print(json.dumps({k: v for k, v in result.items() if k != "curve"}))
+
+
+ABLATIONS = {  # stage 1 only: what limits how close a retention layer gets to its attention layer
+    "reference": {},
+    "fixed_decays": {"train": ["q_proj", "k_proj", "v_proj", "o_proj", "g_proj", "group_norm"]},
+    "retnet_decays": {"decays": "retnet"},
+    "no_gate": {"gate": "none"},
+    "state_per_query_head": {"share_kv": False},
+}
+
+
+def ablate(args) -> None:
+    """Stage 1 variants at one token budget: per-layer alignment error and the aligned student's held-out loss."""
+    from transformers import AutoTokenizer
+
+    from hf_retnet import RetNetForCausalLM
+    from training.align import AlignConfig
+    from training.align import run as align
+
+    w = args.work
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(w, "teacher"))
+    small = _paragraphs(os.path.join(w, "eval_small.txt"))
+    results = {}
+    for name in args.variants:
+        out = os.path.join(w, "ablation", name)
+        os.makedirs(out, exist_ok=True)
+        report = align(AlignConfig(
+            teacher=os.path.join(w, "teacher"), student_out=out, data=os.path.join(w, "train.txt"),
+            eval_data=os.path.join(w, "eval_small.txt"), max_tokens=args.align_tokens, eval_sequences=32,
+            eval_steps=10**9, save_steps=10**9, **ABLATIONS[name],
+        ))
+        student = RetNetForCausalLM.from_pretrained(out)
+        results[name] = {"tokens": report["tokens"], "error_at_conversion": report["error_at_conversion"],
+                         "error_after": report["error_after"], "heldout_loss_small": heldout_loss(student, tokenizer, small)}
+        print(name, json.dumps(results[name]))
+    path = os.path.join(w, "ablation", "results.json")
+    with open(path + ".tmp", "w", encoding="utf-8") as handle:
+        json.dump(results, handle, indent=1)
+    os.replace(path + ".tmp", path)
+    print("| stage-1 variant | per-layer error after | mean | held-out loss, stage 1 only (100 paragraphs) |")
+    print("| --- | --- | --- | --- |")
+    for name, r in results.items():
+        errs = r["error_after"]
+        print(f"| {name} | {' '.join(f'{e:.3f}' for e in errs)} | {sum(errs) / len(errs):.3f} | "
+              f"{r['heldout_loss_small']:.3f} |")
 
 
 def report(args) -> None:
@@ -205,6 +253,7 @@ def main(argv=None) -> int:
     r.add_argument("--arm", choices=ARMS, required=True)
     r.add_argument("--budget_tokens", type=int, default=600 * BATCH * SEQ)
     r.add_argument("--align_tokens", type=int, default=200_000)
+    r.add_argument("--aligned", default=None, help="teacher_init: an existing training.align output to start from")
     r.add_argument("--alpha", type=float, default=0.5)
     r.add_argument("--lr", type=float, default=3e-3)
     r.add_argument("--muon_lr", type=float, default=0.02)
@@ -213,11 +262,15 @@ def main(argv=None) -> int:
         "vocab_size": 512, "hidden_size": 64, "num_hidden_layers": 5, "num_heads": 4, "intermediate_size": 172,
         "chunk_size": 64,
     })
+    a = sub.add_parser("ablate")
+    a.add_argument("--work", required=True)
+    a.add_argument("--align_tokens", type=int, default=100_000)
+    a.add_argument("--variants", nargs="+", choices=sorted(ABLATIONS), default=list(ABLATIONS))
     s = sub.add_parser("report")
     s.add_argument("--work", required=True)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    {"prepare": prepare, "run": run_arm, "report": report}[args.command](args)
+    {"prepare": prepare, "run": run_arm, "ablate": ablate, "report": report}[args.command](args)
     return 0
 
 

@@ -92,3 +92,9 @@ def test_yaml_config_and_overrides(tmp_path):
 def test_bad_config_fails_clearly(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         AlignConfig(**{**dict(teacher="t", student_out="o", data="d"), **kwargs})
+
+
+def test_example_config_parses():
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    config = parse_args(["--config", os.path.join(root, "examples", "configs", "align_stories260K.yaml")])
+    assert config.decays == "attention" and config.gate == "constant" and "decays" in config.train
