@@ -111,7 +111,7 @@ def run_arm(args) -> None:
     from training.train import run
 
     w = args.work
-    arm_dir = os.path.join(w, args.arm)
+    arm_dir = os.path.join(w, args.tag or args.arm)
     os.makedirs(arm_dir, exist_ok=True)
     budget = args.budget_tokens
     align_tokens = 0
@@ -142,7 +142,7 @@ def run_arm(args) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(w, "teacher"))
     final = heldout_loss(trainer.model, tokenizer, _paragraphs(os.path.join(w, "eval.txt")))
-    result = {"arm": args.arm, "align_tokens": align_tokens, "distill_steps": steps, "alpha": args.alpha,
+    result = {"arm": args.arm, "tag": args.tag or args.arm, "align_tokens": align_tokens, "distill_steps": steps, "alpha": args.alpha,
               "total_tokens": align_tokens + steps * BATCH * SEQ, "heldout_loss": final, "curve": curve}
     with open(os.path.join(arm_dir, "result.json.tmp"), "w", encoding="utf-8") as handle:
         json.dump(result, handle, indent=1)
@@ -211,14 +211,15 @@ def report(args) -> None:
     rows = [("teacher", 0, t_loss)]
     fig, ax = plt.subplots(figsize=(7, 4))
     results = {}
-    for arm in ARMS:
-        path = os.path.join(w, arm, "result.json")
+    for tag in sorted(os.listdir(w)):
+        path = os.path.join(w, tag, "result.json")
         if not os.path.isfile(path):
             continue
         with open(path, encoding="utf-8") as handle:
-            r = results[arm] = json.load(handle)
-        rows.append((arm, r["total_tokens"], r["heldout_loss"]))
-        ax.plot([p["tokens"] / 1e6 for p in r["curve"]], [p["eval_ce"] for p in r["curve"]], marker=".", label=arm)
+            r = results[tag] = json.load(handle)
+        label = f"{tag} (alpha {r['alpha']})"
+        rows.append((label, r["total_tokens"], r["heldout_loss"]))
+        ax.plot([p["tokens"] / 1e6 for p in r["curve"]], [p["eval_ce"] for p in r["curve"]], marker=".", label=label)
     ax.axhline(t_small, color="k", ls="--", lw=1, label="teacher")
     ax.set_xlabel("tokens (stage 1 + stage 2), millions")
     ax.set_ylabel("held-out loss, nats/token (100 paragraphs)")
@@ -238,6 +239,9 @@ def report(args) -> None:
         reach = next((p["tokens"] for p in results["teacher_init"]["curve"] if p["eval_ce"] <= target), None)
         print(f"teacher_init first at or below random_init's final loss ({target:.3f}, curve set) after "
               f"{'never' if reach is None else f'{reach / 1e6:.2f}M tokens'}")
+    print(f"curves (held-out loss on the first 100 held-out paragraphs; teacher {t_small:.3f}):")
+    for tag, r in results.items():
+        print(f"  {tag}: " + ", ".join(f"{p['tokens'] / 1e6:.2f}M {p['eval_ce']:.3f}" for p in r["curve"]))
     print(f"plot: {png}")
 
 
@@ -253,6 +257,7 @@ def main(argv=None) -> int:
     r.add_argument("--arm", choices=ARMS, required=True)
     r.add_argument("--budget_tokens", type=int, default=600 * BATCH * SEQ)
     r.add_argument("--align_tokens", type=int, default=200_000)
+    r.add_argument("--tag", default=None, help="folder name of this run under --work (default: the arm)")
     r.add_argument("--aligned", default=None, help="teacher_init: an existing training.align output to start from")
     r.add_argument("--alpha", type=float, default=0.5)
     r.add_argument("--lr", type=float, default=3e-3)
