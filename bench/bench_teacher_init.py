@@ -106,6 +106,21 @@ def heldout_loss(model, tokenizer, paragraphs: list[str], batch: int = 25) -> fl
     return total / count
 
 
+def heldout_curve_callback(paragraphs, tokenizer, points: list, offset_tokens: int):
+    """At every evaluation, the held-out loss as defined above (BOS-prefixed whole paragraphs, no EOS), appended
+    to `points` as {"tokens", "heldout"}; the Trainer's own eval_ce also scores an EOS the teacher never predicts."""
+    from transformers import TrainerCallback
+
+    class HeldoutCurve(TrainerCallback):
+        def on_evaluate(self, args, state, control, model=None, **kwargs):
+            was_training = model.training
+            points.append({"tokens": offset_tokens + state.global_step * BATCH * SEQ,
+                           "heldout": heldout_loss(model, tokenizer, paragraphs)})
+            model.train(was_training)
+
+    return HeldoutCurve()
+
+
 def run_arm(args) -> None:
     from training.config import load_config
     from training.train import run
@@ -133,14 +148,14 @@ def run_arm(args) -> None:
         align_tokens, student = report["tokens"], aligned
     steps = max(1, (budget - align_tokens) // (BATCH * SEQ))
     config = load_config(None, distill_overrides(args, student, os.path.join(arm_dir, "distill"), steps))
-    trainer = run(config)
-    curve = [
-        {"tokens": align_tokens + h["step"] * BATCH * SEQ, "eval_ce": h["eval_ce"], "eval_kd": h.get("eval_kd")}
-        for h in trainer.state.log_history if "eval_ce" in h
-    ]
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(w, "teacher"))
+    points: list[dict] = []
+    small = _paragraphs(os.path.join(w, "eval_small.txt"))
+    trainer = run(config, callbacks=[heldout_curve_callback(small, tokenizer, points, align_tokens)])
+    evals = [h for h in trainer.state.log_history if "eval_ce" in h]
+    curve = [{**p, "eval_ce": h["eval_ce"], "eval_kd": h.get("eval_kd")} for p, h in zip(points, evals)]
     final = heldout_loss(trainer.model, tokenizer, _paragraphs(os.path.join(w, "eval.txt")))
     result = {"arm": args.arm, "tag": args.tag or args.arm, "align_tokens": align_tokens, "distill_steps": steps, "alpha": args.alpha,
               "total_tokens": align_tokens + steps * BATCH * SEQ, "heldout_loss": final, "curve": curve}
@@ -209,6 +224,15 @@ def report(args) -> None:
     t_loss = heldout_loss(teacher, tokenizer, _paragraphs(os.path.join(w, "eval.txt")))
     t_small = heldout_loss(teacher, tokenizer, _paragraphs(os.path.join(w, "eval_small.txt")))
     rows = [("teacher", 0, t_loss)]
+    aligned = os.path.join(w, "teacher_init", "aligned")
+    if os.path.isfile(os.path.join(aligned, "align_report.json")):  # stage 1 alone, before any distillation
+        from hf_retnet import RetNetForCausalLM
+
+        with open(os.path.join(aligned, "align_report.json"), encoding="utf-8") as handle:
+            align_tokens = json.load(handle)["tokens"]
+        stage1 = RetNetForCausalLM.from_pretrained(aligned)
+        rows.append(("teacher_init, stage 1 only", align_tokens,
+                     heldout_loss(stage1, tokenizer, _paragraphs(os.path.join(w, "eval.txt")))))
     fig, ax = plt.subplots(figsize=(7, 4))
     results = {}
     for tag in sorted(os.listdir(w)):
@@ -219,7 +243,9 @@ def report(args) -> None:
             r = results[tag] = json.load(handle)
         label = f"{tag} (alpha {r['alpha']})"
         rows.append((label, r["total_tokens"], r["heldout_loss"]))
-        ax.plot([p["tokens"] / 1e6 for p in r["curve"]], [p["eval_ce"] for p in r["curve"]], marker=".", label=label)
+        points = [p for p in r["curve"] if "heldout" in p]  # the Trainer's eval_ce is another metric: not mixed in
+        if points:
+            ax.plot([p["tokens"] / 1e6 for p in points], [p["heldout"] for p in points], marker=".", label=label)
     ax.axhline(t_small, color="k", ls="--", lw=1, label="teacher")
     ax.set_xlabel("tokens (stage 1 + stage 2), millions")
     ax.set_ylabel("held-out loss, nats/token (100 paragraphs)")
@@ -235,13 +261,13 @@ def report(args) -> None:
     for name, tokens, loss in rows:
         print(f"| {name} | {tokens / 1e6:.2f}M | {loss:.3f} | {torch.tensor(loss - t_loss).exp().item():.2f}x |")
     if "random_init" in results and "teacher_init" in results:
-        target = results["random_init"]["heldout_loss"]
-        reach = next((p["tokens"] for p in results["teacher_init"]["curve"] if p["eval_ce"] <= target), None)
+        target = results["random_init"]["curve"][-1].get("heldout", float("nan"))  # same 100 paragraphs as the curve
+        reach = next((p["tokens"] for p in results["teacher_init"]["curve"] if p.get("heldout", 9) <= target), None)
         print(f"teacher_init first at or below random_init's final loss ({target:.3f}, curve set) after "
               f"{'never' if reach is None else f'{reach / 1e6:.2f}M tokens'}")
     print(f"curves (held-out loss on the first 100 held-out paragraphs; teacher {t_small:.3f}):")
     for tag, r in results.items():
-        print(f"  {tag}: " + ", ".join(f"{p['tokens'] / 1e6:.2f}M {p['eval_ce']:.3f}" for p in r["curve"]))
+        print(f"  {tag}: " + ", ".join(f"{p['tokens'] / 1e6:.2f}M {p.get('heldout', float('nan')):.3f}" for p in r["curve"]))
     print(f"plot: {png}")
 
 
@@ -260,7 +286,7 @@ def main(argv=None) -> int:
     r.add_argument("--tag", default=None, help="folder name of this run under --work (default: the arm)")
     r.add_argument("--aligned", default=None, help="teacher_init: an existing training.align output to start from")
     r.add_argument("--alpha", type=float, default=0.5)
-    r.add_argument("--lr", type=float, default=3e-3)
+    r.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (embeddings, head, norms, 1-D)")
     r.add_argument("--muon_lr", type=float, default=0.02)
     r.add_argument("--eval_steps", type=int, default=50)
     r.add_argument("--random_student", type=json.loads, default={
