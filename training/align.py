@@ -261,7 +261,13 @@ def run(config: AlignConfig) -> dict:
         groups.append({"params": decays, "lr": config.decay_learning_rate, "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95))
     if resuming:
-        optimizer.load_state_dict(torch.load(os.path.join(checkpoint, "optimizer.pt"), map_location=device))
+        try:
+            optimizer.load_state_dict(torch.load(os.path.join(checkpoint, "optimizer.pt"), map_location=device))
+        except ValueError as err:
+            raise ValueError(
+                f"{checkpoint}: its optimizer state does not fit this run's trained parts ({err}); resume with the "
+                "same `train` and `gate` settings, or delete the checkpoint folder to start over"
+            ) from None
     peak = [g["lr"] for g in optimizer.param_groups]
     max_log_decay = math.log(1 - 1e-5)
 

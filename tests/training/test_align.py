@@ -98,3 +98,37 @@ def test_example_config_parses():
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     config = parse_args(["--config", os.path.join(root, "examples", "configs", "align_stories260K.yaml")])
     assert config.decays == "attention" and config.gate == "constant" and "decays" in config.train
+
+
+def test_resume_continues_from_the_checkpoint(tiny_teacher_dir, text_file, tmp_path):
+    """A checkpoint (as an interrupted run leaves it) is picked up: steps, tokens, history and weights continue."""
+    from transformers import AutoModelForCausalLM as Auto
+
+    from hf_retnet import retnet_from_llama
+    from training.align import CHECKPOINT_DIR, _save_checkpoint, _trainable
+
+    out = tmp_path / "aligned"
+    student = retnet_from_llama(Auto.from_pretrained(tiny_teacher_dir), gate="constant")
+    with torch.no_grad():
+        student.model.layers[0].retention.q_proj.weight.mul_(0.5)  # a mark the resumed run must start from
+    weights, _ = _trainable(student, ["group_norm"])
+    optimizer = torch.optim.AdamW([{"params": weights}])
+    state = {"step": 7, "tokens": 900, "epoch": 0, "position": 28,
+             "history": [{"step": 0, "tokens": 0, "errors": [9.0, 9.0]}]}
+    _save_checkpoint(str(out / CHECKPOINT_DIR), student, optimizer, state)
+    report = run(AlignConfig(
+        teacher=tiny_teacher_dir, student_out=str(out), data=text_file, max_tokens=1_400, batch_size=4,
+        max_seq_length=32, resume=True, train=["group_norm"], eval_sequences=4,
+    ))
+    assert report["steps"] > 7 and report["tokens"] >= 1_400
+    assert report["error_at_conversion"] == [9.0, 9.0]  # the history came from the checkpoint
+    ours = load_file(str(out / "model.safetensors"))
+    torch.testing.assert_close(ours["model.layers.0.retention.q_proj.weight"],
+                               student.model.layers[0].retention.q_proj.weight)  # q_proj not trained: kept
+    assert not os.path.exists(out / CHECKPOINT_DIR)
+
+    # A checkpoint from another `train` list is refused with the fix in the message.
+    _save_checkpoint(str(out / CHECKPOINT_DIR), student, optimizer, state)
+    with pytest.raises(ValueError, match="same `train`"):
+        run(AlignConfig(teacher=tiny_teacher_dir, student_out=str(out), data=text_file, max_tokens=1_400,
+                        batch_size=4, max_seq_length=32, resume=True, gate="constant", eval_sequences=4))
