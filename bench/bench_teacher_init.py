@@ -260,11 +260,14 @@ def report(args) -> None:
     print("| --- | --- | --- | --- |")
     for name, tokens, loss in rows:
         print(f"| {name} | {tokens / 1e6:.2f}M | {loss:.3f} | {torch.tensor(loss - t_loss).exp().item():.2f}x |")
-    if "random_init" in results and "teacher_init" in results:
-        target = results["random_init"]["curve"][-1].get("heldout", float("nan"))  # same 100 paragraphs as the curve
-        reach = next((p["tokens"] for p in results["teacher_init"]["curve"] if p.get("heldout", 9) <= target), None)
-        print(f"teacher_init first at or below random_init's final loss ({target:.3f}, curve set) after "
-              f"{'never' if reach is None else f'{reach / 1e6:.2f}M tokens'}")
+    if "heldout" in (results.get("random_init", {}).get("curve") or [{}])[-1]:
+        target = results["random_init"]["curve"][-1]["heldout"]  # same 100 paragraphs as the curves
+        for tag, r in results.items():
+            points = [p for p in r["curve"] if "heldout" in p]
+            if tag.startswith("teacher_init") and points:
+                reach = next((p["tokens"] for p in points if p["heldout"] <= target), None)
+                print(f"{tag} first at or below random_init's final curve loss ({target:.3f}) after "
+                      f"{'never' if reach is None else f'{reach / 1e6:.2f}M tokens'}")
     print(f"curves (held-out loss on the first 100 held-out paragraphs; teacher {t_small:.3f}):")
     for tag, r in results.items():
         print(f"  {tag}: " + ", ".join(f"{p['tokens'] / 1e6:.2f}M {p.get('heldout', float('nan')):.3f}" for p in r["curve"]))
