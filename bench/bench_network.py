@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
-from training.serve_teacher import ServerProcess  # noqa: E402
+from tests.servers import ServerProcess  # noqa: E402
 from training.teachers.network import NetworkTeacher, parse_vllm_completion  # noqa: E402
 from training.wire import BINARY_MEDIA_TYPE, decode_binary  # noqa: E402
 

@@ -3,6 +3,8 @@
 from transformers.configuration_utils import PretrainedConfig
 
 RETENTION_MODES = ("parallel", "chunkwise", "recurrent")
+ROTARY_STYLES = ("halves", "interleaved")
+ROTARY_SPACINGS = ("arange", "linspace")
 
 # The seed's two student sizes, on the Llama-3 vocabulary so a Llama-3 teacher's tokenizer is reused as is.
 # Parameter counts (tied embeddings): 350M -> 351.6M, 500M -> 508.3M (printed by tests/hf_retnet/test_config.py).
@@ -46,6 +48,24 @@ class RetNetConfig(PretrainedConfig):
             False drops the gate (and g_proj), so the layer has the shape of the attention it may replace.
         gate_bias (`bool`, defaults to False): give g_proj a bias, so the gate can start as a constant
             (zero weights, bias b: swish(b) for every token) and learn to depend on the input.
+        value_head_dim (`int`, *optional*): value/gate width of one head, when it is not a whole multiple of the
+            key width (torchscale's `decoder_value_embed_dim / decoder_retention_heads`). None: `value_factor`
+            times the key width.
+        hidden_act (`str`, defaults to "silu"): activation of the gated FFN down(act(gate(x)) * up(x)) ("gelu" for
+            torchscale's GLU, whose `fc1`, `gate`, `fc2` are our `gate_proj`, `up_proj`, `down_proj`).
+        rotary_style (`str`, defaults to "halves"): which coordinates the rotary encoding rotates together:
+            "halves" pairs i with i + d_k/2 (Llama), "interleaved" pairs 2i with 2i + 1 (torchscale, GPT-J).
+        rotary_spacing (`str`, defaults to "arange"): exponents of the rotary frequencies theta^-e_i:
+            "arange" e_i = 2i/d_k (Llama), "linspace" e_i = i/(d_k/2 - 1), i.e. torch.linspace(0, 1, d_k/2)
+            (torchscale, whose slowest pair turns at exactly 1/theta).
+        group_norm_affine (`bool`, defaults to True): give the per-head output norm a learned weight; torchscale's
+            has none.
+        retention_score_normalization (`bool`, defaults to False): the paper's retention score normalisation, as
+            torchscale's parallel form computes it: each output row is divided by
+            max(sqrt(sum_m D_nm), |sum_m q_n k_m D_nm|) before the per-head norm. The norm cancels that factor
+            except through its eps, so it matters only for exact parity with torchscale checkpoints.
+        fp32_decays (`bool`, defaults to False): evaluate the decays log(1 - 2^(-5-h)) in fp32, as torchscale does,
+            where heads h >= 20 round to gamma = 1 (no decay); False computes them exactly (float64, log1p).
     """
 
     model_type = "hf_retnet"  # "retnet" belongs to flash-linear-attention
@@ -75,6 +95,13 @@ class RetNetConfig(PretrainedConfig):
         retention_decays: list | None = None,
         use_output_gate: bool = True,
         gate_bias: bool = False,
+        value_head_dim: int | None = None,
+        hidden_act: str = "silu",
+        rotary_style: str = "halves",
+        rotary_spacing: str = "arange",
+        group_norm_affine: bool = True,
+        retention_score_normalization: bool = False,
+        fp32_decays: bool = False,
         **kwargs,
     ):
         if hidden_size % num_heads != 0:
@@ -101,6 +128,14 @@ class RetNetConfig(PretrainedConfig):
             raise ValueError(f"retention_mode={retention_mode!r} is not one of {RETENTION_MODES}")
         if chunk_size < 1:
             raise ValueError(f"chunk_size={chunk_size} must be a positive number of tokens")
+        if value_head_dim is not None and value_head_dim < 1:
+            raise ValueError(f"value_head_dim={value_head_dim} must be a positive width (or None for value_factor)")
+        for name, value, allowed in (
+            ("rotary_style", rotary_style, ROTARY_STYLES),
+            ("rotary_spacing", rotary_spacing, ROTARY_SPACINGS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r} is not one of {allowed}")
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -119,6 +154,13 @@ class RetNetConfig(PretrainedConfig):
         self.retention_decays = retention_decays
         self.use_output_gate = use_output_gate
         self.gate_bias = gate_bias
+        self.value_head_dim = value_head_dim
+        self.hidden_act = hidden_act
+        self.rotary_style = rotary_style
+        self.rotary_spacing = rotary_spacing
+        self.group_norm_affine = group_norm_affine
+        self.retention_score_normalization = retention_score_normalization
+        self.fp32_decays = fp32_decays
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
+from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -144,6 +145,12 @@ def retnet_log_decays(num_heads: int) -> torch.Tensor:
     return torch.log1p(-torch.pow(2.0, -5.0 - torch.arange(num_heads, dtype=torch.float64))).float()
 
 
+def fp32_log_decays(num_heads: int) -> torch.Tensor:
+    """log(1 - 2^(-5-h)) evaluated in fp32 (`fp32_decays=True`), as torchscale computes its decay buffer: heads
+    h >= 20 get log 1 = 0, i.e. no decay. Only for exact parity with checkpoints trained that way."""
+    return torch.log(1 - 2 ** (-5 - torch.arange(num_heads, dtype=torch.float)))
+
+
 def _decay_matrix(time: torch.Tensor, log_decay: torch.Tensor) -> torch.Tensor:
     """D[..., n, m] = gamma^(c_n - c_m) for m <= n, else 0.  time: [B, *, T] -> [B, H, *, T, T]."""
     t = time.shape[-1]
@@ -217,6 +224,18 @@ def retention_chunkwise(q, k, v, log_decay, time, state=None, chunk_size: int = 
     return out.reshape(b, h, n * c, dv)[:, :, :t], s
 
 
+def retention_score_scale(qz: torch.Tensor, positions: torch.Tensor, log_decay: torch.Tensor) -> torch.Tensor:
+    """max(sqrt(R_n), |q_n . z_n|): the retention score normalisation of the paper (and torchscale's parallel form)
+    as one divisor per row. R_n = sum_m D_nm = (1 - gamma^N) / (1 - gamma) over the N = positions + 1 real tokens
+    read; q_n . z_n = sum_m q_n k_m D_nm. qz: [B, H, T, 1], positions: [B, T] -> [B, H, T, 1]."""
+    count = positions.float().unsqueeze(1) + 1  # [B, 1, T]
+    log_decay = log_decay.view(1, -1, 1)
+    no_decay = log_decay == 0  # gamma = 1 (fp32_decays, heads >= 20): R_n = N
+    rows = torch.expm1(count * log_decay) / torch.expm1(log_decay).masked_fill(no_decay, 1.0)  # [B, H, T]
+    rows = torch.where(no_decay, count, rows)
+    return torch.maximum(rows.sqrt().unsqueeze(-1), qz.abs())
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Layers
 # ----------------------------------------------------------------------------------------------------------------
@@ -225,9 +244,9 @@ def retention_chunkwise(q, k, v, log_decay, time, state=None, chunk_size: int = 
 class RetNetRMSNorm(nn.Module):
     """Root-mean-square norm computed in fp32; `groups` > 1 normalises each head's slice on its own."""
 
-    def __init__(self, dim: int, eps: float = 1e-6, groups: int = 1):
+    def __init__(self, dim: int, eps: float = 1e-6, groups: int = 1, affine: bool = True):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
         self.eps = eps
         self.groups = groups
 
@@ -235,7 +254,8 @@ class RetNetRMSNorm(nn.Module):
         dtype = x.dtype
         x = x.float().unflatten(-1, (self.groups, -1))
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x.flatten(-2) * self.weight.float()).to(dtype)
+        x = x.flatten(-2)
+        return (x if self.weight is None else x * self.weight.float()).to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -243,18 +263,33 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def rotate_every_two(x: torch.Tensor) -> torch.Tensor:
+    """The interleaved rotary style: pairs (x_0, x_1), (x_2, x_3), ... turn together."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack((-x2, x1), dim=-1).flatten(-2)
+
+
+def rotary_linspace_inv_freq(config: RetNetConfig) -> torch.Tensor:
+    """theta^-linspace(0, 1, d_k/2): the `rotary_spacing="linspace"` frequencies, in fp32 the way torchscale
+    computes its `angle` buffer, so converted checkpoints rotate by bit-identical angles."""
+    return 1.0 / (config.rope_theta ** torch.linspace(0, 1, config.head_dim // 2))
+
+
 def rotary_inv_freq(config: RetNetConfig) -> torch.Tensor:
     """Rotary frequencies theta^(-2i/d) of one head, with Llama-3's scaling when `config.rotary_scaling` asks for it:
     long wavelengths are slowed by `factor`, short ones kept, the band between interpolated smoothly."""
+    if getattr(config, "rotary_spacing", "arange") == "linspace":
+        return rotary_linspace_inv_freq(config)
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
     scaling = getattr(config, "rotary_scaling", None) or {}
-    if scaling.get("rope_type", scaling.get("type")) == "llama3":
-        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-        context = scaling["original_max_position_embeddings"]
-        wavelen = 2 * torch.pi / inv_freq
-        smooth = ((context / wavelen - low) / (high - low)).clamp(0.0, 1.0)  # 0: long wavelength, 1: short
-        inv_freq = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    if scaling.get("rope_type", scaling.get("type")) != "llama3":
+        return 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    context = scaling["original_max_position_embeddings"]
+    wavelen = 2 * torch.pi / inv_freq
+    smooth = ((context / wavelen - low) / (high - low)).clamp(0.0, 1.0)  # 0: long wavelength, 1: short
+    inv_freq = (1 - smooth) * inv_freq / factor + smooth * inv_freq
     return inv_freq.float()
 
 
@@ -274,10 +309,14 @@ class RetNetRotaryEmbedding(nn.Module):
     def __init__(self, config: RetNetConfig):
         super().__init__()
         self.register_buffer("inv_freq", rotary_inv_freq(config), persistent=False)
+        self.interleaved = config.rotary_style == "interleaved"
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: [B, T] -> cos, sin: [B, 1, T, d_k] fp32."""
         freqs = positions.float().unsqueeze(-1) * self.inv_freq.float()  # [B, T, d_k / 2]
+        if self.interleaved:  # frequency i for coordinates 2i and 2i + 1
+            emb = freqs.repeat_interleave(2, dim=-1).unsqueeze(1)
+            return emb.cos(), emb.sin()
         emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)
         return emb.cos(), emb.sin()
 
@@ -291,8 +330,9 @@ class RetNetMultiScaleRetention(nn.Module):
         self.num_heads = config.num_heads
         self.num_kv_heads = getattr(config, "num_kv_heads", None) or config.num_heads
         self.head_dim = config.head_dim
-        self.value_dim = config.num_heads * config.head_dim * config.value_factor
-        kv_value_dim = self.num_kv_heads * config.head_dim * config.value_factor
+        value_head_dim = config.value_head_dim or config.head_dim * config.value_factor
+        self.value_dim = config.num_heads * value_head_dim
+        kv_value_dim = self.num_kv_heads * value_head_dim
         self.chunk_size = config.chunk_size
         self.q_proj = nn.Linear(config.hidden_size, config.num_heads * config.head_dim, bias=False)
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * config.head_dim, bias=False)
@@ -302,19 +342,25 @@ class RetNetMultiScaleRetention(nn.Module):
         else:
             self.g_proj = None
         self.o_proj = nn.Linear(self.value_dim, config.hidden_size, bias=False)
-        self.group_norm = RetNetRMSNorm(self.value_dim, eps=config.rms_norm_eps, groups=config.num_heads)
+        self.group_norm = RetNetRMSNorm(
+            self.value_dim, eps=config.rms_norm_eps, groups=config.num_heads, affine=config.group_norm_affine
+        )
+        self.rotate = rotate_every_two if config.rotary_style == "interleaved" else rotate_half
+        self.score_normalization = config.retention_score_normalization
         # gamma_h = 1 - 2^(-5-h): fixed, not learned; a buffer so it follows .to(device) but stays fp32.
-        log_decay = retention_log_decays(config, layer_idx, retnet_log_decays(config.num_heads))  # [num_kv_heads]
+        default = fp32_log_decays if config.fp32_decays else retnet_log_decays
+        log_decay = retention_log_decays(config, layer_idx, default(config.num_heads))  # [num_kv_heads]
         self.register_buffer("log_decay", log_decay, persistent=False)
 
-    def forward(self, hidden_states, cos, sin, mask, time, state=None, mode="chunkwise"):
-        """hidden_states: [B, T, d]; cos/sin: [B, 1, T, d_k]; mask, time: [B, T]; state: [B, H, d_k, d_v] fp32."""
+    def forward(self, hidden_states, cos, sin, mask, time, state=None, mode="chunkwise", positions=None):
+        """hidden_states: [B, T, d]; cos/sin: [B, 1, T, d_k]; mask, time: [B, T]; state: [B, H, d_k, d_v] fp32
+        (d_v + 1 with `retention_score_normalization`); positions: [B, T] absolute positions (that option only)."""
         b, t, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(b, t, self.num_heads, -1).transpose(1, 2).float()  # [B, H, T, d_k]
         k = self.k_proj(hidden_states).view(b, t, self.num_kv_heads, -1).transpose(1, 2).float()  # [B, H_kv, T, d_k]
         v = self.v_proj(hidden_states).view(b, t, self.num_kv_heads, -1).transpose(1, 2).float()  # [B, H_kv, T, d_v]
-        q = q * cos + rotate_half(q) * sin
-        k = (k * cos + rotate_half(k) * sin) * (self.head_dim**-0.5)
+        q = q * cos + self.rotate(q) * sin
+        k = (k * cos + self.rotate(k) * sin) * (self.head_dim**-0.5)
         keep = mask[:, None, :, None].float()
         k, v = k * keep, v * keep  # padding adds nothing to the state
         log_decay = self.log_decay.float()
@@ -323,6 +369,8 @@ class RetNetMultiScaleRetention(nn.Module):
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
             log_decay = log_decay.repeat_interleave(group)
             state = None if state is None else state.repeat_interleave(group, dim=1)
+        if self.score_normalization:  # a constant value column makes the retention also return q_n . sum_m D_nm k_m
+            v = torch.cat([v, keep.expand(b, v.shape[1], t, 1)], dim=-1)
         if mode == "parallel":
             out, state = retention_parallel(q, k, v, log_decay, time, state)
         elif mode == "chunkwise":
@@ -331,6 +379,8 @@ class RetNetMultiScaleRetention(nn.Module):
             out, state = retention_recurrent(q, k, v, log_decay, time, state)
         if group > 1:
             state = state[:, ::group].contiguous()  # [B, H_kv, d_k, d_v]: group members hold identical states
+        if self.score_normalization:
+            out = out[..., :-1] / retention_score_scale(out[..., -1:], positions, log_decay)
         out = self.group_norm(out.transpose(1, 2).reshape(b, t, self.value_dim))  # [B, T, H * d_v], fp32
         if self.g_proj is None:
             return self.o_proj(out.to(hidden_states.dtype)), state
@@ -339,16 +389,17 @@ class RetNetMultiScaleRetention(nn.Module):
 
 
 class RetNetMLP(nn.Module):
-    """SwiGLU feed-forward."""
+    """Gated feed-forward down(act(gate(x)) * up(x)): SwiGLU by default, GeGLU with hidden_act="gelu"."""
 
     def __init__(self, config: RetNetConfig):
         super().__init__()
+        self.act_fn = ACT2FN[config.hidden_act]
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
 class RetNetDecoderLayer(GradientCheckpointingLayer):
@@ -361,8 +412,10 @@ class RetNetDecoderLayer(GradientCheckpointingLayer):
         self.ffn_norm = RetNetRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = RetNetMLP(config)
 
-    def forward(self, hidden_states, cos, sin, mask, time, state=None, mode="chunkwise"):
-        retained, state = self.retention(self.retention_norm(hidden_states), cos, sin, mask, time, state, mode)
+    def forward(self, hidden_states, cos, sin, mask, time, state=None, mode="chunkwise", positions=None):
+        retained, state = self.retention(
+            self.retention_norm(hidden_states), cos, sin, mask, time, state, mode, positions=positions
+        )
         hidden_states = hidden_states + retained
         hidden_states = hidden_states + self.mlp(self.ffn_norm(hidden_states))
         return hidden_states, state
@@ -403,11 +456,11 @@ class RetNetPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, RetNetRMSNorm):
+        elif isinstance(module, RetNetRMSNorm) and module.weight is not None:
             init.ones_(module.weight)
         elif isinstance(module, RetNetMultiScaleRetention):
-            default = retnet_log_decays(module.num_heads)
-            init.copy_(module.log_decay, retention_log_decays(self.config, module.layer_idx, default))
+            default = fp32_log_decays if self.config.fp32_decays else retnet_log_decays
+            init.copy_(module.log_decay, retention_log_decays(self.config, module.layer_idx, default(module.num_heads)))
         elif isinstance(module, RetNetRotaryEmbedding):
             init.copy_(module.inv_freq, rotary_inv_freq(self.config))
 
@@ -491,7 +544,7 @@ class RetNetModel(RetNetPreTrainedModel):
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         for i, layer in enumerate(self.layers):
             state = past_key_values.get_state(i) if past_key_values is not None else None
-            hidden_states, state = layer(hidden_states, cos, sin, mask, time, state, mode)
+            hidden_states, state = layer(hidden_states, cos, sin, mask, time, state, mode, positions=positions)
             if past_key_values is not None:
                 past_key_values.set_state(i, state)
             if output_hidden_states:

@@ -56,6 +56,27 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return data_tokenizer_fingerprint(tokenizer)
 
 
+def data_fingerprint(spec: str) -> str:
+    """sha256 naming the dataset: of its manifest when the folder has one (written by `training.preprocess`),
+    else of the names and contents of its data files. Used to tell caches of different data apart (by the
+    producer when it writes the manifest, by `CachedTeacher` when it checks train_data / eval_data)."""
+    import glob
+
+    from training.data import sha256_file
+
+    spec = os.path.expanduser(spec)
+    if os.path.isdir(spec):
+        manifests = sorted(glob.glob(os.path.join(spec, "*manifest*.json")))
+        if manifests:
+            return sha256_hex(b"".join(open(p, "rb").read() for p in manifests))
+        files = sorted(f for f in glob.glob(os.path.join(spec, "**", "*"), recursive=True) if os.path.isfile(f))
+        listing = [(os.path.relpath(f, spec), sha256_file(f)) for f in files]
+        return sha256_hex(canonical_json(listing))
+    if os.path.isfile(spec):
+        return sha256_file(spec)
+    raise FileNotFoundError(f"--data {spec!r} is neither a file nor a folder")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Bit packing: value i of width w occupies bits [w*i, w*i + w) of a little-endian bit stream.
 

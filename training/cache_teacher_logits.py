@@ -28,6 +28,7 @@ from training.cache_format import (
     KEY_SCHEME,
     MANIFEST_NAME,
     canonical_json,
+    data_fingerprint,
     make_encoding,
     open_shard,
     read_shard_header,
@@ -71,22 +72,6 @@ def concat_sources(sources: list[SequenceSource]) -> SequenceSource:
     lengths = np.concatenate([s.lengths for s in sources])
     return SequenceSource(get, lengths, " + ".join(s.description for s in sources),
                           sha256_hex(canonical_json([s.fingerprint for s in sources])))
-
-
-def data_fingerprint(spec: str) -> str:
-    """sha256 naming the dataset: of its manifest when the folder has one (written by `training.preprocess`),
-    else of the names and contents of its data files. Used to tell caches of different data apart."""
-    spec = os.path.expanduser(spec)
-    if os.path.isdir(spec):
-        manifests = sorted(glob.glob(os.path.join(spec, "*manifest*.json")))
-        if manifests:
-            return sha256_hex(b"".join(open(p, "rb").read() for p in manifests))
-        files = sorted(f for f in glob.glob(os.path.join(spec, "**", "*"), recursive=True) if os.path.isfile(f))
-        listing = [(os.path.relpath(f, spec), sha256_file(f)) for f in files]
-        return sha256_hex(canonical_json(listing))
-    if os.path.isfile(spec):
-        return sha256_file(spec)
-    raise FileNotFoundError(f"--data {spec!r} is neither a file nor a folder")
 
 
 def _list_array_source(column, description: str, max_len: int | None, fingerprint: str) -> SequenceSource:

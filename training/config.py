@@ -16,17 +16,18 @@ from typing import Any
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.training_args import OptimizerNames
 
-from .teachers.direct import looks_like_local_path
+from .paths import looks_like_local_path
 
 TEACHER_SOURCES = ("direct", "cached", "network")
 KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
+CACHE_VERIFY = ("full", "manifest", "none")
 MUON_ADJUST_LR = ("original", "match_rms_adamw")
 
 
 @dataclass
 class DistillationConfig(TrainingArguments):
-    """`TrainingArguments` plus what distilling a teacher into a RetNet student needs (see DESIGN.md)."""
+    """`TrainingArguments` plus what distilling a teacher into a RetNet student needs (README: "Real-teacher workflow")."""
 
     # Redeclared Trainer fields: `optim` also accepts "muon" (see training/optim.py); evaluation only needs the loss.
     optim: str = field(
@@ -61,13 +62,22 @@ class DistillationConfig(TrainingArguments):
     )
     teacher_model: str | None = field(
         default=None,
-        metadata={"help": "Teacher Hub id or folder (direct mode); its tokenizer is the default `tokenizer`."},
+        metadata={"help": "Teacher Hub id or folder (direct mode); its tokenizer is the default `tokenizer`. With "
+                          "teacher_protocol=openai, the model id the vLLM server must serve (when set)."},
     )
     teacher_adapter: str | None = field(
         default=None, metadata={"help": "Optional peft adapter folder merged into the teacher's weights."}
     )
     teacher_cache: str | None = field(
         default=None, metadata={"help": "Folder written by `python -m training.cache_teacher_logits` (cached mode)."}
+    )
+    teacher_cache_verify: str = field(
+        default="full",
+        metadata={"help": f"How the teacher cache is checked at start (cached mode), one of {CACHE_VERIFY}: 'full' "
+                  "(default) hashes every shard against the manifest's sha256 (reads the whole cache, on every "
+                  "process, at every start); 'manifest' checks shard sizes and headers against the manifest "
+                  "(no data read: use it for large caches); 'none' skips the size check. Every row is still "
+                  "checked against the hash of its token ids when it is read."},
     )
     teacher_url: str | None = field(
         default=None, metadata={"help": "Base URL of `python -m training.serve_teacher` (network mode)."}
@@ -85,6 +95,11 @@ class DistillationConfig(TrainingArguments):
         default=None,
         metadata={"help": "Network mode with teacher_protocol=openai: the teacher's vocabulary size (vLLM does "
                   "not report it); our /v1/topk server reports its own."},
+    )
+    teacher_retries: int = field(
+        default=5,
+        metadata={"help": "Network mode: retries of a failed teacher request, waiting 0.5 s, 1 s, 2 s, ... (at most "
+                  "30 s) between them; 10 outlasts a teacher server restart of about 2.5 minutes (vLLM: 1-5 min)."},
     )
     teacher_dtype: str = field(
         default="auto", metadata={"help": f"Teacher weights dtype, one of {TEACHER_DTYPES} ('auto' = checkpoint's)."}
@@ -251,10 +266,14 @@ class DistillationConfig(TrainingArguments):
                 raise bad("teacher_cache", "required when teacher_source=cached")
             if not os.path.isdir(os.path.expanduser(self.teacher_cache)):
                 raise FileNotFoundError(f"config key 'teacher_cache': folder {self.teacher_cache!r} does not exist")
+        if self.teacher_cache_verify not in CACHE_VERIFY:
+            raise bad("teacher_cache_verify", f"{self.teacher_cache_verify!r} is not one of {CACHE_VERIFY}")
         if self.teacher_protocol not in ("topk", "openai"):
             raise bad("teacher_protocol", "must be 'topk' or 'openai'")
         if self.teacher_protocol == "openai" and self.teacher_source == "network" and not self.teacher_vocab_size:
             raise bad("teacher_vocab_size", "required with teacher_protocol=openai (a vLLM server does not report it)")
+        if not isinstance(self.teacher_retries, int) or self.teacher_retries < 0:
+            raise bad("teacher_retries", f"must be an integer >= 0, got {self.teacher_retries!r}")
         if self.teacher_source == "network" and not self.teacher_url:
             raise bad("teacher_url", "required when teacher_source=network (e.g. http://127.0.0.1:8000)")
         if self.full_vocab_kd and self.teacher_source != "direct":
@@ -319,8 +338,11 @@ def distillation_field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(DistillationConfig) if f.name not in base]
 
 
-def load_config(yaml_path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> DistillationConfig:
-    """YAML file, then `--key value` overrides (HfArgumentParser semantics) -> a validated DistillationConfig.
+def load_config(
+    yaml_path: str | os.PathLike | None = None, overrides: list[str] | None = None, config_class: type | None = None
+):
+    """YAML file, then `--key value` overrides (HfArgumentParser semantics) -> a validated DistillationConfig
+    (or `config_class`, any `TrainingArguments` dataclass, e.g. the teacher finetuning config).
 
     Raises ValueError naming the key for an unknown key, a malformed override or an out-of-range value, and
     FileNotFoundError for a missing config file or teacher/student folder. Nothing is loaded or written.
@@ -336,10 +358,11 @@ def load_config(yaml_path: str | os.PathLike | None = None, overrides: list[str]
         if loaded is not None and not isinstance(loaded, dict):
             raise ValueError(f"config file {str(yaml_path)!r} must hold a mapping of keys to values")
         values = dict(loaded or {})
-    known = {f.name for f in dataclasses.fields(DistillationConfig) if f.init}
+    config_class = config_class or DistillationConfig
+    known = {f.name for f in dataclasses.fields(config_class) if f.init}
     _reject_unknown(values, known, where=f"config file {str(yaml_path)!r}")
 
-    parser = HfArgumentParser(DistillationConfig, exit_on_error=False)
+    parser = HfArgumentParser(config_class, exit_on_error=False)
     parser.set_defaults(**values)
     overrides = list(overrides or [])
     flags = [a.split("=", 1)[0][2:].replace("-", "_") for a in overrides if a.startswith("--")]
@@ -350,7 +373,7 @@ def load_config(yaml_path: str | os.PathLike | None = None, overrides: list[str]
         raise ValueError(f"bad command-line override: {err}") from None
     if remaining:
         raise ValueError(f"unused command-line arguments {remaining}; pass overrides as --key value")
-    return DistillationConfig(**{k: v for k, v in vars(namespace).items() if k in known})
+    return config_class(**{k: v for k, v in vars(namespace).items() if k in known})
 
 
 def _reject_unknown(values: dict, known: set[str], where: str) -> None:

@@ -20,7 +20,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from training import records as raw_records
+from training.records import IGNORE_INDEX
+
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "hf-retnet-pretokenized-shards"
 FORMAT_VERSION = 1
@@ -398,15 +400,13 @@ class TokenizedRecordsDataset(torch.utils.data.Dataset):
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        from training.preprocess import encode_record, normalize_record
-
         where, obj = self.records[int(self._order[index])]
-        record = normalize_record(obj, where)
+        record = raw_records.normalize_record(obj, where)
         if record is None:  # empty text: an EOS-only sequence keeps indices stable
             ids = [self.tokenizer.eos_token_id]
             labels = list(ids)
         else:
-            ids, labels = encode_record(record, self.tokenizer, where)
+            ids, labels = raw_records.encode_record(record, self.tokenizer, where)
         if self.max_seq_length is not None:
             ids, labels = ids[: self.max_seq_length], labels[: self.max_seq_length]
         return {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
@@ -429,8 +429,6 @@ def build_dataset(spec, tokenizer, max_seq_length: int | None, seed: int = 0, sh
     """A Dataset of {"input_ids", "labels"} items from `spec`: a shard folder (checked against
     `tokenizer`), a JSONL / Parquet / text file or folder of them (tokenized on the fly), or a
     `datasets` id ("owner/name" or "owner/name:split"). `tokenizer` may be a tokenizer or its path/id."""
-    from training import preprocess
-
     if isinstance(tokenizer, (str, os.PathLike)):
         from transformers import AutoTokenizer
 
@@ -438,10 +436,10 @@ def build_dataset(spec, tokenizer, max_seq_length: int | None, seed: int = 0, sh
     specs = [os.fspath(s) for s in spec] if isinstance(spec, (list, tuple)) else [os.fspath(spec)]
     if len(specs) == 1 and os.path.isfile(os.path.join(specs[0], MANIFEST_NAME)):
         return PretokenizedShardDataset(specs[0], max_seq_length, seed=seed, shuffle=shuffle, tokenizer=tokenizer)
-    sources = preprocess.discover_sources(specs, recursive=False)
+    sources = raw_records.discover_sources(specs, recursive=False)
     if len(sources) == 1 and sources[0].kind == "hub":
         src = sources[0]
-        ds = preprocess.load_hub_split(src)
+        ds = raw_records.load_hub_split(src)
         records = _HubRecords(ds, src.path)
     else:
         records = []
@@ -449,9 +447,9 @@ def build_dataset(spec, tokenizer, max_seq_length: int | None, seed: int = 0, sh
             if src.kind == "hub":
                 raise ValueError(f"{src.path}: mix of a datasets id and local files; give one id or local files only")
             count_before = len(records)
-            records.extend(preprocess.iter_source_records(src))
+            records.extend(raw_records.iter_source_records(src))
             if len(records) == count_before:
                 raise ValueError(f"{src.path}: no records (the file is empty); remove it or add data")
         for where, obj in records:  # fail now, naming file and line, not mid-training
-            preprocess.normalize_record(obj, where)
+            raw_records.normalize_record(obj, where)
     return TokenizedRecordsDataset(records, tokenizer, max_seq_length, seed=seed, shuffle=shuffle)

@@ -1,8 +1,9 @@
 """Knowledge-distillation losses computed chunk by chunk from the student's hidden states.
 
-`distillation_loss` is the one entry point the trainer calls. It takes the student's last hidden states
-(rows already aligned with their labels and teacher distributions, see the contract in common_api.md), the
-student's lm_head, and the teacher's answer (top-k ids + log-probabilities, or full logits), and returns
+`distillation_loss` is the one entry point the trainer calls. It takes the student's last hidden states (rows
+already aligned with their labels and teacher distributions: row i is the hidden state that predicts labels[i],
+as `DistillationTrainer.compute_loss` selects them), the student's lm_head, and the teacher's answer (top-k ids +
+log-probabilities, or full logits), and returns
 
     loss = [alpha * sum CE + (1 - alpha) * sum KD + diversity_weight * sum DIV] / num_items
 

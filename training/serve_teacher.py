@@ -17,10 +17,6 @@ import hmac
 import json
 import logging
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -282,6 +278,10 @@ def create_app(
             lo, hi = min(row), max(row)
             if lo < 0 or hi >= engine.vocab_size:
                 raise HTTPException(422, detail=f"input_ids row {b} holds ids outside [0, {engine.vocab_size})")
+        longest = max(len(r) for r in req.input_ids)
+        max_len = getattr(engine, "max_model_len", None)  # the vllm engine's; the hf engine has no fixed bound
+        if max_len is not None and longest > max_len:
+            raise HTTPException(413, detail=f"a row of {longest} tokens exceeds this server's --max-model-len {max_len}")
         check = getattr(engine, "check_request", None)  # engine-specific limits (vLLM: temperature 1 only)
         if check is not None:
             try:
@@ -330,7 +330,8 @@ def build_engine(args) -> object:
 
         return VLLMEngine(
             args.model, adapter=args.adapter, max_k=args.max_k, dtype=args.dtype,
-            tensor_parallel_size=args.tensor_parallel_size,
+            tensor_parallel_size=args.tensor_parallel_size, max_model_len=args.max_model_len,
+            enforce_eager=args.enforce_eager,
         )
     import torch
 
@@ -353,10 +354,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                         help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV}, else no key)")
     parser.add_argument("--engine", choices=["hf", "vllm"], default="hf",
-                        help="hf: transformers model (CPU or GPU); vllm: vLLM engine (pip install 'hf-retnet[vllm]')")
+                        help="hf: transformers model (CPU or GPU); vllm: vLLM engine (pip install 'hf-retnet[vllm]'; "
+                        "CPU build: docs/vllm.md)")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     parser.add_argument("--device", default=None, help="hf engine device (default: cuda when available, else cpu)")
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm engine: GPUs per teacher")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="vllm engine: longest row it accepts (default: the model's; lower it to shrink the "
+                        "KV cache, e.g. on CPU)")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="vllm engine: skip graph compilation (starts much faster; forwards may be slower)")
     parser.add_argument("--max-tokens-per-request", type=int, default=65536,
                         help="larger requests get 413 (default 65536)")
     parser.add_argument("--max-k", type=int, default=1024, help="larger k gets 413 (default 1024)")
@@ -397,78 +404,6 @@ def main(argv=None) -> None:
     logger.info("teacher %s (engine %s, vocab %d) on http://%s:%d", args.model, engine.name, engine.vocab_size,
                 args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago (for tests and benches)."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-class ServerProcess:
-    """`python -m training.serve_teacher` as a child process (tests, benches): start, wait for /health,
-    kill or stop it, and start it again on the same port."""
-
-    def __init__(self, args: list[str], port: int | None = None, host: str = "127.0.0.1",
-                 startup_timeout: float = 120.0, log_path: str | None = None, env: dict | None = None):
-        self.args, self.host = list(args), host
-        self.env = env or {}
-        self.port = port or free_port(host)
-        self.startup_timeout = startup_timeout
-        self.log_path = log_path or os.devnull
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def start(self, wait: bool = True) -> "ServerProcess":
-        cmd = [sys.executable, "-m", "training.serve_teacher", *self.args, "--host", self.host, "--port", str(self.port)]
-        env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), **self.env}
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        if wait:
-            self.wait_ready()
-        return self
-
-    def wait_ready(self) -> None:
-        import httpx
-
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"teacher server exited with code {self.process.returncode}; log: {self.log_path}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/health", timeout=1.0).status_code == 200:
-                    return
-            time.sleep(0.1)
-        self.kill()
-        raise RuntimeError(f"teacher server not ready after {self.startup_timeout}s; log: {self.log_path}")
-
-    def kill(self) -> None:
-        """SIGKILL: the abrupt death of a teacher machine."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def __enter__(self) -> "ServerProcess":
-        return self.start() if self.process is None else self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 if __name__ == "__main__":

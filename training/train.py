@@ -11,12 +11,15 @@ any weights load or anything is written; the final student and tokenizer land in
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import sys
 
 from .config import DistillationConfig, load_config
 from .plots import plot_loss_curves
+
+logger = logging.getLogger(__name__)
 
 
 def _split_argv(argv: list[str]) -> tuple[str | None, list[str], bool]:
@@ -70,8 +73,13 @@ def teacher_vocab_size(config: DistillationConfig, source=None) -> int:
     return int(AutoConfig.from_pretrained(config.teacher_model).vocab_size)
 
 
-def build_student_config(config: DistillationConfig, tokenizer):
-    """`RetNetConfig.from_variant(student, **student_overrides)` or the folder's config plus the overrides."""
+def build_student_config(config: DistillationConfig, tokenizer, teacher_vocab: int | None = None):
+    """`RetNetConfig.from_variant(student, **student_overrides)` or the folder's config plus the overrides.
+
+    A variant's own vocabulary is Llama-3's; unless `student_overrides` sets `vocab_size`, the student takes the
+    teacher's (`teacher_vocab`), as distillation compares distributions id by id. bos/eos/pad ids default to the
+    tokenizer's. A folder's vocabulary, or an explicit override, is kept as it is (a mismatch is then an error).
+    """
     from hf_retnet import RetNetConfig
 
     overrides = dict(config.student_overrides or {})
@@ -82,6 +90,10 @@ def build_student_config(config: DistillationConfig, tokenizer):
         for key, value in overrides.items():
             setattr(student_config, key, value)
         return student_config
+    if teacher_vocab is not None and "vocab_size" not in overrides:
+        overrides["vocab_size"] = int(teacher_vocab)
+        logger.info(f"student {config.student!r}: vocab_size {teacher_vocab} taken from the teacher (set "
+                    "student_overrides.vocab_size to choose another)")
     return RetNetConfig.from_variant(config.student, **overrides)
 
 
@@ -118,13 +130,15 @@ def run(config: DistillationConfig, callbacks=None):
     """Build everything from `config`, train, save. Returns the trainer (tests read its state).
     `callbacks`: extra `TrainerCallback`s (benchmarks measure their own held-out metrics with them)."""
     from .data import PaddingCollator, build_dataset
+    from .push import finish_run, prepare_push
     from .teachers import build_teacher_source
     from .trainer import DistillationTrainer, check_teacher_student
 
+    push_plan = prepare_push(config)  # --push_to_hub without a token fails here, before anything loads
     tokenizer = build_tokenizer(config)
     source = None if config.teacher_source == "direct" else build_teacher_source(config, device=config.device)
     vocab = teacher_vocab_size(config, source)
-    student_config = build_student_config(config, tokenizer)
+    student_config = build_student_config(config, tokenizer, vocab)
     check_teacher_student(vocab, student_config.vocab_size, config.teacher_topk)
     if not config.train_data:
         raise ValueError("config key 'train_data': required (a shard folder, a JSONL/Parquet/text file or a dataset id)")
@@ -152,6 +166,7 @@ def run(config: DistillationConfig, callbacks=None):
         resume = True
     trainer.train(resume_from_checkpoint=resume)
     save_final(trainer, tokenizer, config.output_dir)
+    finish_run(trainer, config, push_plan)  # training_config.json beside the weights; the Hub upload when asked
     return trainer
 
 

@@ -14,6 +14,7 @@ def test_variant_parameter_counts_within_5_percent(name, target):
     assert config.vocab_size == 128256
     with torch.device("meta"):
         model = RetNetForCausalLM(config)
+    model.tie_weights()  # transformers 5.0 does not tie meta-device weights at construction
     count = sum(p.numel() for p in model.parameters())  # tied embeddings counted once
     print(f"RetNet {name}: {count / 1e6:.1f}M parameters ({count / target:.3f}x of the name)")
     assert abs(count / target - 1) < 0.05

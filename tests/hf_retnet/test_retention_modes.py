@@ -131,6 +131,10 @@ OPTIONS = {
     "decays_per_layer": dict(num_kv_heads=2, retention_decays=[[0.3, 0.95], [0.8, 0.999]]),
     "no_gate": dict(use_output_gate=False),
     "gate_bias": dict(gate_bias=True),
+    "grouped_with_torchscale_options": dict(
+        num_kv_heads=2, retention_score_normalization=True, rotary_style="interleaved", rotary_spacing="linspace",
+        group_norm_affine=False, value_head_dim=12, retention_decays=[0.7, 0.99],
+    ),
     "converted_llama_like": dict(
         num_kv_heads=2, head_dim=6, value_factor=1, rotary_scaling=LLAMA3_SCALING, use_output_gate=False,
         retention_decays=[[0.6, 0.97], [0.9, 0.99]],
@@ -163,7 +167,8 @@ def test_model_modes_agree_with_options(option, padding):
     for mode in ("chunkwise", "recurrent"):
         torch.testing.assert_close(outs[mode].logits[keep], outs["parallel"].logits[keep], atol=TOL, rtol=TOL)
         for a, b in zip(outs[mode][CACHE_FIELD].states, outs["parallel"][CACHE_FIELD].states):
-            assert a.shape == (2, kv_heads, config.head_dim, config.head_dim * config.value_factor)
+            d_v = (config.value_head_dim or config.head_dim * config.value_factor) + config.retention_score_normalization
+            assert a.shape == (2, kv_heads, config.head_dim, d_v)
             torch.testing.assert_close(a, b, atol=TOL, rtol=TOL)
 
 

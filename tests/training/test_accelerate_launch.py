@@ -67,6 +67,11 @@ def test_two_process_launch_matches_single_process(tmp_path, tiny_teacher_dir, t
     assert launched_losses[1] == pytest.approx(single_losses[1], rel=1e-5)
     # after one Muon + AdamW step on the averaged (DDP) / reduce-scattered (FSDP) gradients, step 2 still agrees
     assert launched_losses[2] == pytest.approx(single_losses[2], rel=1e-4)
+    # the distillation terms are the global token means too (each process adds its share of the step's mean)
+    single_ce, launched_ce = ({h["step"]: h["loss/ce"] for h in s["log_history"] if "loss/ce" in h}
+                              for s in (single_state, state))
+    assert launched_ce[1] == pytest.approx(single_ce[1], rel=1e-5)
+    assert launched_ce[2] == pytest.approx(single_ce[2], rel=1e-4)
     for name in ("model.safetensors", "config.json", "tokenizer.json"):
         assert (out / name).is_file()
     assert not (out / ".final-staging").exists()

@@ -181,7 +181,7 @@ def test_accelerate_launch_two_processes_writes_the_same_cache(tmp_path, tiny_te
 
 def test_a_teacher_server_as_producer_gives_the_same_cache(tmp_path, tiny_teacher_dir, token_data):
     """--teacher-url: a real `training.serve_teacher` subprocess on 127.0.0.1 produces the cache."""
-    from training.serve_teacher import ServerProcess
+    from tests.servers import ServerProcess
 
     data, ids = token_data
     local, remote = tmp_path / "local", tmp_path / "remote"

@@ -253,3 +253,49 @@ def test_reverse_kl_from_a_cache_that_dropped_entries_is_refused(tmp_path, tiny_
     with pytest.raises(ValueError, match="kd_loss.*mass threshold.*--encoding naive"):
         train_losses(tmp_path / "run", tiny_teacher_dir, text_data, "--teacher_source", "cached",
                      "--teacher_cache", str(cache), *kd)
+
+
+def test_verify_modes_check_what_they_promise(cache_copy):
+    """full hashes the shards (finds a flipped byte); manifest checks sizes only (does not read the data, so the
+    flipped byte passes, a truncated shard does not); the config key reaches the source."""
+    from training.config import DistillationConfig
+    from training.teachers import build_teacher_source
+
+    path = os.path.join(cache_copy, shard_name(1))
+    data = bytearray(open(path, "rb").read())
+    data[-7] ^= 0x55
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(ValueError, match=f"{path} is corrupted"):
+        CachedTeacher(str(cache_copy), verify="full")
+    assert len(CachedTeacher(str(cache_copy), verify="manifest")) == 24
+    assert len(CachedTeacher(str(cache_copy), verify="none")) == 24
+
+    def config(mode):
+        return DistillationConfig(output_dir=str(cache_copy) + "-out", teacher_source="cached",
+                                  teacher_cache=str(cache_copy), teacher_topk=16, student="350M", report_to="none",
+                                  teacher_cache_verify=mode)
+
+    with pytest.raises(ValueError, match="is corrupted"):
+        build_teacher_source(config("full"))
+    assert len(build_teacher_source(config("manifest"))) == 24
+    with pytest.raises(ValueError, match="teacher_cache_verify.*'sha256' is not one of"):
+        config("sha256")
+    with open(path, "ab") as handle:  # now one byte longer than the manifest says
+        handle.write(b"\0")
+    with pytest.raises(ValueError, match=f"{path} is truncated or was replaced"):
+        build_teacher_source(config("manifest"))
+
+
+def test_eval_data_is_checked_against_the_cache_at_start(tmp_path, sharp_teacher_dir, text_data):
+    """A cache made from the training data only cannot answer the evaluation set: the run stops before the
+    student is built or anything is written, naming the eval file, instead of at the first evaluation."""
+    cache = tmp_path / "cache"
+    assert cache_main(["--teacher", sharp_teacher_dir, "--data", text_data, "--output", str(cache), "--topk", "32",
+                       "--dtype", "float32", "--max-seq-length", "64", "--no-progress"]) == 0
+    eval_data = tmp_path / "heldout.jsonl"
+    eval_data.write_text(json.dumps({"text": "held-out words the cache never saw"}) + "\n")
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=f"{eval_data}.*is not data the cache was made from"):
+        train_losses(out, sharp_teacher_dir, text_data, "--teacher_source", "cached", "--teacher_cache", str(cache),
+                     "--eval_data", str(eval_data), "--eval_strategy", "steps", "--eval_steps", "2")
+    assert not out.exists()

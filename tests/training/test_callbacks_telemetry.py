@@ -8,11 +8,12 @@ import os
 import struct
 import time
 
+import numpy as np
 import psutil
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from training.callbacks import (
     MemoryCallback,
@@ -98,14 +99,33 @@ def test_throughput_counts_tokens_and_data_wait(tmp_path, counting):
         assert seen == mask_tokens
 
 
+class AllocateAfterFirstLog(TrainerCallback):
+    """Touches a block of known size after the first log, and reads RSS itself right after each MemoryCallback
+    log (it runs after it in the same on_log)."""
+
+    BLOCK = 128 << 20
+
+    def __init__(self):
+        self.block, self.seen = None, []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and "memory/host_rss_gib" in logs:
+            self.seen.append(psutil.Process().memory_info().rss / 2**30)
+            if self.block is None:
+                self.block = np.ones(self.BLOCK // 8)  # written, so every page is resident
+
+
 def test_memory_logs_host_rss(tmp_path):
+    probe = AllocateAfterFirstLog()
     trainer = Trainer(model=build_tiny_llama(VOCAB, hidden_size=32, seed=0), args=tiny_args(tmp_path, max_steps=2),
-                      train_dataset=Padded(), callbacks=[MemoryCallback()])
+                      train_dataset=Padded(), callbacks=[MemoryCallback(), probe])
     trainer.train()
     rss = history(trainer, "memory/host_rss_gib")
-    assert len(rss) == 2 and all(0.05 < v < psutil.virtual_memory().total / 2**30 for v in rss)
-    now = psutil.Process().memory_info().rss / 2**30
-    assert rss[-1] == pytest.approx(now, rel=0.5)
+    assert len(rss) == 2
+    for logged, measured in zip(rss, probe.seen):  # the value of this moment, in GiB (not MiB, not bytes)
+        assert logged == pytest.approx(measured, abs=8 / 1024)
+    # the 128 MiB block shows up between the two logs, within 16 MiB of allocator noise
+    assert rss[1] - rss[0] == pytest.approx(AllocateAfterFirstLog.BLOCK / 2**30, abs=16 / 1024)
     if not torch.cuda.is_available():
         assert not history(trainer, "memory/peak_allocated_gib")  # nothing to report, nothing made up
 

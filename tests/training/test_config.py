@@ -140,3 +140,39 @@ def test_openai_protocol_needs_the_vocab_size_and_reaches_the_network_teacher(tm
     config = load_config(write_yaml(tmp_path, **network, teacher_vocab_size=468))
     teacher = build_teacher_source(config)
     assert teacher.protocol == "openai" and teacher.vocab_size == 468
+
+
+def test_variant_student_takes_the_teacher_vocabulary(tmp_path, tiny_teacher_dir, tiny_tokenizer, caplog):
+    """A named variant without student_overrides.vocab_size gets the teacher's vocabulary and special ids (the
+    variant's Llama-3 128256 would stop the run); only the config is built, not the 350M model."""
+    import logging
+
+    from hf_retnet import VARIANTS
+    from training.train import build_student_config, teacher_vocab_size
+
+    config = DistillationConfig(**base(tmp_path, tiny_teacher_dir, student="350M"))
+    with caplog.at_level(logging.INFO, logger="training.train"):
+        student = build_student_config(config, tiny_tokenizer, teacher_vocab_size(config))
+    assert student.vocab_size == len(tiny_tokenizer) != VARIANTS["350M"].get("vocab_size", 128256)
+    assert (student.bos_token_id, student.eos_token_id, student.pad_token_id) == (
+        tiny_tokenizer.bos_token_id, tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id)
+    assert student.hidden_size == VARIANTS["350M"]["hidden_size"]  # the rest of the variant is kept
+    assert "vocab_size 468 taken from the teacher" in caplog.text
+    explicit = DistillationConfig(**base(tmp_path, tiny_teacher_dir, student="350M",
+                                         student_overrides={"vocab_size": 1000}))
+    assert build_student_config(explicit, tiny_tokenizer, 468).vocab_size == 1000  # kept; run() then refuses it
+
+
+def test_variant_without_vocab_size_trains(tmp_path, tiny_teacher_dir):
+    data = tmp_path / "train.jsonl"
+    from training.tiny_models import default_texts
+
+    data.write_text("".join(f'{{"text": "{t}"}}\n' for t in default_texts(16)))
+    out = tmp_path / "out"
+    main(["--config", TINY, "--teacher_model", tiny_teacher_dir, "--output_dir", str(out), "--train_data", str(data),
+          "--max_steps", "2", "--student_overrides",
+          '{"hidden_size": 32, "num_hidden_layers": 1, "num_heads": 2, "intermediate_size": 64, "chunk_size": 16}'])
+    import json
+
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["vocab_size"] == 468 and saved["hidden_size"] == 32

@@ -3,12 +3,9 @@
 import pytest
 import torch
 
-from training import DirectTeacher, DistillationConfig, DistillationTrainer
-from training.teachers.direct import load_teacher_model, looks_like_local_path, topk_logprobs
-
-
-def test_public_names_import_from_training():
-    assert DistillationTrainer.__name__ == "DistillationTrainer" and DistillationConfig.__name__ == "DistillationConfig"
+from training import DirectTeacher
+from training.paths import looks_like_local_path
+from training.teachers.direct import load_teacher_model, topk_logprobs
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from training.serve_teacher import ServerProcess, free_port
+from tests.servers import ServerProcess, free_port
 from training.teachers.direct import DirectTeacher
 from training.teachers.network import (
     NetworkTeacher,
@@ -167,7 +167,8 @@ def test_server_killed_and_restarted_mid_sequence(tiny_teacher_dir, direct, tmp_
     batches = [torch.randint(0, direct.vocab_size, (2, 12)) for _ in range(5)]
     proc = ServerProcess(["--model", tiny_teacher_dir], log_path=str(tmp_path / "server.log"), env=ONE_THREAD).start()
     try:
-        with NetworkTeacher(proc.url, retries=12, backoff=0.2, max_backoff=2.0) as teacher:
+        # ~75 s of retries: a restart takes seconds, longer on a busy machine
+        with NetworkTeacher(proc.url, retries=40, backoff=0.2, max_backoff=2.0) as teacher:
             outs = []
             for i, batch in enumerate(batches):
                 if i == 2:
@@ -183,11 +184,29 @@ def test_server_killed_and_restarted_mid_sequence(tiny_teacher_dir, direct, tmp_
 def test_server_down_longer_than_the_retry_budget(tmp_path):
     url = f"http://127.0.0.1:{free_port()}"  # nobody listens here
     started = time.monotonic()
-    with NetworkTeacher(url, retries=2, backoff=0.05, vocab_size=100) as teacher:
+    with NetworkTeacher(url, retries=2, backoff=0.05, vocab_size=100, startup_timeout=0) as teacher:
         with pytest.raises(TeacherUnavailableError, match="after 3 attempts") as info:
             teacher.topk(torch.ones(1, 4, dtype=torch.long), None, k=2)
     assert "serve_teacher" in str(info.value)
     assert time.monotonic() - started < 5
+
+
+def test_a_server_still_starting_is_waited_for_within_startup_timeout(tiny_teacher_dir, direct, tmp_path, caplog):
+    import logging
+
+    ids = torch.randint(0, direct.vocab_size, (2, 9))
+    proc = ServerProcess(["--model", tiny_teacher_dir], log_path=str(tmp_path / "server.log"), env=ONE_THREAD)
+    with NetworkTeacher(proc.url, retries=0, startup_timeout=0.5, vocab_size=direct.vocab_size) as teacher:
+        with pytest.raises(TeacherUnavailableError, match="did not come up within startup_timeout=0s"):
+            teacher.topk(ids, None, k=4)  # nothing listening, and no time to wait
+    proc.start(wait=False)  # loading the model takes seconds; retries=0 alone would fail at once
+    try:
+        with caplog.at_level(logging.WARNING, logger="training.teachers.network"):
+            with NetworkTeacher(proc.url, retries=0, startup_timeout=120, vocab_size=direct.vocab_size) as teacher:
+                out = teacher.topk(ids, None, k=4)
+        torch.testing.assert_close(out.token_ids, direct.topk(ids, None, k=4).token_ids, rtol=0, atol=0)
+    finally:
+        proc.stop()
 
 
 BROKEN = ["short_row", "wrong_k", "truncated", "other_tokens", "ids_out_of_vocab", "unsorted", "json_ragged", "http_500"]
@@ -420,5 +439,16 @@ def test_example_config_builds_a_network_teacher(monkeypatch):
                          ["--teacher_url", "http://127.0.0.1:9", "--bf16", "false", "--use_cpu", "true"])
     teacher = build_teacher_source(config)
     assert isinstance(teacher, NetworkTeacher) and teacher.binary and teacher.protocol == "topk"
+    assert teacher.retries == 5  # teacher_retries' default; raise it to outlast a server restart
     assert teacher._client.headers["authorization"] == "Bearer from-env"  # the key stays out of the YAML
     teacher.close()
+    config = load_config(os.path.join(repo, "examples/configs/train_network.yaml"),
+                         ["--teacher_url", "http://127.0.0.1:9", "--bf16", "false", "--use_cpu", "true",
+                          "--teacher_retries", "12"])
+    teacher = build_teacher_source(config)
+    assert teacher.retries == 12
+    teacher.close()
+    with pytest.raises(ValueError, match="teacher_retries.*>= 0"):
+        load_config(os.path.join(repo, "examples/configs/train_network.yaml"),
+                    ["--teacher_url", "http://127.0.0.1:9", "--bf16", "false", "--use_cpu", "true",
+                     "--teacher_retries", "-1"])

@@ -10,7 +10,8 @@ import psutil
 import pytest
 import torch
 
-from training.serve_teacher import ServerProcess, main
+from tests.servers import ServerProcess
+from training.serve_teacher import main
 from training.teachers.direct import DirectTeacher
 from training.teachers.network import NetworkTeacher
 from training.wire import BINARY_MEDIA_TYPE, decode_binary, decode_json, input_checksum

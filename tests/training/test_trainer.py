@@ -1,6 +1,7 @@
 """DistillationTrainer on CPU: tiny Llama teacher (real folder, DirectTeacher) + tiny RetNet student."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -267,13 +268,93 @@ def test_kill_and_resume_continues_with_the_same_losses(tmp_path, sharp_teacher_
         assert got[step] == pytest.approx(expected[step], rel=1e-5), (step, got, expected)
 
 
-def test_eval_reports_distillation_terms(tmp_path, sharp_teacher_dir, tok):
-    config = make_config(tmp_path / "ev", sharp_teacher_dir, max_steps=1)
-    trainer = make_trainer(config, tok, make_items(tok, default_texts(8)),
-                           eval_dataset=make_items(tok, default_texts(24)[16:]))
+def test_resumed_run_logs_the_same_distillation_terms(tmp_path, sharp_teacher_dir, tok):
+    """loss/ce, loss/kd, loss/diversity after --resume_from_checkpoint are the uninterrupted run's (the first
+    window after a resume used to be divided by the whole step count: ce 2.0 logged as 2.0 / 3)."""
+    settings = dict(max_steps=5, save_strategy="steps", save_steps=3, diversity_weight=0.1)
+    items = make_items(tok, default_texts(40))
+    whole = make_trainer(make_config(tmp_path / "whole", sharp_teacher_dir, **settings), tok, items)
+    whole.train()
+    out = tmp_path / "resumed"
+    make_trainer(make_config(out, sharp_teacher_dir, **dict(settings, max_steps=3)), tok, items).train()
+    resumed = make_trainer(make_config(out, sharp_teacher_dir, **settings), tok, items)
+    resumed.train(resume_from_checkpoint=str(out / "checkpoint-3"))
+
+    def terms(trainer):
+        return {h["step"]: (h["loss/ce"], h["loss/kd"], h["loss/diversity"])
+                for h in trainer.state.log_history if "loss/ce" in h}
+
+    expected, got = terms(whole), terms(resumed)
+    assert sorted(got) == [1, 2, 3, 4, 5]
+    for step in (4, 5):
+        assert got[step] == pytest.approx(expected[step], rel=1e-5), (step, got[step], expected[step])
+        assert got[step][0] > 1.0  # a real cross-entropy, not a fraction of it
+
+
+def test_eval_metrics_are_token_means_over_the_set(tmp_path, sharp_teacher_dir, tok):
+    """Batches of very different token counts: every eval metric is a token mean over the whole set, so
+    eval_loss = alpha * eval_ce + (1 - alpha) * eval_kd, and each equals the same mean computed by hand."""
+    from training.losses import distillation_loss
+
+    texts = default_texts(24)[16:]
+    # batches of 2: three of two short rows, then one long row alone (unequal tokens and rows per batch)
+    eval_items = make_items(tok, texts[1:7], max_len=5) + make_items(tok, texts[:1], max_len=40)
+    config = make_config(tmp_path / "ev", sharp_teacher_dir, max_steps=1, per_device_eval_batch_size=2,
+                         distill_alpha=0.3, diversity_weight=0.2)
+    trainer = make_trainer(config, tok, make_items(tok, default_texts(8)), eval_dataset=eval_items)
     metrics = trainer.evaluate()
-    assert metrics["eval_loss"] == pytest.approx(0.5 * metrics["eval_ce"] + 0.5 * metrics["eval_kd"], rel=1e-4)
+    assert metrics["eval_loss"] == pytest.approx(
+        0.3 * metrics["eval_ce"] + 0.7 * metrics["eval_kd"] + 0.2 * metrics["eval_diversity"], rel=1e-5)
     assert json.dumps(metrics)  # plain floats, loggable
+
+    # the same token means by hand, over all eval tokens at once
+    batch = collate(tok.pad_token_id)(eval_items)
+    keep = DistillationTrainer.trained_positions(batch["labels"], batch["attention_mask"])
+    teacher = trainer.teacher.topk(batch["input_ids"], batch["attention_mask"], 64)
+    student = trainer.model.eval()
+    with torch.no_grad():
+        hidden = student.model(batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        out = distillation_loss(hidden[:, :-1][keep], student.lm_head, batch["labels"][:, 1:][keep],
+                                teacher.token_ids[:, :-1][keep], teacher.logprobs[:, :-1][keep], alpha=0.3,
+                                temperature=1.0, kind="forward_kl", diversity_weight=0.2)
+    assert metrics["eval_ce"] == pytest.approx(float(out.ce), rel=1e-4)
+    assert metrics["eval_kd"] == pytest.approx(float(out.kd), rel=1e-4)
+    assert metrics["eval_diversity"] == pytest.approx(float(out.diversity), rel=1e-4, abs=1e-6)
+    assert metrics["eval_loss"] == pytest.approx(float(out.loss), rel=1e-4)
+
+
+@pytest.mark.parametrize("kd_loss,full_vocab", [("forward_kl", False), ("reverse_kl", False), ("forward_kl", True)])
+def test_periodic_eval_logs_ppl_kl_top1(tmp_path, sharp_teacher_dir, tok, kd_loss, full_vocab):
+    """eval_steps logs eval_ppl = exp(eval_ce), eval_kl = token-mean KL(teacher || student) and eval_top1; with
+    k = V (or full-vocab mode) both equal the full-vocabulary values computed by hand on the same tokens, whatever
+    divergence the run trains with."""
+    vocab = len(tok)
+    eval_items = make_items(tok, default_texts(30)[20:])
+    config = make_config(tmp_path / "pe", sharp_teacher_dir, max_steps=4, eval_strategy="steps", eval_steps=2,
+                         per_device_eval_batch_size=4, teacher_topk=vocab, kd_loss=kd_loss,
+                         full_vocab_kd=full_vocab)
+    teacher = DirectTeacher(sharp_teacher_dir, return_full_logits=full_vocab)
+    trainer = make_trainer(config, tok, make_items(tok, default_texts(16)), teacher=teacher,
+                           eval_dataset=eval_items)
+    trainer.train()
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    assert [h["step"] for h in evals] == [2, 4]
+    for h in evals:
+        assert h["eval_ppl"] == pytest.approx(math.exp(h["eval_ce"]), rel=1e-6)
+        assert 0.0 <= h["eval_top1"] <= 1.0 and h["eval_kl"] > 0
+    assert evals[1]["eval_kl"] < evals[0]["eval_kl"]  # the student moves towards the teacher
+
+    batch = collate(tok.pad_token_id)(eval_items)
+    keep = DistillationTrainer.trained_positions(batch["labels"], batch["attention_mask"])
+    with torch.no_grad():
+        t = torch.log_softmax(teacher.model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits, -1)
+        s = torch.log_softmax(trainer.model.eval()(batch["input_ids"],
+                                                  attention_mask=batch["attention_mask"]).logits, -1)
+    t, s = t[:, :-1][keep].double(), s[:, :-1][keep].double()
+    kl = float((t.exp() * (t - s)).sum(-1).mean())
+    top1 = float((t.argmax(-1) == s.argmax(-1)).double().mean())
+    assert evals[1]["eval_kl"] == pytest.approx(kl, rel=1e-3)
+    assert evals[1]["eval_top1"] == pytest.approx(top1, abs=1e-9)
 
 
 def test_saddle_escape_from_the_config_boosts_and_restores_the_lr(tmp_path, sharp_teacher_dir, tok):

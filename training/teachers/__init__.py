@@ -1,21 +1,46 @@
 """Teacher-logit sources (direct, cached, network) behind one `TeacherSource` interface, and the factory the
-trainer uses to build one from a `DistillationConfig`."""
+trainer uses to build one from a `DistillationConfig`.
+
+`CachedTeacher` and `NetworkTeacher` are imported on first use (module `__getattr__`), so that
+`import training.teachers` does not pull in the cache codecs or the HTTP client.
+"""
 
 from __future__ import annotations
+
+import importlib
 
 from .base import TeacherOutput, TeacherSource
 from .direct import DirectTeacher, load_teacher_model
 
-__all__ = ["DirectTeacher", "TeacherOutput", "TeacherSource", "build_teacher_source", "load_teacher_model"]
+_LAZY = {"CachedTeacher": ".cached", "NetworkTeacher": ".network"}
+
+__all__ = ["CachedTeacher", "DirectTeacher", "NetworkTeacher", "TeacherOutput", "TeacherSource",
+           "build_teacher_source", "load_teacher_model"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
 
 
 def build_teacher_source(config, device=None) -> TeacherSource:
     """The source `config.teacher_source` names, placed on `config.teacher_device` or else `device`.
 
     direct: `DirectTeacher(teacher_model, teacher_adapter, teacher_dtype)`, full logits when `full_vocab_kd`.
-    cached: `CachedTeacher(teacher_cache)`, checked against teacher_topk, temperature, tokenizer and train_data.
+    cached: `CachedTeacher(teacher_cache, verify=teacher_cache_verify)`, checked now against teacher_topk,
+    temperature, tokenizer, train_data and eval_data (so a cache that cannot answer the evaluation set fails at
+    start, not at the first evaluation).
     network: `NetworkTeacher(teacher_url, api_key=teacher_api_key, protocol=teacher_protocol,
-    vocab_size=teacher_vocab_size)` (the key defaults to $TEACHER_API_KEY).
+    vocab_size=teacher_vocab_size, model=teacher_model (openai), tokenizer=tokenizer,
+    retries=teacher_retries)` (the key defaults to
+    $TEACHER_API_KEY; with openai the server must serve that model and tokenizer).
     """
     kind = config.teacher_source
     if kind == "direct":
@@ -32,8 +57,9 @@ def build_teacher_source(config, device=None) -> TeacherSource:
         except ImportError as err:
             raise ValueError(f"teacher_source=cached is not available in this install ({err})") from None
         # The cache checks k, temperature, tokenizer and data against its manifest now, not mid-run.
+        data = [spec for spec in (config.train_data, config.eval_data) if spec]
         return CachedTeacher(config.teacher_cache, topk=config.teacher_topk, temperature=config.temperature,
-                             tokenizer=config.tokenizer, data=config.train_data)
+                             tokenizer=config.tokenizer, data=data or None, verify=config.teacher_cache_verify)
     if kind == "network":
         try:
             from .network import NetworkTeacher
@@ -44,5 +70,8 @@ def build_teacher_source(config, device=None) -> TeacherSource:
             api_key=config.teacher_api_key,
             protocol=config.teacher_protocol,
             vocab_size=config.teacher_vocab_size,
+            model=config.teacher_model if config.teacher_protocol == "openai" else None,
+            tokenizer=config.tokenizer,
+            retries=config.teacher_retries,
         )
     raise ValueError(f"config key 'teacher_source': {kind!r} is not one of ('direct', 'cached', 'network')")

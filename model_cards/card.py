@@ -1,0 +1,291 @@
+"""The student's model card, generated from what a run leaves behind: config.json (architecture), the weights
+(parameter count), trainer_state.json (steps, losses, tokens), training_config.json (the recipe, when the run
+saved it) and eval/report.json (the evaluation table and latency plot). The template is `retnet_student.md`
+beside this file; every `${...}` in it is filled, and the result is checked for leftover placeholders.
+
+    python -m model_cards <run dir> [--repo_id user/name] [--base_model meta-llama/...] [--license ...]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import string
+
+import yaml
+
+from training.evaluation.report import markdown_table
+
+
+def _table(header, rows) -> str:
+    return "\n".join(markdown_table(header, rows))
+
+TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "retnet_student.md")
+PROJECT_URL = "https://github.com/hf-retnet/hf-retnet"
+CARD_NAME = "README.md"
+# What reads as an unfilled placeholder on a published card.
+PLACEHOLDER_RE = re.compile(r"\{\{|\}\}|\$\{|\bTODO\b|\bFIXME\b|\bTBD\b|<[A-Za-z_][^<>\n]*>")
+RECIPE_KEYS = (
+    "student", "student_overrides", "teacher_model", "teacher_adapter", "teacher_source", "teacher_topk", "kd_loss",
+    "distill_alpha", "temperature", "train_data", "eval_data", "max_seq_length", "max_steps", "num_train_epochs",
+    "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "muon_learning_rate", "optim",
+    "lr_scheduler_type", "warmup_steps", "warmup_ratio", "weight_decay", "max_grad_norm", "bf16", "fp16", "seed",
+)
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def find_placeholders(text: str) -> list[str]:
+    """Every substring of `text` that looks like an unfilled template slot or a to-do marker."""
+    return [m.group(0) for m in PLACEHOLDER_RE.finditer(text)]
+
+
+def _read_json(path: str):
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        try:
+            return json.load(handle)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
+
+
+def is_hub_id(value) -> bool:
+    """'owner/name' that is not an existing local path: something the Hub's base_model/datasets fields accept."""
+    return (isinstance(value, str) and bool(_HUB_ID_RE.match(value)) and not os.path.exists(value)
+            and not value.lower().endswith((".jsonl", ".json", ".parquet", ".txt", ".csv", ".yaml", ".md")))
+
+
+def count_parameters(run_dir: str) -> int:
+    """Parameters stored in the run's safetensors files (shared tensors, e.g. tied embeddings, counted once)."""
+    from safetensors import safe_open
+
+    files = sorted(f for f in os.listdir(run_dir) if f.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{run_dir}: no .safetensors weights; is this a finished training.train output_dir?")
+    total = 0
+    for name in files:
+        with safe_open(os.path.join(run_dir, name), framework="pt") as handle:
+            for key in handle.keys():
+                n = 1
+                for dim in handle.get_slice(key).get_shape():
+                    n *= dim
+                total += n
+    return total
+
+
+def _human(n: float, unit: str = "") -> str:
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.1f}{suffix}{unit}"
+    return f"{int(n)}{unit}"
+
+
+def _bytes(n: float) -> str:
+    for scale, suffix in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if n >= scale:
+            return f"{n / scale:.1f} {suffix}"
+    return f"{int(n)} bytes"
+
+
+def state_bytes(config: dict) -> int:
+    """fp32 recurrent state of one sequence: per layer and head a [d_k, d_v] matrix (d_v = value_factor * d_k)."""
+    hidden, heads = config["hidden_size"], config["num_heads"]
+    d_k = hidden // heads
+    return config["num_hidden_layers"] * heads * d_k * d_k * config.get("value_factor", 2) * 4
+
+
+def public(value):
+    """A value as shown on a public card: local absolute paths shortened to their last component (a card should
+    not publish the trainer's file system), Hub ids and relative paths unchanged."""
+    if isinstance(value, str) and os.path.isabs(value):
+        return os.path.basename(value.rstrip("/")) or value
+    if isinstance(value, list):
+        return [public(v) for v in value]
+    if isinstance(value, dict):
+        return {k: public(v) for k, v in value.items()}
+    return value
+
+
+def _evaluation_section(report: dict | None) -> str:
+    if not report:
+        return ("This run has no evaluation report (eval/report.json), so no quality numbers are claimed here; "
+                "`python -m training.evaluate --model` with the run folder writes one.")
+    parts = []
+    held = report.get("heldout")
+    if held:
+        rows = [["student", held["student"]["loss"], held["student"]["perplexity"], held["student"]["tokens"]]]
+        if "teacher" in held:
+            rows.append(["teacher", held["teacher"]["loss"], held["teacher"]["perplexity"], held["teacher"]["tokens"]])
+        data = held["data"] if isinstance(held["data"], str) else ", ".join(held["data"])
+        parts.append(f"Held-out next-token loss on `{os.path.basename(str(data).rstrip('/')) or data}` "
+                     f"({held['scoring']['text']}):\n\n" + _table(["model", "loss (nats/token)", "perplexity", "tokens"], rows))
+        if "agreement" in held:
+            a = held["agreement"]
+            parts.append("Agreement with the teacher on the same tokens:\n\n" + _table(
+                ["KL(teacher ‖ student) per token", "top-1 agreement"], [[a["kl_teacher_student"], a["top1_agreement"]]]))
+    passkey = report.get("passkey")
+    if passkey:
+        rows = []
+        for name in ("student", "teacher"):
+            cells = (passkey.get(name) or {}).get("cells", [])
+            for length in sorted({c["context_length"] for c in cells}):
+                accs = [c["accuracy"] for c in cells if c["context_length"] == length]
+                rows.append([name, length, sum(accs) / len(accs)])
+        if rows:
+            parts.append("Passkey retrieval (a 5-digit key hidden at several depths of filler text; mean accuracy "
+                         "over depths):\n\n" + _table(["model", "context length", "accuracy"], rows))
+    lm = report.get("lm_eval")
+    if lm and lm.get("tasks"):
+        rows = []
+        for task, metrics in lm["tasks"].items():
+            for metric, value in metrics.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and "," in metric \
+                        and "stderr" not in metric:
+                    rows.append([task, metric.split(",")[0], value])
+        parts.append("lm-evaluation-harness:\n\n" + _table(["task", "metric", "value"], rows))
+    lat = report.get("latency")
+    if lat:
+        rows = []
+        for name in ("student", "teacher"):
+            for r in (lat.get(name) or {}).get("rows", []):
+                rows.append([name, r["context_length"], r["ms_per_token"], _bytes(r["cache_bytes"])])
+        if rows:
+            parts.append(f"Decoding cost per token after a context of the given length (median of "
+                         f"{lat['decode_tokens']} steps on {lat['device']}; memory carried between steps: recurrent "
+                         "state for the student, KV cache for the teacher):\n\n"
+                         + _table(["model", "context", "ms/token", "state / cache"], rows))
+        if lat.get("plot"):
+            parts.append(f"![Decoding latency and memory against context length](eval/{lat['plot']})")
+    return "\n\n".join(parts)
+
+
+def _describe_data(spec) -> str:
+    """`name`, with its sequence and token counts when it is a shard folder (training.preprocess manifest) here."""
+    text = f"`{public(spec)}`"
+    manifest = _read_json(os.path.join(str(spec), "manifest.json")) if os.path.isdir(str(spec)) else None
+    totals = (manifest or {}).get("totals") or {}
+    if totals.get("num_tokens"):
+        text += f" ({totals.get('num_sequences', 0):,} sequences, {totals['num_tokens']:,} tokens)"
+    return text
+
+
+def _training_section(state: dict | None, recipe: dict | None) -> tuple[str, str]:
+    recipe = recipe or {}
+    rows = []
+    teacher = recipe.get("teacher_model")
+    if teacher:
+        rows.append(["teacher", f"`{public(teacher)}`" + (f" (source: {recipe['teacher_source']})" if recipe.get("teacher_source") else "")])
+    if recipe.get("kd_loss"):
+        rows.append(["objective", f"{recipe.get('distill_alpha')} × CE + (1 − {recipe.get('distill_alpha')}) × "
+                                  f"{recipe['kd_loss']} on the teacher's top-{recipe.get('teacher_topk')} "
+                                  f"(temperature {recipe.get('temperature')})"])
+    if recipe.get("train_data"):
+        data = recipe["train_data"]
+        rows.append(["training data", ", ".join(_describe_data(d) for d in (data if isinstance(data, list) else [data]))])
+    if state:
+        steps = state.get("global_step")
+        rows.append(["optimizer steps", steps])
+        seen = state.get("num_input_tokens_seen")
+        if seen:
+            rows.append(["tokens seen", f"{seen:,}"])
+        elif recipe.get("max_seq_length") and steps:
+            per_step = (recipe.get("per_device_train_batch_size") or state.get("train_batch_size") or 0) * \
+                (recipe.get("gradient_accumulation_steps") or 1)
+            if per_step:
+                rows.append(["tokens seen (upper bound)", f"{steps * per_step * recipe['max_seq_length']:,} per process "
+                             f"({steps} steps × {per_step} sequences × {recipe['max_seq_length']} tokens)"])
+        losses = [h for h in state.get("log_history", []) if "loss" in h]
+        if losses:
+            last = losses[-1]
+            text = f"{last['loss']:.4f} at step {last.get('step')}"
+            if "loss/ce" in last and "loss/kd" in last:
+                text += f" (CE {last['loss/ce']:.4f}, KD {last['loss/kd']:.4f})"
+            rows.append(["final training loss", text])
+    if recipe.get("optim"):
+        rows.append(["optimizer", f"{recipe['optim']}, learning rate {recipe.get('learning_rate')}"])
+    intro = (f"Distilled with `python -m training.train` from hf-retnet: the student learns the teacher's next-token "
+             f"distribution at every position of the training sequences.")
+    if not recipe:
+        intro += " This run did not save its training configuration (training_config.json), so the recipe below is empty."
+    return intro, _table(["", ""], [[k, v] for k, v in rows]) if rows else ""
+
+
+def build_card(run_dir: str, repo_id: str | None = None, base_model: str | None = None, license: str | None = None,
+               datasets: list[str] | None = None, title: str | None = None) -> str:
+    """The filled model card (Markdown with a YAML metadata header) for the run in `run_dir`."""
+    run_dir = os.fspath(run_dir)
+    config = _read_json(os.path.join(run_dir, "config.json"))
+    if config is None:
+        raise FileNotFoundError(f"{run_dir}: no config.json; pass a finished training.train output_dir")
+    state = _read_json(os.path.join(run_dir, "trainer_state.json"))
+    recipe = _read_json(os.path.join(run_dir, "training_config.json"))
+    report = _read_json(os.path.join(run_dir, "eval", "report.json"))
+    repo_id = repo_id or os.path.basename(os.path.abspath(run_dir))
+    teacher = (recipe or {}).get("teacher_model") or ((report or {}).get("teacher") or {}).get("name_or_path")
+    base_model = base_model or (teacher if is_hub_id(teacher) else None)
+    if datasets is None:
+        data = (recipe or {}).get("train_data")
+        datasets = [d.split(":")[0] for d in (data if isinstance(data, list) else [data]) if is_hub_id(str(d).split(":")[0])]
+
+    meta = {"library_name": "transformers", "pipeline_tag": "text-generation"}
+    if base_model:
+        meta["base_model"] = base_model
+    if license:
+        meta["license"] = license
+    meta["tags"] = ["retnet", "hf-retnet", "distillation", "knowledge-distillation", "recurrent", "custom_code"]
+    if datasets:
+        meta["datasets"] = list(datasets)
+
+    n_params = count_parameters(run_dir)
+    arch_rows = [
+        ["architecture", f"{config.get('architectures', ['RetNetForCausalLM'])[0]} (model_type `{config.get('model_type')}`)"],
+        ["parameters", f"{n_params:,} ({_human(n_params)})"],
+        ["layers", config.get("num_hidden_layers")], ["hidden size", config.get("hidden_size")],
+        ["retention heads", config.get("num_heads")], ["FFN size", config.get("intermediate_size")],
+        ["vocabulary", config.get("vocab_size")], ["chunk size (chunkwise form)", config.get("chunk_size")],
+        ["tied embeddings", config.get("tie_word_embeddings")],
+        ["recurrent state", f"{_bytes(state_bytes(config))} fp32 per sequence, whatever the context length"],
+    ]
+    recipe_view = {k: public(recipe[k]) for k in RECIPE_KEYS if recipe and recipe.get(k) not in (None, "", [], {})}
+    if recipe_view.get("max_steps", -1) > 0:
+        recipe_view.pop("num_train_epochs", None)  # max_steps decides the length
+    else:
+        recipe_view.pop("max_steps", None)
+    intro, train_table = _training_section(state, recipe)
+    teacher_text = f"`{base_model or public(teacher)}`" if teacher else "a Transformer teacher"
+    held = (report or {}).get("heldout")
+    values = {
+        "metadata": yaml.safe_dump(meta, sort_keys=False).strip(),
+        "title": title or repo_id.split("/")[-1],
+        "num_parameters": _human(n_params),
+        "teacher_text": teacher_text,
+        "project_url": PROJECT_URL,
+        "state_size": _bytes(state_bytes(config)),
+        "architecture_table": "\n".join(_table(["", ""], arch_rows).splitlines()[2:]),
+        "repo_id": repo_id,
+        "training_text": intro,
+        "training_table": train_table,
+        "recipe_yaml": yaml.safe_dump(recipe_view, sort_keys=False).strip() if recipe_view else "# not saved by this run",
+        "loss_curves": "![Training losses](loss_curves.png)" if os.path.isfile(os.path.join(run_dir, "loss_curves.png")) else "",
+        "evaluation": _evaluation_section(report),
+        "data_limit": (f" (held-out loss on {held['student']['tokens']:,} tokens)" if held else ""),
+        "license_note": f"; this card declares `{license}`" if license else "",
+    }
+    card = string.Template(open(TEMPLATE, encoding="utf-8").read()).substitute(values)
+    card = re.sub(r"\n{3,}", "\n\n", card)
+    left = find_placeholders(card)
+    if left:
+        raise ValueError(f"model card for {run_dir} still has placeholders {left[:5]}; fill them before publishing")
+    return card
+
+
+def write_card(run_dir: str, path: str | None = None, **kwargs) -> str:
+    """Write the card to `path` (default `<run_dir>/README.md`) atomically and return the path."""
+    card = build_card(run_dir, **kwargs)
+    path = path or os.path.join(run_dir, CARD_NAME)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(card)
+    os.replace(tmp, path)
+    return path
