@@ -15,6 +15,8 @@ RetNetConfig.register_for_auto_class()
 RetNetModel.register_for_auto_class("AutoModel")
 RetNetForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
+from .convert_llama import retnet_from_llama  # noqa: E402  (teacher-initialised students; see from_llama)
+
 # LoRA targets for peft: the retention projections and the SwiGLU FFN.
 LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "g_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -26,4 +28,5 @@ __all__ = [
     "RetNetForCausalLM",
     "RetNetModel",
     "RetNetPreTrainedModel",
+    "retnet_from_llama",
 ]

@@ -33,6 +33,21 @@ class RetNetConfig(PretrainedConfig):
         initializer_range (`float`, defaults to 0.02): std of the normal init of linear and embedding weights.
         tie_word_embeddings (`bool`, defaults to True): share the input embedding with the LM head.
         use_cache (`bool`, defaults to True): return the recurrent state for generation.
+        num_kv_heads (`int`, *optional*): key/value heads (grouped retention, like grouped-query attention). Query
+            heads in a group read one shared k/v head and therefore one shared state and decay, so the recurrent
+            state shrinks by `num_heads / num_kv_heads`. Defaults to `num_heads`.
+        head_dim (`int`, *optional*): query/key width per head; defaults to `hidden_size // num_heads`. Values are
+            `value_factor * head_dim` wide per head.
+        rotary_scaling (`dict`, *optional*): Llama-3 style frequency scaling of the rotary encoding, as in a Llama
+            config: `{"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+            "original_max_position_embeddings"}`. None leaves the frequencies unscaled.
+        retention_decays (`list`, *optional*): explicit decays gamma in (0, 1), one per k/v head (the same for every
+            layer) or a list per layer (`[num_hidden_layers][num_kv_heads]`), e.g. chosen from a teacher's attention
+            distances. None keeps RetNet's fixed gamma_h = 1 - 2^(-5-h).
+        use_output_gate (`bool`, defaults to True): multiply the retention output by swish(g_proj(x)) as in RetNet;
+            False drops the gate (and g_proj), so the layer has the shape of the attention it may replace.
+        gate_bias (`bool`, defaults to False): give g_proj a bias, so the gate can start as a constant
+            (zero weights, bias b: swish(b) for every token) and learn to depend on the input.
         value_head_dim (`int`, *optional*): value/gate width of one head, when it is not a whole multiple of the
             key width (torchscale's `decoder_value_embed_dim / decoder_retention_heads`). None: `value_factor`
             times the key width.
@@ -74,6 +89,12 @@ class RetNetConfig(PretrainedConfig):
         pad_token_id: int | None = None,
         bos_token_id: int | None = None,
         eos_token_id: int | list[int] | None = None,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        rotary_scaling: dict | None = None,
+        retention_decays: list | None = None,
+        use_output_gate: bool = True,
+        gate_bias: bool = False,
         value_head_dim: int | None = None,
         hidden_act: str = "silu",
         rotary_style: str = "halves",
@@ -88,11 +109,21 @@ class RetNetConfig(PretrainedConfig):
                 f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}; choose num_heads dividing "
                 f"hidden_size (e.g. num_heads={_largest_divisor(hidden_size, num_heads)}) or change hidden_size"
             )
-        if (hidden_size // num_heads) % 2 != 0:
+        if head_dim is None and (hidden_size // num_heads) % 2 != 0:
             raise ValueError(
                 f"head dimension hidden_size/num_heads={hidden_size // num_heads} must be even for the rotary "
                 "position encoding; change hidden_size or num_heads"
             )
+        if head_dim is not None and (head_dim < 2 or head_dim % 2 != 0):
+            raise ValueError(f"head_dim={head_dim} must be a positive even number (the rotary encoding rotates pairs)")
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if num_kv_heads < 1 or num_heads % num_kv_heads != 0:
+            raise ValueError(
+                f"num_kv_heads={num_kv_heads} must divide num_heads={num_heads} (each k/v head serves a group of "
+                "query heads); choose a divisor of num_heads"
+            )
+        _check_rotary_scaling(rotary_scaling)
+        retention_decays = _check_decays(retention_decays, num_hidden_layers, num_kv_heads)
         if retention_mode not in RETENTION_MODES:
             raise ValueError(f"retention_mode={retention_mode!r} is not one of {RETENTION_MODES}")
         if chunk_size < 1:
@@ -117,6 +148,12 @@ class RetNetConfig(PretrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.initializer_range = initializer_range
         self.use_cache = use_cache
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = hidden_size // num_heads if head_dim is None else head_dim
+        self.rotary_scaling = rotary_scaling
+        self.retention_decays = retention_decays
+        self.use_output_gate = use_output_gate
+        self.gate_bias = gate_bias
         self.value_head_dim = value_head_dim
         self.hidden_act = hidden_act
         self.rotary_style = rotary_style
@@ -132,16 +169,44 @@ class RetNetConfig(PretrainedConfig):
             **kwargs,
         )
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
     @classmethod
     def from_variant(cls, name: str, **overrides) -> "RetNetConfig":
         """The seed's student sizes: `from_variant("350M")` or `from_variant("500M", chunk_size=256)`."""
         if name not in VARIANTS:
             raise ValueError(f"unknown RetNet variant {name!r}; choose one of {sorted(VARIANTS)}")
         return cls(**{**VARIANTS[name], **overrides})
+
+
+def _check_rotary_scaling(rotary_scaling: dict | None) -> None:
+    if rotary_scaling is None:
+        return
+    kind = rotary_scaling.get("rope_type", rotary_scaling.get("type"))
+    if kind == "default":
+        return
+    needed = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    missing = [key for key in needed if key not in rotary_scaling]
+    if kind != "llama3" or missing:
+        raise ValueError(
+            f"rotary_scaling={rotary_scaling!r}: only Llama-3 scaling is supported, as "
+            f"{{'rope_type': 'llama3', {', '.join(repr(k) + ': ...' for k in needed)}}}"
+            + (f"; missing {missing}" if kind == "llama3" else "")
+        )
+
+
+def _check_decays(decays, num_layers: int, num_kv_heads: int) -> list | None:
+    """One decay per k/v head, or one list per layer; each strictly between 0 and 1. Returns plain floats."""
+    if decays is None:
+        return None
+    rows = decays if decays and isinstance(decays[0], (list, tuple)) else [decays]
+    if len(rows) not in (1, num_layers) or any(len(row) != num_kv_heads for row in rows):
+        raise ValueError(
+            f"retention_decays must hold {num_kv_heads} values (one per k/v head) or {num_layers} lists of "
+            f"{num_kv_heads} (one per layer); got {decays!r}"
+        )
+    values = [[float(g) for g in row] for row in rows]
+    if any(not 0.0 < g < 1.0 for row in values for g in row):
+        raise ValueError(f"retention_decays must lie strictly between 0 and 1; got {decays!r}")
+    return values[0] if len(rows) == 1 and not isinstance(decays[0], (list, tuple)) else values
 
 
 def _largest_divisor(n: int, at_most: int) -> int:

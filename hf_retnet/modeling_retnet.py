@@ -275,16 +275,40 @@ def rotary_linspace_inv_freq(config: RetNetConfig) -> torch.Tensor:
     return 1.0 / (config.rope_theta ** torch.linspace(0, 1, config.head_dim // 2))
 
 
+def rotary_inv_freq(config: RetNetConfig) -> torch.Tensor:
+    """Rotary frequencies theta^(-2i/d) of one head, with Llama-3's scaling when `config.rotary_scaling` asks for it:
+    long wavelengths are slowed by `factor`, short ones kept, the band between interpolated smoothly."""
+    if getattr(config, "rotary_spacing", "arange") == "linspace":
+        return rotary_linspace_inv_freq(config)
+    dim = config.head_dim
+    scaling = getattr(config, "rotary_scaling", None) or {}
+    if scaling.get("rope_type", scaling.get("type")) != "llama3":
+        return 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    context = scaling["original_max_position_embeddings"]
+    wavelen = 2 * torch.pi / inv_freq
+    smooth = ((context / wavelen - low) / (high - low)).clamp(0.0, 1.0)  # 0: long wavelength, 1: short
+    inv_freq = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return inv_freq.float()
+
+
+def retention_log_decays(config: RetNetConfig, layer_idx: int, default: torch.Tensor) -> torch.Tensor:
+    """log gamma of each k/v head of one layer: `config.retention_decays` when given, else the first
+    `num_kv_heads` of RetNet's fixed defaults `default` (heads in a k/v group share one state, hence one decay)."""
+    decays = getattr(config, "retention_decays", None)
+    if decays is None:
+        return default[: getattr(config, "num_kv_heads", None) or config.num_heads]
+    row = decays[layer_idx] if isinstance(decays[0], (list, tuple)) else decays
+    return torch.log(torch.tensor(row, dtype=torch.float64)).float()
+
+
 class RetNetRotaryEmbedding(nn.Module):
     """Rotary relative position of queries and keys; with the per-head decay this is RetNet's xPos-style encoding."""
 
     def __init__(self, config: RetNetConfig):
         super().__init__()
-        dim = config.head_dim
-        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-        if config.rotary_spacing == "linspace":
-            inv_freq = rotary_linspace_inv_freq(config)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", rotary_inv_freq(config), persistent=False)
         self.interleaved = config.rotary_style == "interleaved"
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -304,15 +328,19 @@ class RetNetMultiScaleRetention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads = config.num_heads
+        self.num_kv_heads = getattr(config, "num_kv_heads", None) or config.num_heads
         self.head_dim = config.head_dim
-        self.value_dim = config.hidden_size * config.value_factor
-        if config.value_head_dim is not None:
-            self.value_dim = config.num_heads * config.value_head_dim
+        value_head_dim = config.value_head_dim or config.head_dim * config.value_factor
+        self.value_dim = config.num_heads * value_head_dim
+        kv_value_dim = self.num_kv_heads * value_head_dim
         self.chunk_size = config.chunk_size
-        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, self.value_dim, bias=False)
-        self.g_proj = nn.Linear(config.hidden_size, self.value_dim, bias=False)
+        self.q_proj = nn.Linear(config.hidden_size, config.num_heads * config.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * config.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, kv_value_dim, bias=False)
+        if getattr(config, "use_output_gate", True):
+            self.g_proj = nn.Linear(config.hidden_size, self.value_dim, bias=getattr(config, "gate_bias", False))
+        else:
+            self.g_proj = None
         self.o_proj = nn.Linear(self.value_dim, config.hidden_size, bias=False)
         self.group_norm = RetNetRMSNorm(
             self.value_dim, eps=config.rms_norm_eps, groups=config.num_heads, affine=config.group_norm_affine
@@ -320,21 +348,27 @@ class RetNetMultiScaleRetention(nn.Module):
         self.rotate = rotate_every_two if config.rotary_style == "interleaved" else rotate_half
         self.score_normalization = config.retention_score_normalization
         # gamma_h = 1 - 2^(-5-h): fixed, not learned; a buffer so it follows .to(device) but stays fp32.
-        log_decay = fp32_log_decays if config.fp32_decays else retnet_log_decays
-        self.register_buffer("log_decay", log_decay(config.num_heads), persistent=False)
+        default = fp32_log_decays if config.fp32_decays else retnet_log_decays
+        log_decay = retention_log_decays(config, layer_idx, default(config.num_heads))  # [num_kv_heads]
+        self.register_buffer("log_decay", log_decay, persistent=False)
 
     def forward(self, hidden_states, cos, sin, mask, time, state=None, mode="chunkwise", positions=None):
         """hidden_states: [B, T, d]; cos/sin: [B, 1, T, d_k]; mask, time: [B, T]; state: [B, H, d_k, d_v] fp32
         (d_v + 1 with `retention_score_normalization`); positions: [B, T] absolute positions (that option only)."""
         b, t, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(b, t, self.num_heads, -1).transpose(1, 2).float()  # [B, H, T, d_k]
-        k = self.k_proj(hidden_states).view(b, t, self.num_heads, -1).transpose(1, 2).float()
-        v = self.v_proj(hidden_states).view(b, t, self.num_heads, -1).transpose(1, 2).float()  # [B, H, T, d_v]
+        k = self.k_proj(hidden_states).view(b, t, self.num_kv_heads, -1).transpose(1, 2).float()  # [B, H_kv, T, d_k]
+        v = self.v_proj(hidden_states).view(b, t, self.num_kv_heads, -1).transpose(1, 2).float()  # [B, H_kv, T, d_v]
         q = q * cos + self.rotate(q) * sin
         k = (k * cos + self.rotate(k) * sin) * (self.head_dim**-0.5)
         keep = mask[:, None, :, None].float()
         k, v = k * keep, v * keep  # padding adds nothing to the state
         log_decay = self.log_decay.float()
+        group = self.num_heads // self.num_kv_heads
+        if group > 1:  # every query head of a group reads its k/v head's state: expand, compute, keep one copy
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+            log_decay = log_decay.repeat_interleave(group)
+            state = None if state is None else state.repeat_interleave(group, dim=1)
         if self.score_normalization:  # a constant value column makes the retention also return q_n . sum_m D_nm k_m
             v = torch.cat([v, keep.expand(b, v.shape[1], t, 1)], dim=-1)
         if mode == "parallel":
@@ -343,9 +377,13 @@ class RetNetMultiScaleRetention(nn.Module):
             out, state = retention_chunkwise(q, k, v, log_decay, time, state, self.chunk_size)
         else:
             out, state = retention_recurrent(q, k, v, log_decay, time, state)
+        if group > 1:
+            state = state[:, ::group].contiguous()  # [B, H_kv, d_k, d_v]: group members hold identical states
         if self.score_normalization:
             out = out[..., :-1] / retention_score_scale(out[..., -1:], positions, log_decay)
         out = self.group_norm(out.transpose(1, 2).reshape(b, t, self.value_dim))  # [B, T, H * d_v], fp32
+        if self.g_proj is None:
+            return self.o_proj(out.to(hidden_states.dtype)), state
         gate = F.silu(self.g_proj(hidden_states))
         return self.o_proj(gate * out.to(gate.dtype)), state
 
@@ -421,14 +459,10 @@ class RetNetPreTrainedModel(PreTrainedModel):
         elif isinstance(module, RetNetRMSNorm) and module.weight is not None:
             init.ones_(module.weight)
         elif isinstance(module, RetNetMultiScaleRetention):
-            log_decay = fp32_log_decays if self.config.fp32_decays else retnet_log_decays
-            init.copy_(module.log_decay, log_decay(module.num_heads))
+            default = fp32_log_decays if self.config.fp32_decays else retnet_log_decays
+            init.copy_(module.log_decay, retention_log_decays(self.config, module.layer_idx, default(module.num_heads)))
         elif isinstance(module, RetNetRotaryEmbedding):
-            dim = self.config.head_dim
-            inv_freq = 1.0 / (self.config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-            if self.config.rotary_spacing == "linspace":
-                inv_freq = rotary_linspace_inv_freq(self.config)
-            init.copy_(module.inv_freq, inv_freq)
+            init.copy_(module.inv_freq, rotary_inv_freq(self.config))
 
 
 class RetNetModel(RetNetPreTrainedModel):
@@ -540,6 +574,16 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    @classmethod
+    def from_llama(cls, llama_model_or_path, **kwargs) -> "RetNetForCausalLM":
+        """A teacher-initialised RetNet from a `LlamaForCausalLM` (or its folder): see `hf_retnet.convert_llama`.
+        The converter ships with the `hf_retnet` package, not with checkpoints, so it is imported only here."""
+        try:
+            from hf_retnet.convert_llama import retnet_from_llama
+        except ImportError as err:
+            raise ImportError("from_llama needs the hf_retnet package installed (install this project: pip install -e .)") from err
+        return retnet_from_llama(llama_model_or_path, **kwargs)
 
     def get_input_embeddings(self):
         return self.model.embed_tokens

@@ -126,8 +126,9 @@ def save_final(trainer, tokenizer, output_dir: str) -> None:
     trainer.accelerator.wait_for_everyone()
 
 
-def run(config: DistillationConfig):
-    """Build everything from `config`, train, save. Returns the trainer (tests read its state)."""
+def run(config: DistillationConfig, callbacks=None):
+    """Build everything from `config`, train, save. Returns the trainer (tests read its state).
+    `callbacks`: extra `TrainerCallback`s (benchmarks measure their own held-out metrics with them)."""
     from .data import PaddingCollator, build_dataset
     from .push import finish_run, prepare_push
     from .teachers import build_teacher_source
@@ -158,6 +159,7 @@ def run(config: DistillationConfig):
         eval_dataset=eval_dataset,
         data_collator=PaddingCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
+        callbacks=callbacks,
     )
     resume = config.resume_from_checkpoint
     if isinstance(resume, str) and resume.lower() in ("true", "last", "latest"):

@@ -113,6 +113,134 @@ def test_bf16_close_to_fp32():
     assert (low - ref).abs().max() < 0.05 * ref.abs().max()
 
 
+# Options a converted Llama uses (see hf_retnet/convert_llama.py); every one must keep the three modes equal.
+LLAMA3_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8,
+}
+OPTIONS = {
+    "kv_groups_of_2": dict(num_kv_heads=2),
+    "one_kv_head": dict(num_kv_heads=1),
+    "explicit_head_dim": dict(head_dim=6),
+    "value_factor_1": dict(value_factor=1),
+    "llama3_rope_scaling": dict(rotary_scaling=LLAMA3_SCALING, rope_theta=500000.0),
+    "decays_per_head": dict(retention_decays=[0.5, 0.9, 0.99, 0.999]),
+    "decays_per_layer": dict(num_kv_heads=2, retention_decays=[[0.3, 0.95], [0.8, 0.999]]),
+    "no_gate": dict(use_output_gate=False),
+    "gate_bias": dict(gate_bias=True),
+    "grouped_with_torchscale_options": dict(
+        num_kv_heads=2, retention_score_normalization=True, rotary_style="interleaved", rotary_spacing="linspace",
+        group_norm_affine=False, value_head_dim=12, retention_decays=[0.7, 0.99],
+    ),
+    "converted_llama_like": dict(
+        num_kv_heads=2, head_dim=6, value_factor=1, rotary_scaling=LLAMA3_SCALING, use_output_gate=False,
+        retention_decays=[[0.6, 0.97], [0.9, 0.99]],
+    ),
+}
+
+
+def _randomize_biases(model):
+    with torch.no_grad():  # zero-initialised biases would hide a bias that is dropped in one mode
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_()
+
+
+@pytest.mark.parametrize("option", sorted(OPTIONS))
+@pytest.mark.parametrize("padding", ["none", "left", "right"])
+def test_model_modes_agree_with_options(option, padding):
+    torch.manual_seed(0)
+    config = tiny_config(chunk_size=4, **OPTIONS[option])
+    model = RetNetForCausalLM(config).eval()
+    _randomize_biases(model)
+    ids = torch.randint(0, 97, (2, 11))
+    mask = make_mask(2, 11, padding)
+    outs = {
+        mode: model(ids, attention_mask=mask, retention_mode=mode, use_cache=True)
+        for mode in ("parallel", "chunkwise", "recurrent")
+    }
+    keep = mask.bool()
+    kv_heads = config.num_kv_heads
+    for mode in ("chunkwise", "recurrent"):
+        torch.testing.assert_close(outs[mode].logits[keep], outs["parallel"].logits[keep], atol=TOL, rtol=TOL)
+        for a, b in zip(outs[mode][CACHE_FIELD].states, outs["parallel"][CACHE_FIELD].states):
+            d_v = (config.value_head_dim or config.head_dim * config.value_factor) + config.retention_score_normalization
+            assert a.shape == (2, kv_heads, config.head_dim, d_v)
+            torch.testing.assert_close(a, b, atol=TOL, rtol=TOL)
+
+
+@pytest.mark.parametrize("option", sorted(OPTIONS))
+def test_state_continuation_with_options(option):
+    """A prefix read chunkwise into a cache, then the rest one token at a time, equals one parallel pass."""
+    torch.manual_seed(0)
+    model = RetNetForCausalLM(tiny_config(chunk_size=4, **OPTIONS[option])).eval()
+    _randomize_biases(model)
+    ids = torch.randint(0, 97, (2, 10))
+    full = model(ids, retention_mode="parallel").logits
+    first = model(ids[:, :6], retention_mode="chunkwise", use_cache=True)
+    cache, steps = first[CACHE_FIELD], [first.logits]
+    for i in range(6, 10):
+        out = model(ids[:, i : i + 1], past_key_values=cache, retention_mode="recurrent", use_cache=True)
+        cache = out[CACHE_FIELD]
+        steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=TOL, rtol=TOL)
+
+
+@pytest.mark.parametrize("option", ["converted_llama_like", "gate_bias", "decays_per_layer"])
+def test_gradients_parallel_vs_chunkwise_with_options(option):
+    torch.manual_seed(0)
+    model = RetNetForCausalLM(tiny_config(chunk_size=4, **OPTIONS[option]))
+    _randomize_biases(model)
+    ids = torch.randint(0, 97, (2, 13))
+    grads = {}
+    for mode in ("parallel", "chunkwise"):
+        model.zero_grad()
+        model(ids, labels=ids, retention_mode=mode).loss.backward()
+        grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for name, g in grads["parallel"].items():
+        torch.testing.assert_close(grads["chunkwise"][name], g, atol=TOL, rtol=1e-3, msg=name)
+
+
+def test_explicit_decays_reach_the_layers():
+    config = tiny_config(num_kv_heads=2, retention_decays=[[0.3, 0.95], [0.8, 0.999]])
+    model = RetNetForCausalLM(config)
+    got = [layer.retention.log_decay.exp().tolist() for layer in model.model.layers]
+    torch.testing.assert_close(torch.tensor(got), torch.tensor([[0.3, 0.95], [0.8, 0.999]]))
+
+
+def test_llama3_rope_scaling_matches_transformers():
+    """The rotary frequencies equal those of transformers' Llama with the same rope scaling."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from hf_retnet.modeling_retnet import rotary_inv_freq
+
+    config = tiny_config(rotary_scaling=LLAMA3_SCALING, rope_theta=500000.0, head_dim=16)
+    llama = LlamaConfig(
+        hidden_size=32, num_attention_heads=4, head_dim=16, rope_theta=500000.0, rope_scaling=dict(LLAMA3_SCALING),
+        max_position_embeddings=64,
+    )
+    torch.testing.assert_close(rotary_inv_freq(config), LlamaRotaryEmbedding(llama).inv_freq.float())
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        (dict(num_kv_heads=3), "num_kv_heads=3 must divide"),
+        (dict(head_dim=5), "head_dim=5"),
+        (dict(retention_decays=[0.5, 1.0, 0.9, 0.9]), "strictly between 0 and 1"),
+        (dict(retention_decays=[0.5, 0.9]), "one per k/v head"),
+        (dict(rotary_scaling={"rope_type": "yarn", "factor": 2.0}), "only Llama-3 scaling"),
+    ],
+)
+def test_bad_options_fail_clearly(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        tiny_config(**kwargs)
+
+
 def test_log_decays_are_exact_for_many_heads():
     heads = 32
     expected = torch.log1p(-(2.0 ** (-5.0 - torch.arange(heads, dtype=torch.float64))))

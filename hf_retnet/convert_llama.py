@@ -1,0 +1,262 @@
+"""Teacher-initialised RetNet students: a `LlamaForCausalLM` becomes a `RetNetForCausalLM` of the same shape.
+
+Everything with a counterpart is copied exactly: token embeddings, the pre-norms, the SwiGLU MLPs, the q/k/v/o
+projections (keeping grouped k/v heads, so heads sharing k and v share one retention state), the final norm and the
+LM head. The rotary encoding already rotates halves as transformers' Llama does, with the same theta and Llama-3
+scaling. Only what attention lacks is new: the per-head decays (RetNet's fixed ones, or chosen from the teacher's
+attention distances on calibration text), the per-head output norm (its scale can be calibrated to each attention
+head's output size) and the output gate (absent, constant, or random). Stage 1 (`training.align`) then trains the
+retention layers to reproduce the attention outputs; stage 2 is ordinary distillation.
+
+    from hf_retnet import RetNetForCausalLM
+    student = RetNetForCausalLM.from_llama("path/to/llama", decays="attention", calibration_ids=ids)
+
+Not imported by `modeling_retnet.py`, so checkpoints stay self-contained.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from .configuration_retnet import RetNetConfig
+from .modeling_retnet import RetNetForCausalLM
+
+GATES = ("none", "constant", "random")
+DECAY_CHOICES = ("retnet", "attention")
+# A constant gate swish(b) with b = 2 passes 88% of its input; the output norm is divided by swish(b) so the
+# layer's output is unchanged, and the gate's weights (zero) still get gradients through swish'(b) > 0.
+CONSTANT_GATE_BIAS = 2.0
+
+
+def _rope_settings(llama_config) -> tuple[float, dict | None]:
+    """(theta, Llama-3 scaling or None) from either spelling transformers has used (rope_parameters / rope_scaling)."""
+    params = getattr(llama_config, "rope_parameters", None) or {}
+    scaling = getattr(llama_config, "rope_scaling", None) or {}
+    theta = params.get("rope_theta", getattr(llama_config, "rope_theta", None) or 10000.0)
+    source = params if params.get("rope_type", "default") != "default" else scaling
+    kind = source.get("rope_type", source.get("type", "default")) if source else "default"
+    if kind == "default":
+        return float(theta), None
+    if kind != "llama3":
+        raise ValueError(
+            f"the teacher uses rope_type={kind!r}; only the default and Llama-3 rotary scaling convert to a RetNet"
+        )
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    return float(theta), {"rope_type": "llama3", **{k: source[k] for k in keys}}
+
+
+def _check_convertible(llama_config) -> None:
+    if getattr(llama_config, "model_type", None) != "llama":
+        raise ValueError(
+            f"from_llama converts LlamaForCausalLM checkpoints; got model_type={llama_config.model_type!r}"
+        )
+    for flag in ("attention_bias", "mlp_bias"):
+        if getattr(llama_config, flag, False):
+            raise ValueError(f"the teacher sets {flag}=True; RetNet projections have no biases, so it cannot convert")
+    if getattr(llama_config, "hidden_act", "silu") != "silu":
+        raise ValueError(f"the teacher's MLP uses {llama_config.hidden_act!r}; the RetNet MLP is SwiGLU (silu)")
+
+
+def retnet_config_from_llama(
+    llama_config,
+    *,
+    share_kv: bool = True,
+    gate: str = "none",
+    retention_decays: list | None = None,
+    chunk_size: int = 64,
+    retention_mode: str = "chunkwise",
+) -> RetNetConfig:
+    """The RetNet config with the teacher's shapes. share_kv=False repeats k/v heads (a state per query head)."""
+    _check_convertible(llama_config)
+    if gate not in GATES:
+        raise ValueError(f"gate={gate!r} is not one of {GATES}")
+    heads = llama_config.num_attention_heads
+    head_dim = getattr(llama_config, "head_dim", None) or llama_config.hidden_size // heads
+    kv_heads = getattr(llama_config, "num_key_value_heads", None) or heads
+    theta, scaling = _rope_settings(llama_config)
+    return RetNetConfig(
+        vocab_size=llama_config.vocab_size,
+        hidden_size=llama_config.hidden_size,
+        num_hidden_layers=llama_config.num_hidden_layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads if share_kv else heads,
+        head_dim=head_dim,
+        value_factor=1,
+        intermediate_size=llama_config.intermediate_size,
+        chunk_size=chunk_size,
+        retention_mode=retention_mode,
+        rope_theta=theta,
+        rotary_scaling=scaling,
+        rms_norm_eps=llama_config.rms_norm_eps,
+        retention_decays=retention_decays,
+        use_output_gate=gate != "none",
+        gate_bias=gate == "constant",
+        tie_word_embeddings=bool(getattr(llama_config, "tie_word_embeddings", False)),
+        pad_token_id=llama_config.pad_token_id,
+        bos_token_id=llama_config.bos_token_id,
+        eos_token_id=llama_config.eos_token_id,
+    )
+
+
+def copied_parameter_names(config: RetNetConfig) -> dict[str, str]:
+    """{RetNet parameter name: Llama parameter name} for every tensor copied from the teacher."""
+    names = {"model.embed_tokens.weight": "model.embed_tokens.weight", "model.norm.weight": "model.norm.weight"}
+    if not config.tie_word_embeddings:
+        names["lm_head.weight"] = "lm_head.weight"
+    for i in range(config.num_hidden_layers):
+        ours, theirs = f"model.layers.{i}.", f"model.layers.{i}."
+        names[ours + "retention_norm.weight"] = theirs + "input_layernorm.weight"
+        names[ours + "ffn_norm.weight"] = theirs + "post_attention_layernorm.weight"
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            names[ours + f"retention.{proj}.weight"] = theirs + f"self_attn.{proj}.weight"
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            names[ours + f"mlp.{proj}.weight"] = theirs + f"mlp.{proj}.weight"
+    return names
+
+
+def _load_llama(llama_model_or_path, dtype):
+    if isinstance(llama_model_or_path, (str, os.PathLike)):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(os.fspath(llama_model_or_path), dtype=dtype or torch.float32)
+    return llama_model_or_path
+
+
+@torch.no_grad()
+def attention_statistics(llama, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+    """Per layer and query head, on calibration text: the mean distance n - m the attention reads from (the first
+    token, an attention sink a decay cannot reach, left out and the rest renormalised), and the RMS of each head's
+    output (the input of o_proj). Returns (distances [L, H], head_rms [L, H]) in fp32."""
+    config = llama.config
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    previous = llama.config._attn_implementation
+    llama.set_attn_implementation("eager")  # attention probabilities are only returned by the eager kernel
+    head_sq: dict[int, torch.Tensor] = {}
+    hooks = []
+    real = attention_mask.bool()
+
+    def capture(i):
+        def hook(module, args):
+            x = args[0].float().unflatten(-1, (heads, head_dim))  # [B, T, H, d]
+            head_sq[i] = x[real].pow(2).mean(dim=(0, 2))  # [H]
+
+        return hook
+
+    try:
+        for i, layer in enumerate(llama.model.layers):
+            hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(capture(i)))
+        out = llama(input_ids=input_ids, attention_mask=attention_mask, output_attentions=True)
+    finally:
+        for h in hooks:
+            h.remove()
+        llama.set_attn_implementation(previous)
+    t = input_ids.shape[1]
+    pos = torch.arange(t, dtype=torch.float32)
+    dist = (pos[:, None] - pos[None, :]).clamp(min=0)  # [T, T]
+    distances = []
+    for probs in out.attentions:  # [B, H, T, T]
+        p = probs.float()[..., 1:]  # drop the first (sink) token
+        mass = p.sum(-1).clamp(min=1e-9)
+        mean = (p * dist[:, 1:]).sum(-1) / mass  # [B, H, T]
+        keep = real[:, None, :].expand_as(mean) & (pos[None, None, :] >= 1)
+        distances.append((mean * keep).sum(dim=(0, 2)) / keep.sum(dim=(0, 2)).clamp(min=1))
+    rms = torch.stack([head_sq[i].sqrt() for i in range(len(head_sq))])
+    return torch.stack(distances), rms
+
+
+def decays_from_distances(distances: torch.Tensor, kv_heads: int, lowest: float = 0.5, highest: float = 0.9995):
+    """gamma per (layer, k/v head) whose geometric weights gamma^d have the heads' mean distance D:
+    E[d] = gamma / (1 - gamma), so gamma = D / (1 + D); query heads of a group share the mean of their D."""
+    d = distances.unflatten(-1, (kv_heads, -1)).mean(-1)  # [L, H_kv]
+    return (d / (1 + d)).clamp(lowest, highest).tolist()
+
+
+def retnet_from_llama(
+    llama_model_or_path,
+    *,
+    share_kv: bool = True,
+    gate: str = "none",
+    decays: str | list = "retnet",
+    calibration_ids: torch.Tensor | None = None,
+    calibration_mask: torch.Tensor | None = None,
+    calibrate_norm: bool = True,
+    chunk_size: int = 64,
+    retention_mode: str = "chunkwise",
+    dtype: torch.dtype | None = None,
+) -> RetNetForCausalLM:
+    """A RetNet holding the teacher's weights wherever they have a counterpart.
+
+    share_kv: keep the teacher's grouped k/v heads (state shrinks by the group factor); False repeats them.
+    gate: "none" (no output gate, the attention layer's shape), "constant" (zero weights plus a bias: starts as a
+        constant that learns to depend on the input) or "random" (RetNet's gate, freshly initialised).
+    decays: "retnet" (fixed 1 - 2^(-5-h)), "attention" (from the teacher's attention distances on
+        `calibration_ids`, see `decays_from_distances`), or explicit values as `RetNetConfig.retention_decays`.
+    calibrate_norm: with `calibration_ids`, set each head's output-norm weight to the RMS of the attention head it
+        replaces (the norm makes every head's output unit-RMS; attention heads are not).
+    """
+    llama = _load_llama(llama_model_or_path, dtype)
+    _check_convertible(llama.config)
+    if isinstance(decays, str) and decays not in DECAY_CHOICES:
+        raise ValueError(f"decays={decays!r}: give one of {DECAY_CHOICES} or a list of values")
+    needs_data = decays == "attention" or calibrate_norm
+    if decays == "attention" and calibration_ids is None:
+        raise ValueError("decays='attention' measures the teacher's attention: pass calibration_ids [B, T]")
+    stats = None
+    if needs_data and calibration_ids is not None:
+        stats = attention_statistics(llama, calibration_ids, calibration_mask)
+    kv_heads = getattr(llama.config, "num_key_value_heads", None) or llama.config.num_attention_heads
+    explicit = None
+    if decays == "attention":
+        explicit = decays_from_distances(stats[0], kv_heads if share_kv else llama.config.num_attention_heads)
+    elif not isinstance(decays, str):
+        explicit = decays
+    config = retnet_config_from_llama(
+        llama.config,
+        share_kv=share_kv,
+        gate=gate,
+        retention_decays=explicit,
+        chunk_size=chunk_size,
+        retention_mode=retention_mode,
+    )
+    student = RetNetForCausalLM(config).to(dtype=next(llama.parameters()).dtype)
+    theirs = llama.state_dict()
+    ours = student.state_dict()
+    group = config.num_heads // config.num_kv_heads
+    teacher_group = llama.config.num_attention_heads // kv_heads
+    with torch.no_grad():
+        for name, source in copied_parameter_names(config).items():
+            tensor = theirs[source]
+            if name.endswith(("k_proj.weight", "v_proj.weight")) and group != teacher_group:
+                tensor = tensor.unflatten(0, (kv_heads, -1)).repeat_interleave(teacher_group, 0).flatten(0, 1)
+            if ours[name].shape != tensor.shape:
+                raise ValueError(f"{name}: shape {tuple(ours[name].shape)} but the teacher's {source} is {tuple(tensor.shape)}")
+            ours[name].copy_(tensor)
+        for layer_idx, layer in enumerate(student.model.layers):
+            retention = layer.retention
+            scale = torch.ones(config.num_heads)
+            if stats is not None and calibrate_norm:
+                scale = stats[1][layer_idx].clamp(min=1e-4)
+            if gate == "constant":
+                retention.g_proj.weight.zero_()
+                retention.g_proj.bias.fill_(CONSTANT_GATE_BIAS)
+                scale = scale / (CONSTANT_GATE_BIAS / (1 + math.exp(-CONSTANT_GATE_BIAS)))
+            dv = config.head_dim * config.value_factor
+            retention.group_norm.weight.copy_(scale.repeat_interleave(dv).to(retention.group_norm.weight.dtype))
+    if config.tie_word_embeddings:
+        student.tie_weights()
+    return student
+
+
+__all__ = [
+    "retnet_from_llama",
+    "retnet_config_from_llama",
+    "copied_parameter_names",
+    "attention_statistics",
+    "decays_from_distances",
+]
