@@ -347,10 +347,18 @@ class RetNetMultiScaleRetention(nn.Module):
         )
         self.rotate = rotate_every_two if config.rotary_style == "interleaved" else rotate_half
         self.score_normalization = config.retention_score_normalization
-        # gamma_h = 1 - 2^(-5-h): fixed, not learned; a buffer so it follows .to(device) but stays fp32.
+        # gamma_h = 1 - 2^(-5-h) unless the config gives decays: a buffer so it follows .to(device), kept fp32 by _apply.
         default = fp32_log_decays if config.fp32_decays else retnet_log_decays
         log_decay = retention_log_decays(config, layer_idx, default(config.num_heads))  # [num_kv_heads]
         self.register_buffer("log_decay", log_decay, persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # Module.to(dtype) casts every floating buffer; bf16 would round the decays (0.984375 -> 0.98437...), so
+        # they follow the device only.
+        log_decay = self.log_decay
+        super()._apply(fn, recurse)
+        self.log_decay = log_decay.to(device=self.log_decay.device)
+        return self
 
     def forward(self, hidden_states, cos, sin, mask, time, state=None, mode="chunkwise", positions=None):
         """hidden_states: [B, T, d]; cos/sin: [B, 1, T, d_k]; mask, time: [B, T]; state: [B, H, d_k, d_v] fp32

@@ -98,7 +98,12 @@ def test_gradients_parallel_vs_chunkwise(seq_len, padding):
 
 
 def test_retention_state_is_fp32_in_bf16_model():
-    model = RetNetForCausalLM(tiny_config()).to(torch.bfloat16).eval()
+    model = RetNetForCausalLM(tiny_config(num_heads=8)).eval()
+    decays = [layer.retention.log_decay.clone() for layer in model.model.layers]
+    model = model.to(torch.bfloat16)
+    for layer, before in zip(model.model.layers, decays):  # the cast leaves the decays fp32 and unrounded
+        assert layer.retention.log_decay.dtype == torch.float32
+        assert torch.equal(layer.retention.log_decay, before)
     out = model(torch.randint(0, 97, (2, 9)), use_cache=True)
     assert out.logits.dtype == torch.bfloat16
     assert all(s.dtype == torch.float32 for s in out[CACHE_FIELD].states)
