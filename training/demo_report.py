@@ -234,8 +234,10 @@ def write_report(cfg, ctx: dict) -> dict:
         else:
             lines += ["Model card: written by the evaluation stage's card generator, not available in this checkout "
                       "yet.", ""]
-    lines += ["## Stage wall times", "", "| stage | seconds |", "| --- | --- |"]
-    lines += [f"| {k} | {v:.1f} |" for k, v in ctx.get("timings", {}).items()]
+    lines += ["## Stage times", "", "Wall seconds, and CPU seconds of the process (a fairer cost on a shared machine).", "",
+              "| stage | wall s | CPU s |", "| --- | --- | --- |"]
+    cpu = ctx.get("cpu_seconds", {})
+    lines += [f"| {k} | {v:.1f} | {cpu.get(k, 0.0):.1f} |" for k, v in ctx.get("timings", {}).items()]
     lines.append("")
     path = os.path.join(out, REPORT_NAME)
     with open(path + ".tmp", "w", encoding="utf-8") as handle:
@@ -261,5 +263,6 @@ def print_summary(cfg, ctx: dict) -> None:
         widths = [max(len(str(r[i])) for r in [HEADER, *rows]) for i in range(len(HEADER))]
         for row in [HEADER, *rows]:
             print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+    cpu = ctx.get("cpu_seconds", {})
     for key, seconds in ctx.get("timings", {}).items():
-        print(f"  {key:<28} {seconds:8.1f} s")
+        print(f"  {key:<28} {seconds:8.1f} s wall {cpu.get(key, 0.0):8.1f} s CPU")
