@@ -223,7 +223,7 @@ def stage_student(cfg: DemoConfig, ctx: dict, recipe: StudentRecipe) -> dict:
 
     out = os.path.join(cfg.output_dir, "students", recipe.name)
     settings = distillation_settings(cfg, ctx, recipe, out)
-    align_tokens = 0
+    align_tokens, align_error = 0, None
     if recipe.init == "teacher":
         try:
             from .align import AlignConfig
@@ -232,18 +232,22 @@ def stage_student(cfg: DemoConfig, ctx: dict, recipe: StudentRecipe) -> dict:
             raise NotAvailable(f"teacher-initialized students need training.align ({err})") from None
         t = ctx["teacher"]
         aligned = os.path.join(out, "aligned")
+        import torch
+
         align_settings = dict(teacher=t["teacher"], student_out=aligned, data=t["train_data"],
-                              max_seq_length=cfg.max_seq_length, seed=cfg.seed)
+                              eval_data=t["heldout_data"], max_seq_length=cfg.max_seq_length, seed=cfg.seed,
+                              device="cuda" if torch.cuda.is_available() else "cpu")
         align_settings.update(recipe.align)
         report = align_run(AlignConfig(**align_settings))
         align_tokens = int(report.get("tokens", align_settings.get("max_tokens", 0)) or 0)
+        align_error = {"at_conversion": report.get("error_at_conversion"), "after": report.get("error_after")}
         settings["student"] = aligned
         settings["student_overrides"] = None  # the aligned folder holds the teacher's shape
     config = DistillationConfig(**settings)
     trainer = train_run(config)
     tokens = int(trainer.state.num_input_tokens_seen or 0)
     return {"path": os.path.abspath(out), "init": recipe.init, "distill_tokens": tokens, "align_tokens": align_tokens,
-            "tokens": tokens + align_tokens, "steps": trainer.state.global_step,
+            "tokens": tokens + align_tokens, "align_error": align_error, "steps": trainer.state.global_step,
             "distill_alpha": config.distill_alpha, "description": recipe.description,
             "parameters": sum(p.numel() for p in trainer.model.parameters())}
 

@@ -203,6 +203,17 @@ def write_report(cfg, ctx: dict) -> dict:
     lines.append("")
     if plot:
         lines += ["## Loss against tokens", "", f"![loss against tokens]({files['loss_vs_tokens']})", ""]
+    for n, r in students.items():
+        err, png = r.get("align_error"), os.path.join(r["path"], "aligned", "align_error.png")
+        if not err or not err.get("after"):
+            continue
+        lines += [f"## Stage 1 of `{n}`: attention transfer", "",
+                  f"Each retention layer trained to reproduce its attention layer's output ({_fmt_tokens(r['align_tokens'])}"
+                  " tokens, counted in the student's budget). Relative error per layer, at conversion -> after: "
+                  + ", ".join(f"L{i} {a:.3f} -> {b:.3f}" for i, (a, b) in enumerate(zip(err["at_conversion"], err["after"])))
+                  + ".", ""]
+        if os.path.isfile(png):
+            lines += [f"![alignment error]({os.path.relpath(png, out)})", ""]
     latency = _evaluate_plot(ev, best, "latency")
     lines += ["## Decoding latency and memory against context", ""]
     if latency:
