@@ -253,37 +253,52 @@ def stage_student(cfg: DemoConfig, ctx: dict, recipe: StudentRecipe) -> dict:
 
 
 def stage_evaluate(cfg: DemoConfig, ctx: dict) -> dict:
-    from .demo_report import score_models
-
+    """`training.evaluate` on every student against the teacher (same held-out tokens), then each student's model
+    card; while that module is not in the checkout, the demo's own scorer fills the same table columns."""
     t = ctx["teacher"]
     students = {name: r for name, r in ctx["students"].items() if r}
     heldout = t["heldout_data"]
-    results: dict = {"models": {}, "evaluator": None}
     try:
-        from . import evaluate as evaluate_module  # training.evaluate (the evaluation issue)
+        from .evaluate import evaluate as run_evaluate  # the evaluation issue's module
     except ImportError:
-        evaluate_module = None
-    if evaluate_module is not None:
-        for name, r in students.items():
-            argv = ["--model", r["path"], "--teacher", t["teacher"], "--data", heldout]
-            for key, value in cfg.eval.items():
-                argv += [f"--{key}", str(value)]
-            code = evaluate_module.main(argv)
-            if code:
-                raise RuntimeError(f"training.evaluate exited with {code} on {r['path']}")
-            with open(os.path.join(r["path"], "eval", "report.json"), encoding="utf-8") as handle:
-                results["models"][name] = {"evaluate_report": json.load(handle)}
-        results["evaluator"] = "training.evaluate"
-    else:
+        run_evaluate = None
+    if run_evaluate is None:
+        from .demo_report import score_models
+
         _say("training.evaluate: not available yet; scoring held-out loss, perplexity, KL and top-1 agreement "
              "with the demo's own scorer (no passkey, latency plot or model card until it lands)")
-        results["evaluator"] = "demo scorer"
-    # The demo's table always has the same four numbers for every model, from one pass over identical tokens.
-    texts = read_stories(heldout, cfg.eval_stories)
-    scores = score_models(t["teacher"], {n: r["path"] for n, r in students.items()}, texts, cfg.max_seq_length)
-    for name, s in scores.items():
-        results["models"].setdefault(name, {}).update(s)
-    return results
+        texts = read_stories(heldout, cfg.eval_stories)
+        scores = score_models(t["teacher"], {n: r["path"] for n, r in students.items()}, texts, cfg.max_seq_length)
+        return {"models": scores, "evaluator": "demo scorer"}
+
+    options = dict(window=cfg.max_seq_length, stride=max(1, cfg.max_seq_length // 2),
+                   max_documents=cfg.eval_stories, prompts=tuple(cfg.prompts))
+    options.update({k: tuple(v) if isinstance(v, list) else v for k, v in cfg.eval.items()})
+    models, plots = {}, {}
+    for name, r in students.items():
+        report = run_evaluate(r["path"], teacher=t["teacher"], data=heldout, output_dir=r["path"], **options)
+        held, passkey = report.get("heldout") or {}, report.get("passkey") or {}
+        agreement = held.get("agreement") or {}
+        for who, key in (("teacher", "teacher"), (name, "student")):
+            if who == "teacher" and "teacher" in models:
+                continue
+            scores = held.get(key) or {}
+            models[who] = {
+                "loss": scores.get("loss"), "perplexity": scores.get("perplexity"), "tokens_scored": scores.get("tokens"),
+                "kl": agreement.get("kl_teacher_student", 0.0) if key == "student" else 0.0,
+                "top1": agreement.get("top1_agreement", 1.0) if key == "student" else 1.0,
+                "passkey": (passkey.get(key) or {}).get("accuracy"),
+            }
+        latency = (report.get("latency") or {}).get("plot")
+        if latency:
+            plots[name] = {"latency": os.path.join(report["output_dir"], latency)}
+        try:
+            from model_cards.card import write_card
+        except ImportError:
+            _say("model card: model_cards not available yet")
+        else:
+            write_card(r["path"])
+    return {"models": models, "plots": plots, "evaluator": "training.evaluate"}
 
 
 def stage_report(cfg: DemoConfig, ctx: dict) -> dict:

@@ -143,10 +143,7 @@ def summary_rows(ctx: dict) -> list[list[str]]:
         if s is None or "loss" not in s:
             rows.append([name, "-", "-", "-", "-", "-", "-", "not trained" if r is None else "-"])
             continue
-        passkey = "-"
-        rep = s.get("evaluate_report") or {}
-        if isinstance(rep.get("passkey"), dict) and "accuracy" in rep["passkey"]:
-            passkey = f"{100 * rep['passkey']['accuracy']:.0f}%"
+        passkey = f"{100 * s['passkey']:.0f}%" if s.get("passkey") is not None else "-"
         ratio = f"{s['perplexity'] / teacher['perplexity']:.2f}x" if teacher else "-"
         rows.append([name, _fmt_tokens(r.get("tokens") if r else 0), f"{s['loss']:.3f}", f"{s['perplexity']:.2f}",
                      ratio, f"{s['kl']:.3f}", f"{100 * s['top1']:.1f}%", passkey])
@@ -214,7 +211,8 @@ def write_report(cfg, ctx: dict) -> dict:
                   + ".", ""]
         if os.path.isfile(png):
             lines += [f"![alignment error]({os.path.relpath(png, out)})", ""]
-    latency = _evaluate_plot(ev, best, "latency")
+    latency = ((ctx.get("evaluate") or {}).get("plots") or {}).get(best, {}).get("latency")
+    latency = os.path.relpath(latency, out) if latency else None
     lines += ["## Decoding latency and memory against context", ""]
     if latency:
         files["latency"] = latency
@@ -241,7 +239,7 @@ def write_report(cfg, ctx: dict) -> dict:
                   f'tokenizer = AutoTokenizer.from_pretrained("{path}")', "```", ""]
         if os.path.isfile(card):
             with open(card, encoding="utf-8") as handle:
-                lines += ["### Model card", "", handle.read(), ""]
+                lines += ["### Model card", "", _embed_card(handle.read(), os.path.relpath(path, out)), ""]
         else:
             lines += ["Model card: written by the evaluation stage's card generator, not available in this checkout "
                       "yet.", ""]
@@ -257,10 +255,14 @@ def write_report(cfg, ctx: dict) -> dict:
     return {"report": os.path.abspath(path), "files": files, "best": best, "samples": samples}
 
 
-def _evaluate_plot(ev: dict, name: str | None, kind: str) -> str | None:
-    rep = (ev.get(name) or {}).get("evaluate_report") if name else None
-    plots = (rep or {}).get("plots") or {}
-    return plots.get(kind)
+def _embed_card(card: str, folder: str) -> str:
+    """The card inside report.md: without its YAML header, headings one level down, links relative to the report."""
+    import re
+
+    if card.startswith("---"):
+        card = card.split("\n---", 1)[1].lstrip("-").lstrip("\n")
+    card = re.sub(r"^(#+) ", lambda m: "#" * min(len(m.group(1)) + 2, 6) + " ", card, flags=re.M)
+    return re.sub(r"\]\((?!https?://|/|#)([^)]+)\)", lambda m: f"]({folder}/{m.group(1)})", card)
 
 
 def print_summary(cfg, ctx: dict) -> None:
