@@ -394,11 +394,18 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     argv = sys.argv[1:] if argv is None else list(argv)
+    import dataclasses
+
+    from .demo_config import StudentRecipe
+
+    keys = "\n".join(f"  --{f.name}: {f.metadata.get('help', '')}" for f in dataclasses.fields(DemoConfig))
+    recipe = "\n".join(f"  {f.name}: {f.metadata.get('help', '')}" for f in dataclasses.fields(StudentRecipe))
     pre = argparse.ArgumentParser(
         prog="python -m training.demo",
         description="Distil a real pretrained Llama into RetNet students and write <output_dir>/report.md. Any key of "
-        "the demo config can be overridden as --key value (see examples/configs/demo.yaml).",
-        add_help=True,
+        "the demo config can be overridden as --key value (values are YAML: --train '{max_steps: 50}' merges).",
+        epilog=f"demo config keys:\n{keys}\n\neach entry of `students`:\n{recipe}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     pre.add_argument("--config", default="examples/configs/demo.yaml", help="demo YAML (default: %(default)s)")
     known, overrides = pre.parse_known_args(argv)

@@ -93,3 +93,12 @@ def test_config_errors_name_the_key(tmp_path, capsys):
     bad.write_text("\n\n  \n")
     with pytest.raises(ValueError, match="holds no text"):
         read_stories(str(bad))
+
+
+def test_embedded_card_links_point_into_the_student_folder():
+    from training.demo_report import _embed_card
+
+    card = "---\nlibrary_name: transformers\n---\n# s\n\n## Eval\n![lat](eval/latency.png) [hub](https://x.y/z)\n"
+    out = _embed_card(card, "students/s")
+    assert "library_name" not in out and out.startswith("### s")
+    assert "![lat](students/s/eval/latency.png)" in out and "(https://x.y/z)" in out and "#### Eval" in out
