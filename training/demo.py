@@ -64,6 +64,11 @@ def _write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
+def distilled_teacher(ctx: dict) -> str:
+    """The teacher the students learn from: the LoRA-corrected one (merged) when the finetune stage kept it."""
+    return (ctx.get("finetune") or {}).get("teacher") or ctx["teacher"]["teacher"]
+
+
 class NotAvailable(Exception):
     """A stage whose module has not landed in this checkout yet: the demo goes on without it."""
 
@@ -166,15 +171,16 @@ def stage_finetune(cfg: DemoConfig, ctx: dict) -> dict:
     settings = dict(
         teacher_model=t["teacher"], train_data=t["train_data"], eval_data=t["heldout_data"],
         output_dir=os.path.join(cfg.output_dir, "teacher_ft"), report_to="none", seed=cfg.seed,
-        max_length=cfg.max_seq_length,
+        max_length=cfg.max_seq_length, save_merged=True,
     )
     settings.update(cfg.finetune)
     result = run(TeacherFinetuneConfig(**settings))
     helps = result["eval_loss_after"] < result["eval_loss_before"]
     _say(f"teacher held-out loss {result['eval_loss_before']:.4f} -> {result['eval_loss_after']:.4f}: "
          + ("keeping the adapter" if helps else "no gain, distilling from the base teacher"))
-    return {"adapter": result["adapter"] if helps else None, **{k: result[k] for k in
-            ("eval_loss_before", "eval_loss_after")}}
+    # The merged model is a plain Llama folder: every later stage (cache, alignment, evaluation) loads it as is.
+    return {"teacher": result["merged"] if helps else None, "adapter": result["adapter"] if helps else None,
+            **{k: result[k] for k in ("eval_loss_before", "eval_loss_after")}}
 
 
 def stage_cache(cfg: DemoConfig, ctx: dict) -> dict:
@@ -183,19 +189,17 @@ def stage_cache(cfg: DemoConfig, ctx: dict) -> dict:
     from .cache_teacher_logits import main as cache_main
 
     t, out = ctx["teacher"], os.path.join(cfg.output_dir, "cache")
-    argv = ["--teacher", t["teacher"], "--data", ctx["shards"]["shards"], "--output", out,
+    argv = ["--teacher", distilled_teacher(ctx), "--data", ctx["shards"]["shards"], "--output", out,
             "--topk", str(cfg.teacher_topk), "--max-seq-length", str(cfg.max_seq_length),
             "--encoding", cfg.cache_encoding, "--batch-size", "16",
             "--dtype", "auto" if torch.cuda.is_available() else "float32"]
-    adapter = (ctx.get("finetune") or {}).get("adapter")
-    if adapter:
-        argv += ["--adapter", adapter]
     code = cache_main(argv)
     if code:
         raise RuntimeError(f"training.cache_teacher_logits exited with {code}")
     with open(os.path.join(out, "manifest.json"), encoding="utf-8") as handle:
         totals = json.load(handle)["totals"]
-    return {"cache": os.path.abspath(out), "bytes_per_token": totals["bytes_per_token"], "adapter": adapter}
+    return {"cache": os.path.abspath(out), "bytes_per_token": totals["bytes_per_token"],
+            "teacher": distilled_teacher(ctx)}
 
 
 def distillation_settings(cfg: DemoConfig, ctx: dict, recipe: StudentRecipe, output_dir: str) -> dict:
@@ -234,7 +238,7 @@ def stage_student(cfg: DemoConfig, ctx: dict, recipe: StudentRecipe) -> dict:
         aligned = os.path.join(out, "aligned")
         import torch
 
-        align_settings = dict(teacher=t["teacher"], student_out=aligned, data=t["train_data"],
+        align_settings = dict(teacher=distilled_teacher(ctx), student_out=aligned, data=t["train_data"],
                               eval_data=t["heldout_data"], max_seq_length=cfg.max_seq_length, seed=cfg.seed,
                               device="cuda" if torch.cuda.is_available() else "cpu")
         align_settings.update(recipe.align)
@@ -268,7 +272,7 @@ def stage_evaluate(cfg: DemoConfig, ctx: dict) -> dict:
         _say("training.evaluate: not available yet; scoring held-out loss, perplexity, KL and top-1 agreement "
              "with the demo's own scorer (no passkey, latency plot or model card until it lands)")
         texts = read_stories(heldout, cfg.eval_stories)
-        scores = score_models(t["teacher"], {n: r["path"] for n, r in students.items()}, texts, cfg.max_seq_length)
+        scores = score_models(distilled_teacher(ctx), {n: r["path"] for n, r in students.items()}, texts, cfg.max_seq_length)
         return {"models": scores, "evaluator": "demo scorer"}
 
     options = dict(window=cfg.max_seq_length, stride=max(1, cfg.max_seq_length // 2),
@@ -276,7 +280,7 @@ def stage_evaluate(cfg: DemoConfig, ctx: dict) -> dict:
     options.update({k: tuple(v) if isinstance(v, list) else v for k, v in cfg.eval.items()})
     models, plots = {}, {}
     for name, r in students.items():
-        report = run_evaluate(r["path"], teacher=t["teacher"], data=heldout, output_dir=r["path"], **options)
+        report = run_evaluate(r["path"], teacher=distilled_teacher(ctx), data=heldout, output_dir=r["path"], **options)
         held, passkey = report.get("heldout") or {}, report.get("passkey") or {}
         agreement = held.get("agreement") or {}
         for who, key in (("teacher", "teacher"), (name, "student")):

@@ -170,7 +170,8 @@ def write_report(cfg, ctx: dict) -> dict:
     if plot:
         files["loss_vs_tokens"] = os.path.basename(plot)
     best = min((n for n in students if n in ev), key=lambda n: ev[n]["loss"], default=None)
-    teacher = ctx["teacher"]["teacher"]
+    ft = ctx.get("finetune") or {}
+    teacher = ft.get("teacher") or ctx["teacher"]["teacher"]
     samples = {}
     if best is not None and cfg.prompts:
         samples = {"teacher": generate_stories(teacher, cfg.prompts, cfg.sample_tokens, cfg.seed),
@@ -181,6 +182,11 @@ def write_report(cfg, ctx: dict) -> dict:
                                              if cfg.teacher_is_llama2c else ""),
               f"Data: `{cfg.stories}`: {ctx['teacher']['num_train']} training records "
               f"({_fmt_tokens(ctx['shards']['num_tokens'])} tokens), {ctx['teacher']['num_heldout']} held out.",
+              (f"LoRA teacher correction kept: the teacher's held-out loss went {ft['eval_loss_before']:.4f} -> "
+               f"{ft['eval_loss_after']:.4f}; the students learn from, and are compared with, the corrected teacher."
+               if ft.get("teacher") else
+               f"LoRA teacher correction tried and dropped (held-out loss {ft['eval_loss_before']:.4f} -> "
+               f"{ft['eval_loss_after']:.4f})." if "eval_loss_after" in ft else ""),
               f"Teacher top-{cfg.teacher_topk} cached once ({ctx['cache']['bytes_per_token']:.1f} bytes/token); "
               "every student reads the same cache, data order and number of distillation steps.", ""]
     lines += ["## Teacher against students (held-out stories)", "", _md_table(HEADER, summary_rows(ctx)), ""]
