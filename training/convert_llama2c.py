@@ -320,6 +320,7 @@ def to_llama(header: Llama2cHeader, arrays: dict[str, np.ndarray]):
         tie_word_embeddings=header.shared_classifier,
         bos_token_id=1,
         eos_token_id=2,
+        pad_token_id=0,  # the tokenizer pads with <unk> (never produced by encoding); config and tokenizer agree
         torch_dtype="float32",
     )
     model = LlamaForCausalLM(config)
