@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 OLDEST  = .venv-oldest
 TEST_ENV = WANDB_MODE=offline HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: install install-oldest test test-oldest test-vllm bench clean
+.PHONY: install install-oldest test test-oldest test-vllm bench clean demo
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,13 @@ $(VLLM_VENV)/.installed: setup.cfg pyproject.toml
 
 test-vllm: install $(VLLM_VENV)/.installed
 	HF_RETNET_VLLM_PYTHON=$(abspath $(VLLM_PY)) $(TEST_ENV) $(PY) -m pytest -q tests/vllm
+
+# The main job in one command: a real pretrained Llama distilled into RetNet students, report in runs/demo/.
+# Offline default: llama2.c stories260K on CPU. TEACHER=<Hub id or Llama folder> runs the real-size recipe.
+DEMO_CONFIG ?= $(if $(TEACHER),examples/configs/demo_real.yaml,examples/configs/demo.yaml)
+demo: install
+	$(if $(TEACHER),,HF_HUB_OFFLINE=1) WANDB_MODE=offline TOKENIZERS_PARALLELISM=false \
+		$(PY) -m training.demo --config $(DEMO_CONFIG) $(if $(TEACHER),--teacher $(TEACHER))
 
 clean:
 	rm -rf $(VENV) $(OLDEST) $(VLLM_VENV) build *.egg-info

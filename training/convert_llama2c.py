@@ -280,6 +280,9 @@ def build_tokenizer(pieces: list[tuple[bytes, float]], model_max_length: int | N
         bos_token="<s>",
         eos_token="</s>",
         unk_token="<unk>",
+        # No llama2.c text ever encodes to <unk> (byte fallback covers every character): a safe padding id, and
+        # one the saved tokenizer carries, so batching code never has to invent one.
+        pad_token="<unk>",
         model_max_length=model_max_length or int(1e30),
         clean_up_tokenization_spaces=False,
         # llama2.c never treats "<s>" typed in text as a control token; neither do we.
@@ -317,6 +320,7 @@ def to_llama(header: Llama2cHeader, arrays: dict[str, np.ndarray]):
         tie_word_embeddings=header.shared_classifier,
         bos_token_id=1,
         eos_token_id=2,
+        pad_token_id=0,  # the tokenizer pads with <unk> (never produced by encoding); config and tokenizer agree
         torch_dtype="float32",
     )
     model = LlamaForCausalLM(config)

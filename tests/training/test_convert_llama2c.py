@@ -206,6 +206,7 @@ def test_round_trip_save_load(loaded, tmp_path):
         torch.testing.assert_close(model2(ids).logits, model(ids).logits, rtol=0, atol=0)
     assert model2.config.tie_word_embeddings and model2.lm_head.weight.data_ptr() == model2.model.embed_tokens.weight.data_ptr()
     assert (tmp_path / "model.safetensors").is_file()
+    assert (tok2.bos_token_id, tok2.eos_token_id, tok2.pad_token_id, tok2.unk_token_id) == (1, 2, 0, 0)
 
 
 # ---------------------------------------------------------------------------------- layouts the demo does not use

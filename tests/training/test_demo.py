@@ -1,0 +1,104 @@
+"""The demo end to end on a tiny budget (every stage, the real stories260K teacher), its report, and resume."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from training.demo import main, plan, read_stories, run_demo
+from training.demo_config import load_demo_config
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "examples" / "configs" / "demo_tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    cfg = load_demo_config(str(TINY), ["--output_dir", str(out)])
+    return cfg, run_demo(cfg)
+
+
+@pytest.mark.slow
+def test_tiny_demo_report(demo_run):
+    cfg, ctx = demo_run
+    out = Path(cfg.output_dir)
+    report = (out / "report.md").read_text(encoding="utf-8")
+    for section in ("## Teacher against students", "## Loss against tokens", "## Stories from the same prompts",
+                    "## The student", "## Stage times"):
+        assert section in report, section
+    # One table row per model with real numbers; the teacher's own KL is 0 and it agrees with itself.
+    table = report.split("## Teacher against students")[1].split("\n\n")[1]
+    rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| (\w+) \|.*\|$", table, re.M)}
+    assert re.search(r"\| teacher \| - \| \d+\.\d{3} \| [\d.]+ \| 1\.00x \| 0\.000 \| 100\.0% \|", rows["teacher"])
+    scores = ctx["evaluate"]["models"]
+    for name in ("random_kd", "ce_only"):
+        assert name in rows and scores[name]["tokens_scored"] == scores["teacher"]["tokens_scored"] > 0
+        assert scores[name]["kl"] > 0 and scores[name]["loss"] > scores["teacher"]["loss"]
+    assert (out / "loss_vs_tokens.png").stat().st_size > 1000
+    assert "*teacher*: Once upon a time" in report
+    # Students got the same distillation tokens (same data order and steps).
+    trained = {n: r for n, r in ctx["students"].items() if r}
+    assert len({r["distill_tokens"] for r in trained.values()}) == 1
+    # The teacher is a real converted Llama that tells its story.
+    assert ctx["teacher"]["vocab_size"] == 512 and (out / "teacher" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_student_folder_loads_with_auto_classes(demo_run):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg, ctx = demo_run
+    path = ctx["report"]["best"] and ctx["students"][ctx["report"]["best"]]["path"]
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = tok("Once upon a time", return_tensors="pt").input_ids
+    assert ids[0, 0].item() == 1
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+
+
+@pytest.mark.slow
+def test_rerun_resumes_every_finished_stage(demo_run, capsys):
+    cfg, ctx = demo_run
+    markers = sorted(p.name for p in (Path(cfg.output_dir) / ".stages").glob("*.json"))
+    before = {m: (Path(cfg.output_dir) / ".stages" / m).read_text() for m in markers}
+    assert main(["--config", str(TINY), "--output_dir", cfg.output_dir]) == 0
+    printed = capsys.readouterr().out
+    finished = [k for k, *_ in plan(cfg) if k not in ctx["skipped"]]
+    assert printed.count("done earlier") == len(finished)
+    assert {m: (Path(cfg.output_dir) / ".stages" / m).read_text() for m in markers} == before
+
+
+def test_changed_settings_invalidate_later_stages():
+    cfg = load_demo_config(str(TINY))
+    other = load_demo_config(str(TINY), ["--teacher_topk", "8"])
+    deps = {k: d for k, _, _, d in plan(cfg)}
+    deps2 = {k: d for k, _, _, d in plan(other)}
+    assert deps["shards"] == deps2["shards"] and deps["cache"] != deps2["cache"]
+    assert deps["student:ce_only"] != deps2["student:ce_only"]
+
+
+def test_config_errors_name_the_key(tmp_path, capsys):
+    assert main(["--config", str(TINY), "--tacher", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown demo config key 'tacher'" in err and "did you mean 'teacher'" in err
+    with pytest.raises(ValueError, match="students\\[0\\]"):
+        load_demo_config(str(TINY), ["--students", json.dumps([{"init": "random"}])])
+    with pytest.raises(ValueError, match="heldout_stories"):
+        load_demo_config(str(TINY), ["--heldout_stories", "0"])
+    bad = tmp_path / "empty.txt"
+    bad.write_text("\n\n  \n")
+    with pytest.raises(ValueError, match="holds no text"):
+        read_stories(str(bad))
+
+
+def test_embedded_card_links_point_into_the_student_folder():
+    from training.demo_report import _embed_card
+
+    card = "---\nlibrary_name: transformers\n---\n# s\n\n## Eval\n![lat](eval/latency.png) [hub](https://x.y/z)\n"
+    out = _embed_card(card, "students/s")
+    assert "library_name" not in out and out.startswith("### s")
+    assert "![lat](students/s/eval/latency.png)" in out and "(https://x.y/z)" in out and "#### Eval" in out

@@ -1,0 +1,427 @@
+"""The whole product in one command: distil a real pretrained Llama into RetNet students and report.
+
+    python -m training.demo --config examples/configs/demo.yaml             # `make demo`: stories260K, CPU
+    python -m training.demo --config examples/configs/demo_real.yaml --teacher meta-llama/Llama-3.2-1B-Instruct
+
+Stages (each a function below, each calling the project's own module for its job):
+  1. teacher    convert a llama2.c teacher (training.convert_llama2c) or check a folder / Hub id loads;
+                split the stories into train and held-out JSONL
+  2. shards     training.preprocess: tokenize the training split into shards
+  3. finetune   training.finetune_teacher (LoRA), optional; the adapter is kept only if it helps
+  4. cache      training.cache_teacher_logits: the teacher's top-k over the shards, once
+  5. student:*  one stage per student: teacher-initialized (training.align, then distillation), random-init
+                KD, CE only, ... all through training.train.run on the same data and token budget
+  6. evaluate   training.evaluate on every model (the demo's own held-out scorer while it is not available)
+  7. report     <output_dir>/report.md: table, plots, stories, model card; a summary table in the terminal
+
+Rerunning resumes: a finished stage leaves `<output_dir>/.stages/<stage>.json` (its result, wall time and the
+fingerprint of the settings it depends on) and is skipped while those settings are unchanged. Delete the marker
+(or the output folder) to redo a stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+
+from .demo_config import DemoConfig, StudentRecipe, load_demo_config
+
+BANNER_WIDTH = 78
+
+
+def _say(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+def _banner(index: int, total: int, title: str) -> None:
+    _say()
+    _say("=" * BANNER_WIDTH)
+    _say(f"[{index}/{total}] {title}")
+    _say("=" * BANNER_WIDTH)
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its children: on a shared machine a fairer cost than wall time."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _fingerprint(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _write_json(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(obj, handle, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def distilled_teacher(ctx: dict) -> str:
+    """The teacher the students learn from: the LoRA-corrected one (merged) when the finetune stage kept it."""
+    return (ctx.get("finetune") or {}).get("teacher") or ctx["teacher"]["teacher"]
+
+
+class NotAvailable(Exception):
+    """A stage whose module has not landed in this checkout yet: the demo goes on without it."""
+
+
+# ------------------------------------------------------------------------------------------------ stages
+
+
+def stage_teacher(cfg: DemoConfig, ctx: dict) -> dict:
+    """The teacher as something `from_pretrained` loads, and the train / held-out split of the stories."""
+    from transformers import AutoConfig
+
+    out = cfg.output_dir
+    if cfg.teacher_is_llama2c:
+        from .convert_llama2c import convert_llama2c
+
+        if not cfg.teacher_tokenizer:
+            raise ValueError("demo config key 'teacher_tokenizer': a llama2.c teacher needs its tokenizer.bin")
+        teacher = os.path.join(out, "teacher")
+        convert_llama2c(cfg.teacher, cfg.teacher_tokenizer, teacher, overwrite=True)
+        _say(f"converted llama2.c {cfg.teacher} -> {teacher}")
+    else:
+        teacher = cfg.teacher
+        if teacher.endswith(".bin"):
+            raise FileNotFoundError(f"demo config key 'teacher': llama2.c checkpoint {teacher!r} does not exist")
+    tconf = AutoConfig.from_pretrained(teacher)  # a folder or a Hub id: the same from_pretrained path as any model
+    texts = read_stories(cfg.stories, cfg.stories_limit)
+    if len(texts) <= cfg.heldout_stories:
+        raise ValueError(
+            f"{cfg.stories}: {len(texts)} records, but heldout_stories={cfg.heldout_stories}; leave some to train on"
+        )
+    train, heldout = texts[: -cfg.heldout_stories], texts[-cfg.heldout_stories :]
+    data = os.path.join(out, "data")
+    paths = {}
+    for name, part in (("train", train), ("heldout", heldout)):
+        paths[name] = os.path.join(data, f"{name}.jsonl")
+        os.makedirs(data, exist_ok=True)
+        with open(paths[name] + ".tmp", "w", encoding="utf-8") as handle:
+            for text in part:
+                handle.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+        os.replace(paths[name] + ".tmp", paths[name])
+    _say(f"stories: {len(train)} train, {len(heldout)} held out -> {data}")
+    return {
+        "teacher": os.path.abspath(teacher) if os.path.isdir(teacher) else teacher,
+        "vocab_size": int(tconf.vocab_size),
+        "teacher_config": {k: getattr(tconf, k, None) for k in
+                           ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                            "intermediate_size", "vocab_size", "max_position_embeddings")},
+        "train_data": os.path.abspath(paths["train"]),
+        "heldout_data": os.path.abspath(paths["heldout"]),
+        "num_train": len(train),
+        "num_heldout": len(heldout),
+    }
+
+
+def read_stories(spec: str, limit: int | None = None) -> list[str]:
+    """Records of `spec`: blank-line separated paragraphs of a text file, 'text' fields of JSONL, or a datasets id."""
+    if os.path.isfile(spec):
+        if spec.endswith((".jsonl", ".json")):
+            with open(spec, encoding="utf-8") as handle:
+                texts = [json.loads(line)["text"] for line in handle if line.strip()]
+        else:
+            with open(spec, encoding="utf-8") as handle:
+                texts = [p.strip() for p in handle.read().split("\n\n")]
+    elif os.path.exists(spec) or spec.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"demo config key 'stories': {spec!r} is not a readable file")
+    else:
+        import datasets
+
+        name, _, split = spec.partition(":")
+        ds = datasets.load_dataset(name, split=(split or "train") + (f"[:{limit}]" if limit else ""))
+        texts = list(ds["text"])
+    texts = [t.strip() for t in texts if t and t.strip()]
+    if not texts:
+        raise ValueError(f"demo config key 'stories': {spec!r} holds no text")
+    return texts[:limit] if limit else texts
+
+
+def stage_shards(cfg: DemoConfig, ctx: dict) -> dict:
+    from .preprocess import preprocess
+
+    t = ctx["teacher"]
+    out = os.path.join(cfg.output_dir, "data", "train_shards")
+    manifest = preprocess([t["train_data"]], out, t["teacher"], max_seq_length=cfg.max_seq_length, overwrite=True)
+    totals = manifest["totals"]
+    _say(f"shards: {totals['num_sequences']} sequences, {totals['num_tokens']} tokens -> {out}")
+    return {"shards": os.path.abspath(out), "num_tokens": int(totals["num_tokens"]),
+            "num_sequences": int(totals["num_sequences"])}
+
+
+def stage_finetune(cfg: DemoConfig, ctx: dict) -> dict:
+    """Teacher correction: LoRA on the training split; keep the adapter only if the held-out loss falls."""
+    if not cfg.finetune_teacher:
+        _say("skipped: finetune_teacher is false in the config (set it true to try a LoRA teacher correction)")
+        return {"adapter": None, "skipped": "disabled"}
+    try:
+        from .finetune_teacher import TeacherFinetuneConfig, run
+    except ImportError as err:
+        raise NotAvailable(f"training.finetune_teacher ({err})") from None
+    t = ctx["teacher"]
+    settings = dict(
+        teacher_model=t["teacher"], train_data=t["train_data"], eval_data=t["heldout_data"],
+        output_dir=os.path.join(cfg.output_dir, "teacher_ft"), report_to="none", seed=cfg.seed,
+        max_length=cfg.max_seq_length, save_merged=True,
+    )
+    settings.update(cfg.finetune)
+    result = run(TeacherFinetuneConfig(**settings))
+    helps = result["eval_loss_after"] < result["eval_loss_before"]
+    _say(f"teacher held-out loss {result['eval_loss_before']:.4f} -> {result['eval_loss_after']:.4f}: "
+         + ("keeping the adapter" if helps else "no gain, distilling from the base teacher"))
+    # The merged model is a plain Llama folder: every later stage (cache, alignment, evaluation) loads it as is.
+    return {"teacher": result["merged"] if helps else None, "adapter": result["adapter"] if helps else None,
+            **{k: result[k] for k in ("eval_loss_before", "eval_loss_after")}}
+
+
+def stage_cache(cfg: DemoConfig, ctx: dict) -> dict:
+    import torch
+
+    from .cache_teacher_logits import main as cache_main
+
+    t, out = ctx["teacher"], os.path.join(cfg.output_dir, "cache")
+    argv = ["--teacher", distilled_teacher(ctx), "--data", ctx["shards"]["shards"], "--output", out,
+            "--topk", str(cfg.teacher_topk), "--max-seq-length", str(cfg.max_seq_length),
+            "--encoding", cfg.cache_encoding, "--batch-size", "16",
+            "--dtype", "auto" if torch.cuda.is_available() else "float32"]
+    code = cache_main(argv)
+    if code:
+        raise RuntimeError(f"training.cache_teacher_logits exited with {code}")
+    with open(os.path.join(out, "manifest.json"), encoding="utf-8") as handle:
+        totals = json.load(handle)["totals"]
+    return {"cache": os.path.abspath(out), "bytes_per_token": totals["bytes_per_token"],
+            "teacher": distilled_teacher(ctx)}
+
+
+def distillation_settings(cfg: DemoConfig, ctx: dict, recipe: StudentRecipe, output_dir: str) -> dict:
+    """The DistillationConfig of one student: the demo's data, cache and teacher, `train`, then the recipe's keys."""
+    import torch
+
+    t = ctx["teacher"]
+    overrides = {"vocab_size": t["vocab_size"], **(cfg.student_overrides or {})}
+    settings = dict(
+        student=cfg.student, student_overrides=overrides,
+        teacher_source="cached", teacher_cache=ctx["cache"]["cache"], tokenizer=t["teacher"],
+        teacher_topk=cfg.teacher_topk, train_data=ctx["shards"]["shards"], max_seq_length=cfg.max_seq_length,
+        output_dir=output_dir, seed=cfg.seed, data_seed=cfg.seed, report_to="none", save_strategy="no",
+        include_num_input_tokens_seen="non_padding", dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    settings.update(cfg.train)
+    settings.update(recipe.train)
+    return settings
+
+
+def stage_student(cfg: DemoConfig, ctx: dict, recipe: StudentRecipe) -> dict:
+    from .config import DistillationConfig
+    from .train import run as train_run
+
+    out = os.path.join(cfg.output_dir, "students", recipe.name)
+    settings = distillation_settings(cfg, ctx, recipe, out)
+    align_tokens, align_error = 0, None
+    if recipe.init == "teacher":
+        try:
+            from .align import AlignConfig
+            from .align import run as align_run
+        except ImportError as err:
+            raise NotAvailable(f"teacher-initialized students need training.align ({err})") from None
+        t = ctx["teacher"]
+        aligned = os.path.join(out, "aligned")
+        import torch
+
+        align_settings = dict(teacher=distilled_teacher(ctx), student_out=aligned, data=t["train_data"],
+                              eval_data=t["heldout_data"], max_seq_length=cfg.max_seq_length, seed=cfg.seed,
+                              device="cuda" if torch.cuda.is_available() else "cpu")
+        align_settings.update(recipe.align)
+        report = align_run(AlignConfig(**align_settings))
+        align_tokens = int(report.get("tokens", align_settings.get("max_tokens", 0)) or 0)
+        align_error = {"at_conversion": report.get("error_at_conversion"), "after": report.get("error_after")}
+        settings["student"] = aligned
+        settings["student_overrides"] = None  # the aligned folder holds the teacher's shape
+    config = DistillationConfig(**settings)
+    trainer = train_run(config)
+    tokens = int(trainer.state.num_input_tokens_seen or 0)
+    return {"path": os.path.abspath(out), "init": recipe.init, "distill_tokens": tokens, "align_tokens": align_tokens,
+            "tokens": tokens + align_tokens, "align_error": align_error, "steps": trainer.state.global_step,
+            "distill_alpha": config.distill_alpha, "description": recipe.description,
+            "parameters": sum(p.numel() for p in trainer.model.parameters())}
+
+
+def stage_evaluate(cfg: DemoConfig, ctx: dict) -> dict:
+    """`training.evaluate` on every student against the teacher (same held-out tokens), then each student's model
+    card; while that module is not in the checkout, the demo's own scorer fills the same table columns."""
+    t = ctx["teacher"]
+    students = {name: r for name, r in ctx["students"].items() if r}
+    heldout = t["heldout_data"]
+    try:
+        from .evaluate import evaluate as run_evaluate  # the evaluation issue's module
+    except ImportError:
+        run_evaluate = None
+    if run_evaluate is None:
+        from .demo_report import score_models
+
+        _say("training.evaluate: not available yet; scoring held-out loss, perplexity, KL and top-1 agreement "
+             "with the demo's own scorer (no passkey, latency plot or model card until it lands)")
+        texts = read_stories(heldout, cfg.eval_stories)
+        scores = score_models(distilled_teacher(ctx), {n: r["path"] for n, r in students.items()}, texts, cfg.max_seq_length)
+        return {"models": scores, "evaluator": "demo scorer"}
+
+    options = dict(window=cfg.max_seq_length, stride=max(1, cfg.max_seq_length // 2),
+                   max_documents=cfg.eval_stories, prompts=tuple(cfg.prompts))
+    options.update({k: tuple(v) if isinstance(v, list) else v for k, v in cfg.eval.items()})
+    models, plots = {}, {}
+    for name, r in students.items():
+        report = run_evaluate(r["path"], teacher=distilled_teacher(ctx), data=heldout, output_dir=r["path"], **options)
+        held, passkey = report.get("heldout") or {}, report.get("passkey") or {}
+        agreement = held.get("agreement") or {}
+        for who, key in (("teacher", "teacher"), (name, "student")):
+            if who == "teacher" and "teacher" in models:
+                continue
+            scores = held.get(key) or {}
+            models[who] = {
+                "loss": scores.get("loss"), "perplexity": scores.get("perplexity"), "tokens_scored": scores.get("tokens"),
+                "kl": agreement.get("kl_teacher_student", 0.0) if key == "student" else 0.0,
+                "top1": agreement.get("top1_agreement", 1.0) if key == "student" else 1.0,
+                "passkey": (passkey.get(key) or {}).get("accuracy"),
+            }
+        latency = (report.get("latency") or {}).get("plot")
+        if latency:
+            plots[name] = {"latency": os.path.join(report["output_dir"], latency)}
+        try:
+            from model_cards.card import write_card
+        except ImportError:
+            _say("model card: model_cards not available yet")
+        else:
+            write_card(r["path"])
+    return {"models": models, "plots": plots, "evaluator": "training.evaluate"}
+
+
+def stage_report(cfg: DemoConfig, ctx: dict) -> dict:
+    from .demo_report import write_report
+
+    return write_report(cfg, ctx)
+
+
+# ------------------------------------------------------------------------------------------------ pipeline
+
+
+def plan(cfg: DemoConfig) -> list[tuple[str, str, object, dict]]:
+    """(key, title, function, settings it depends on) for every stage, in order."""
+    base = {"teacher": cfg.teacher, "teacher_tokenizer": cfg.teacher_tokenizer, "stories": cfg.stories,
+            "stories_limit": cfg.stories_limit, "heldout_stories": cfg.heldout_stories}
+    shards = {**base, "max_seq_length": cfg.max_seq_length}
+    finetune = {**shards, "finetune_teacher": cfg.finetune_teacher, "finetune": cfg.finetune}
+    cache = {**finetune, "topk": cfg.teacher_topk, "encoding": cfg.cache_encoding}
+    stages = [
+        ("teacher", "teacher: convert / load it, split the stories", stage_teacher, base),
+        ("shards", "shards: tokenize the training stories (training.preprocess)", stage_shards, shards),
+        ("finetune", "finetune: LoRA teacher correction (training.finetune_teacher, optional)", stage_finetune,
+         finetune),
+        ("cache", "cache: the teacher's top-k over the shards (training.cache_teacher_logits)", stage_cache, cache),
+    ]
+    student_deps = {}
+    for r in cfg.students:
+        deps = {**cache, "recipe": asdict(r), "student": cfg.student, "student_overrides": cfg.student_overrides,
+                "train": cfg.train, "seed": cfg.seed}
+        student_deps[r.name] = deps
+        kind = "teacher-initialized (align, then distil)" if r.init == "teacher" else "random init"
+        stages.append((f"student:{r.name}", f"student {r.name}: {kind}, {r.description}".rstrip(", "),
+                       lambda c, x, r=r: stage_student(c, x, r), deps))
+    evaluate = {"students": student_deps, "eval_stories": cfg.eval_stories, "eval": cfg.eval}
+    stages.append(("evaluate", "evaluate: teacher and students on the held-out stories", stage_evaluate, evaluate))
+    stages.append(("report", "report: report.md, plots, stories, model card", stage_report,
+                   {**evaluate, "prompts": cfg.prompts, "sample_tokens": cfg.sample_tokens}))
+    return stages
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    """Run (or resume) every stage; returns the context: each stage's result by key, and the timings."""
+    import torch
+
+    if not torch.cuda.is_available():
+        torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    markers = os.path.join(cfg.output_dir, ".stages")
+    stages = plan(cfg)
+    ctx: dict = {"students": {}, "timings": {}, "cpu_seconds": {}, "skipped": {}}
+    started = time.perf_counter()
+    for i, (key, title, fn, deps) in enumerate(stages, 1):
+        _banner(i, len(stages), title)
+        marker = os.path.join(markers, key.replace(":", "__") + ".json")
+        fp = _fingerprint(deps)
+        done = None
+        if os.path.isfile(marker):
+            with open(marker, encoding="utf-8") as handle:
+                done = json.load(handle)
+            if done.get("fingerprint") != fp:
+                _say("settings changed since this stage finished: running it again")
+                done = None
+        if done is not None:
+            result, seconds, cpu = done["result"], done["seconds"], done.get("cpu_seconds", 0.0)
+            _say(f"done earlier ({seconds:.1f} s); delete {marker} to redo it")
+        else:
+            t0, c0 = time.perf_counter(), _cpu_seconds()
+            try:
+                result = fn(cfg, ctx)
+            except NotAvailable as err:
+                _say(f"not available yet: {err}; skipping this stage")
+                ctx["skipped"][key] = str(err)
+                result = None
+            seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+            if result is not None:
+                _write_json(marker, {"stage": key, "fingerprint": fp, "seconds": seconds, "cpu_seconds": cpu,
+                                     "result": result})
+                _say(f"finished in {seconds:.1f} s ({cpu:.1f} CPU s)")
+        ctx["timings"][key] = seconds
+        ctx["cpu_seconds"][key] = cpu
+        if key.startswith("student:"):
+            ctx["students"][key.split(":", 1)[1]] = result
+        else:
+            ctx[key] = result
+    ctx["total_seconds"] = time.perf_counter() - started
+    from .demo_report import print_summary
+
+    print_summary(cfg, ctx)
+    return ctx
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    import dataclasses
+
+    from .demo_config import StudentRecipe
+
+    keys = "\n".join(f"  --{f.name}: {f.metadata.get('help', '')}" for f in dataclasses.fields(DemoConfig))
+    recipe = "\n".join(f"  {f.name}: {f.metadata.get('help', '')}" for f in dataclasses.fields(StudentRecipe))
+    pre = argparse.ArgumentParser(
+        prog="python -m training.demo",
+        description="Distil a real pretrained Llama into RetNet students and write <output_dir>/report.md. Any key of "
+        "the demo config can be overridden as --key value (values are YAML: --train '{max_steps: 50}' merges).",
+        epilog=f"demo config keys:\n{keys}\n\neach entry of `students`:\n{recipe}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    pre.add_argument("--config", default="examples/configs/demo.yaml", help="demo YAML (default: %(default)s)")
+    known, overrides = pre.parse_known_args(argv)
+    try:
+        cfg = load_demo_config(known.config, overrides)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"demo: error: {err}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    run_demo(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

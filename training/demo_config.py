@@ -1,0 +1,202 @@
+"""`DemoConfig`: what `python -m training.demo` runs, read from YAML (`examples/configs/demo.yaml`) plus
+`--key value` overrides. Every field is documented once, in its `help`; unknown keys fail naming the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+STUDENT_INITS = ("teacher", "random")
+
+
+@dataclass
+class StudentRecipe:
+    """One student of the comparison. All students see the same data order and the same token budget."""
+
+    name: str = field(metadata={"help": "Short name: the folder under <output_dir>/students and the table row."})
+    init: str = field(
+        default="random",
+        metadata={"help": "'teacher': RetNetForCausalLM.from_llama + stage-1 attention transfer (training.align), "
+                  "then distillation; 'random': a fresh RetNet of `student`/`student_overrides`."},
+    )
+    train: dict = field(
+        default_factory=dict,
+        metadata={"help": "DistillationConfig keys for this student on top of the shared `train` (e.g. "
+                  "distill_alpha: 1.0 for CE only)."},
+    )
+    align: dict = field(
+        default_factory=dict,
+        metadata={"help": "init=teacher: training.align.AlignConfig keys (max_tokens, learning_rate, gate, ...); "
+                  "its tokens count in the student's budget."},
+    )
+    description: str = field(default="", metadata={"help": "One line for the report's table."})
+
+
+@dataclass
+class DemoConfig:
+    """The whole demo: teacher, data split, cache, students, evaluation and report."""
+
+    output_dir: str = field(default="runs/demo", metadata={"help": "Everything the demo writes goes here."})
+    teacher: str = field(
+        default="examples/demo/stories260K.bin",
+        metadata={"help": "The teacher: a llama2.c checkpoint (.bin, converted with training.convert_llama2c), a "
+                  "Llama folder, or a Hub id such as meta-llama/Llama-3.2-1B-Instruct (loaded with from_pretrained)."},
+    )
+    teacher_tokenizer: str | None = field(
+        default="examples/demo/tok512.bin",
+        metadata={"help": "llama2.c tokenizer.bin for a .bin teacher; ignored for folders and Hub ids."},
+    )
+    stories: str = field(
+        default="examples/demo/tinystories_4000.txt",
+        metadata={"help": "The text: a file of blank-line separated paragraphs, a JSONL file with a 'text' field, or "
+                  "a datasets id ('owner/name' or 'owner/name:split', column 'text')."},
+    )
+    stories_limit: int | None = field(
+        default=None, metadata={"help": "Use only the first N records of `stories` (for large datasets)."}
+    )
+    heldout_stories: int = field(
+        default=400, metadata={"help": "The last N records are held out: never trained on, used for evaluation."}
+    )
+    max_seq_length: int = field(
+        default=512, metadata={"help": "Tokens per sequence for shards, cache and training (longer records are cut)."}
+    )
+    teacher_topk: int = field(default=64, metadata={"help": "Top-k of the teacher's distribution in the cache."})
+    cache_encoding: str = field(
+        default="compact", metadata={"help": "Cache encoding: 'naive' or 'compact[...]' (docs/cache_format.md)."}
+    )
+    finetune_teacher: bool = field(
+        default=False,
+        metadata={"help": "Run training.finetune_teacher (LoRA) on the training split first; its adapter is kept "
+                  "only if the teacher's held-out loss falls."},
+    )
+    finetune: dict = field(
+        default_factory=dict, metadata={"help": "training.finetune_teacher config keys (max_steps, lora_r, ...)."}
+    )
+    student: str = field(
+        default="350M", metadata={"help": "Random-init students: a RetNet variant name or folder (see training.train)."}
+    )
+    student_overrides: dict | None = field(
+        default=None,
+        metadata={"help": "Random-init students: RetNet config keys on top of `student`; vocab_size defaults to the "
+                  "teacher's."},
+    )
+    train: dict = field(
+        default_factory=dict,
+        metadata={"help": "DistillationConfig keys shared by every student (max_steps, per_device_train_batch_size, "
+                  "learning_rate, optim, ...); the demo sets the teacher, data, cache and output folders."},
+    )
+    students: list = field(
+        default_factory=list, metadata={"help": "The students to train and compare: a list of StudentRecipe mappings."}
+    )
+    eval_stories: int | None = field(
+        default=None, metadata={"help": "Score only the first N held-out records (None: all of them)."}
+    )
+    eval: dict = field(
+        default_factory=dict, metadata={"help": "Extra training.evaluate options (passed as --key value)."}
+    )
+    prompts: list = field(
+        default_factory=lambda: ["Once upon a time", "One day, a little dog", "Tom and Sue went to the park."],
+        metadata={"help": "Prompts the teacher and the best student both continue in the report."},
+    )
+    sample_tokens: int = field(default=80, metadata={"help": "New tokens per generated story in the report."})
+    threads: int | None = field(
+        default=None, metadata={"help": "torch CPU threads (default: all cores). Ignored on a GPU."}
+    )
+    seed: int = field(default=42, metadata={"help": "Seed of the data split, data order and new weights."})
+
+    def __post_init__(self):
+        def bad(key, why):
+            return ValueError(f"demo config key '{key}': {why}")
+
+        if not self.teacher:
+            raise bad("teacher", "empty; give a llama2.c .bin, a Llama folder or a Hub id")
+        if self.heldout_stories < 1:
+            raise bad("heldout_stories", f"must be >= 1, got {self.heldout_stories}")
+        if self.max_seq_length < 2:
+            raise bad("max_seq_length", f"must be >= 2, got {self.max_seq_length}")
+        if self.teacher_topk < 1:
+            raise bad("teacher_topk", f"must be >= 1, got {self.teacher_topk}")
+        for key in ("finetune", "train", "eval"):
+            value = getattr(self, key)
+            if isinstance(value, str):
+                value = json.loads(value) if value else {}
+                setattr(self, key, value)
+            if not isinstance(value, dict):
+                raise bad(key, f"must be a mapping, got {type(value).__name__}")
+        if isinstance(self.student_overrides, str):
+            self.student_overrides = json.loads(self.student_overrides) if self.student_overrides else None
+        if isinstance(self.students, str):
+            self.students = json.loads(self.students)
+        if not self.students:
+            raise bad("students", "empty; list at least one student recipe")
+        recipes, names = [], set()
+        for i, s in enumerate(self.students):
+            if isinstance(s, StudentRecipe):
+                recipes.append(s)
+                continue
+            if not isinstance(s, dict):
+                raise bad(f"students[{i}]", f"must be a mapping, got {type(s).__name__}")
+            _reject_unknown(s, {f.name for f in dataclasses.fields(StudentRecipe)}, f"students[{i}]")
+            if "name" not in s:
+                raise bad(f"students[{i}]", "needs a 'name'")
+            recipes.append(StudentRecipe(**s))
+        for r in recipes:
+            if r.init not in STUDENT_INITS:
+                raise bad(f"students.{r.name}.init", f"{r.init!r} is not one of {STUDENT_INITS}")
+            if r.name in names or not r.name or "/" in r.name:
+                raise bad("students", f"names must be unique folder names, got {r.name!r} twice or malformed")
+            names.add(r.name)
+        self.students = recipes
+
+    @property
+    def teacher_is_llama2c(self) -> bool:
+        return self.teacher.endswith(".bin") and os.path.isfile(self.teacher)
+
+
+def load_demo_config(yaml_path: str | None, overrides: list[str] | None = None) -> DemoConfig:
+    """YAML, then `--key value` overrides (values parsed as YAML, so `--train '{max_steps: 5}'` works)."""
+    import yaml
+
+    values: dict[str, Any] = {}
+    if yaml_path is not None:
+        if not os.path.isfile(yaml_path):
+            raise FileNotFoundError(f"demo config file {yaml_path!r} does not exist")
+        with open(yaml_path, encoding="utf-8") as handle:
+            values = yaml.safe_load(handle) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"demo config file {yaml_path!r} must hold a mapping of keys to values")
+    known = {f.name for f in dataclasses.fields(DemoConfig)}
+    _reject_unknown(values, known, f"config file {yaml_path!r}")
+    args = list(overrides or [])
+    i = 0
+    while i < len(args):
+        key, eq, inline = args[i].partition("=")
+        if not key.startswith("--"):
+            raise ValueError(f"unexpected argument {args[i]!r}; pass overrides as --key value")
+        key = key[2:].replace("-", "_")
+        _reject_unknown({key: None}, known, "command line")
+        if eq:
+            raw = inline
+        elif i + 1 < len(args):
+            raw, i = args[i + 1], i + 1
+        else:
+            raise ValueError(f"--{key} needs a value")
+        parsed = yaml.safe_load(raw)
+        if key in ("train", "finetune", "eval") and isinstance(parsed, dict):
+            values[key] = {**values.get(key, {}), **parsed}  # merge: --train '{max_steps: 5}' keeps the rest
+        else:
+            values[key] = raw if key in ("teacher", "stories", "output_dir", "teacher_tokenizer") else parsed
+        i += 1
+    return DemoConfig(**values)
+
+
+def _reject_unknown(values: dict, known: set[str], where: str) -> None:
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ValueError(f"unknown demo config key '{key}' in {where}{hint}")

@@ -1,0 +1,287 @@
+"""The demo's report: held-out scores on identical tokens, stories from the same prompts, plots, report.md and the
+terminal summary. People would rather look at a table and two plots than read logs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+REPORT_NAME = "report.md"
+
+
+def _load(path: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        import hf_retnet  # noqa: F401  (registers the RetNet with the Auto classes)
+    except ImportError:
+        pass
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def score_models(teacher: str, students: dict[str, str], texts: list[str], max_seq_length: int) -> dict:
+    """Held-out next-token loss, perplexity, KL(teacher || model) and top-1 agreement with the teacher.
+
+    Every text is BOS-prefixed and scored whole (cut to `max_seq_length`), each model on exactly the teacher's
+    token ids; sums are token-weighted and kept in fp64.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    t_model, tok = _load(teacher)
+    models = {"teacher": t_model}
+    for name, path in students.items():
+        models[name], s_tok = _load(path)
+        if s_tok.get_vocab() != tok.get_vocab():
+            raise ValueError(f"student {name} ({path}) does not use the teacher's tokenizer; scores would not compare")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for m in models.values():
+        m.to(device)
+    sums = {name: {"nll": 0.0, "kl": 0.0, "agree": 0} for name in models}
+    count = 0
+    with torch.no_grad():
+        for text in tqdm(texts, desc="scoring held-out stories", unit="story"):
+            ids = tok(text, return_tensors="pt").input_ids[:, :max_seq_length].to(device)
+            if ids.shape[1] < 2:
+                continue
+            targets = ids[0, 1:]
+            t_logp = torch.log_softmax(models["teacher"](ids).logits[0, :-1].float(), -1)
+            t_top = t_logp.argmax(-1)
+            for name, m in models.items():
+                logp = t_logp if name == "teacher" else torch.log_softmax(m(ids).logits[0, :-1].float(), -1)
+                sums[name]["nll"] -= logp.gather(-1, targets[:, None]).sum().item()
+                sums[name]["kl"] += (t_logp.exp() * (t_logp - logp)).sum().item()
+                sums[name]["agree"] += int((logp.argmax(-1) == t_top).sum().item())
+            count += targets.numel()
+    out = {}
+    for name, s in sums.items():
+        loss = s["nll"] / max(count, 1)
+        out[name] = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "kl": s["kl"] / max(count, 1),
+                     "top1": s["agree"] / max(count, 1), "tokens_scored": count,
+                     "parameters": sum(p.numel() for p in models[name].parameters())}
+    return out
+
+
+def generate_stories(path: str, prompts: list[str], max_new_tokens: int, seed: int) -> list[str]:
+    """One sampled continuation per prompt (temperature 0.8, seeded per prompt, so reruns match)."""
+    import torch
+
+    model, tok = _load(path)
+    stops = [i for i in {tok.eos_token_id, tok.bos_token_id} if i is not None]
+    out = []
+    for i, prompt in enumerate(prompts):
+        torch.manual_seed(seed + i)
+        ids = tok(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            gen = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.8, top_k=50,
+                                 eos_token_id=stops, pad_token_id=tok.pad_token_id)
+        out.append(tok.decode(gen[0], skip_special_tokens=True).strip())
+    return out
+
+
+def plot_loss_vs_tokens(students: dict, scores: dict, path: str) -> str | None:
+    """Training CE of every student against the tokens it has seen, with each one's final held-out loss and the
+    teacher's held-out loss as a reference line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    drawn = False
+    for name, r in students.items():
+        state = os.path.join(r["path"], "trainer_state.json")
+        if not os.path.isfile(state):
+            continue
+        with open(state, encoding="utf-8") as handle:
+            history = json.load(handle).get("log_history", [])
+        offset = r.get("align_tokens", 0)
+        pts = [(h["num_input_tokens_seen"] + offset, h.get("loss/ce", h.get("loss"))) for h in history
+               if "num_input_tokens_seen" in h and ("loss/ce" in h or "loss" in h)]
+        if not pts:
+            continue
+        line, = ax.plot(*zip(*pts), label=f"{name} (train CE)", alpha=0.8)
+        if name in scores:
+            ax.scatter([r["tokens"]], [scores[name]["loss"]], color=line.get_color(), marker="o", zorder=3,
+                       label=f"{name} held-out {scores[name]['loss']:.3f}")
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    if "teacher" in scores:
+        ax.axhline(scores["teacher"]["loss"], color="black", linestyle="--",
+                   label=f"teacher held-out {scores['teacher']['loss']:.3f}")
+    ax.set_xlabel("tokens seen (stage-1 alignment tokens included)")
+    ax.set_ylabel("next-token loss (nats/token)")
+    ax.set_title("Students: loss against tokens")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = f"{path}.tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _fmt_tokens(n) -> str:
+    if not n:
+        return "-"
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
+
+
+def summary_rows(ctx: dict) -> list[list[str]]:
+    ev = (ctx.get("evaluate") or {}).get("models", {})
+    teacher = ev.get("teacher")
+    rows = []
+    for name in ["teacher", *ctx.get("students", {})]:
+        s = ev.get(name)
+        r = ctx["students"].get(name) if name != "teacher" else {}
+        if s is None or "loss" not in s:
+            rows.append([name, "-", "-", "-", "-", "-", "-", "not trained" if r is None else "-"])
+            continue
+        passkey = f"{100 * s['passkey']:.0f}%" if s.get("passkey") is not None else "-"
+        ratio = f"{s['perplexity'] / teacher['perplexity']:.2f}x" if teacher else "-"
+        rows.append([name, _fmt_tokens(r.get("tokens") if r else 0), f"{s['loss']:.3f}", f"{s['perplexity']:.2f}",
+                     ratio, f"{s['kl']:.3f}", f"{100 * s['top1']:.1f}%", passkey])
+    return rows
+
+
+HEADER = ["model", "tokens", "held-out loss", "perplexity", "ppl / teacher", "KL(teacher‖model)", "top-1 agree",
+          "passkey"]
+
+
+def _md_table(header, rows) -> str:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_report(cfg, ctx: dict) -> dict:
+    """`<output_dir>/report.md` plus its plots; returns what it wrote."""
+    out = cfg.output_dir
+    ev = (ctx.get("evaluate") or {}).get("models", {})
+    students = {n: r for n, r in ctx.get("students", {}).items() if r}
+    files = {}
+    plot = plot_loss_vs_tokens(students, ev, os.path.join(out, "loss_vs_tokens.png"))
+    if plot:
+        files["loss_vs_tokens"] = os.path.basename(plot)
+    best = min((n for n in students if n in ev), key=lambda n: ev[n]["loss"], default=None)
+    ft = ctx.get("finetune") or {}
+    teacher = ft.get("teacher") or ctx["teacher"]["teacher"]
+    samples = {}
+    if best is not None and cfg.prompts:
+        samples = {"teacher": generate_stories(teacher, cfg.prompts, cfg.sample_tokens, cfg.seed),
+                   best: generate_stories(students[best]["path"], cfg.prompts, cfg.sample_tokens, cfg.seed)}
+
+    lines = ["# Distilling a pretrained Llama into RetNet students", ""]
+    lines += [f"Teacher: `{cfg.teacher}`" + (" (llama2.c checkpoint, converted with `training.convert_llama2c`)"
+                                             if cfg.teacher_is_llama2c else ""),
+              f"Data: `{cfg.stories}`: {ctx['teacher']['num_train']} training records "
+              f"({_fmt_tokens(ctx['shards']['num_tokens'])} tokens), {ctx['teacher']['num_heldout']} held out.",
+              (f"LoRA teacher correction kept: the teacher's held-out loss went {ft['eval_loss_before']:.4f} -> "
+               f"{ft['eval_loss_after']:.4f}; the students learn from, and are compared with, the corrected teacher."
+               if ft.get("teacher") else
+               f"LoRA teacher correction tried and dropped (held-out loss {ft['eval_loss_before']:.4f} -> "
+               f"{ft['eval_loss_after']:.4f})." if "eval_loss_after" in ft else ""),
+              f"Teacher top-{cfg.teacher_topk} cached once ({ctx['cache']['bytes_per_token']:.1f} bytes/token); "
+              "every student reads the same cache, data order and number of distillation steps.", ""]
+    lines += ["## Teacher against students (held-out stories)", "", _md_table(HEADER, summary_rows(ctx)), ""]
+    n_tok = ev.get("teacher", {}).get("tokens_scored")
+    if n_tok:
+        lines.append(f"Scored on {n_tok} held-out tokens, identical for every model: each story BOS-prefixed and "
+                     f"scored whole (cut at {cfg.max_seq_length} tokens). Evaluator: "
+                     f"{(ctx.get('evaluate') or {}).get('evaluator')}.")
+    lines.append("")
+    lines.append("| student | init | recipe | distillation alpha | steps | parameters |")
+    lines.append("| --- | --- | --- | --- | --- | --- |")
+    for n, r in students.items():
+        lines.append(f"| {n} | {r['init']} | {r.get('description') or '-'} | {r['distill_alpha']} | {r['steps']} | "
+                     f"{r['parameters']:,} |")
+    for key, why in ctx.get("skipped", {}).items():
+        lines.append(f"\nStage `{key}` did not run: {why} (not available in this checkout yet).")
+    lines.append("")
+    if plot:
+        lines += ["## Loss against tokens", "", f"![loss against tokens]({files['loss_vs_tokens']})", ""]
+    for n, r in students.items():
+        err, png = r.get("align_error"), os.path.join(r["path"], "aligned", "align_error.png")
+        if not err or not err.get("after"):
+            continue
+        lines += [f"## Stage 1 of `{n}`: attention transfer", "",
+                  f"Each retention layer trained to reproduce its attention layer's output ({_fmt_tokens(r['align_tokens'])}"
+                  " tokens, counted in the student's budget). Relative error per layer, at conversion -> after: "
+                  + ", ".join(f"L{i} {a:.3f} -> {b:.3f}" for i, (a, b) in enumerate(zip(err["at_conversion"], err["after"])))
+                  + ".", ""]
+        if os.path.isfile(png):
+            lines += [f"![alignment error]({os.path.relpath(png, out)})", ""]
+    latency = ((ctx.get("evaluate") or {}).get("plots") or {}).get(best, {}).get("latency")
+    latency = os.path.relpath(latency, out) if latency else None
+    lines += ["## Decoding latency and memory against context", ""]
+    if latency:
+        files["latency"] = latency
+        lines += [f"![latency and memory]({latency})", ""]
+    else:
+        lines += ["Measured by `training.evaluate` (student recurrent state against the teacher's KV cache); "
+                  "not available in this checkout yet.", ""]
+    if samples:
+        lines += ["## Stories from the same prompts", "",
+                  f"Sampled (temperature 0.8, top-k 50, seeded), {cfg.sample_tokens} new tokens at most.", ""]
+        for i, prompt in enumerate(cfg.prompts):
+            lines += [f"**Prompt:** {prompt}", ""]
+            for who, texts in samples.items():
+                lines += [f"- *{who}*: {texts[i]}"]
+            lines.append("")
+    lines += ["## The student", ""]
+    if best is not None:
+        path = students[best]["path"]
+        card = os.path.join(path, "README.md")
+        lines += [f"Best student: `{best}`, in `{os.path.relpath(path, out)}/` (safetensors, config with `auto_map`, "
+                  "modeling code, tokenizer), ready for `python -m training.push`:", "",
+                  "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                  f'model = AutoModelForCausalLM.from_pretrained("{path}", trust_remote_code=True)',
+                  f'tokenizer = AutoTokenizer.from_pretrained("{path}")', "```", ""]
+        if os.path.isfile(card):
+            with open(card, encoding="utf-8") as handle:
+                lines += ["### Model card", "", _embed_card(handle.read(), os.path.relpath(path, out)), ""]
+        else:
+            lines += ["Model card: written by the evaluation stage's card generator, not available in this checkout "
+                      "yet.", ""]
+    lines += ["## Stage times", "", "Wall seconds, and CPU seconds of the process (a fairer cost on a shared machine).", "",
+              "| stage | wall s | CPU s |", "| --- | --- | --- |"]
+    cpu = ctx.get("cpu_seconds", {})
+    lines += [f"| {k} | {v:.1f} | {cpu.get(k, 0.0):.1f} |" for k, v in ctx.get("timings", {}).items()]
+    lines.append("")
+    path = os.path.join(out, REPORT_NAME)
+    with open(path + ".tmp", "w", encoding="utf-8") as handle:
+        handle.write("\n".join(lines))
+    os.replace(path + ".tmp", path)
+    return {"report": os.path.abspath(path), "files": files, "best": best, "samples": samples}
+
+
+def _embed_card(card: str, folder: str) -> str:
+    """The card inside report.md: without its YAML header, headings one level down, links relative to the report."""
+    import re
+
+    if card.startswith("---"):
+        card = card.split("\n---", 1)[1].lstrip("-").lstrip("\n")
+    card = re.sub(r"^(#+) ", lambda m: "#" * min(len(m.group(1)) + 2, 6) + " ", card, flags=re.M)
+    return re.sub(r"\]\((?!https?://|/|#)([^)]+)\)", lambda m: f"]({folder}/{m.group(1)})", card)
+
+
+def print_summary(cfg, ctx: dict) -> None:
+    rows = summary_rows(ctx) if ctx.get("evaluate") else []
+    print()
+    print("=" * 78)
+    print(f"demo finished in {ctx.get('total_seconds', 0):.0f} s; report: "
+          f"{os.path.join(cfg.output_dir, REPORT_NAME)}")
+    print("=" * 78)
+    if rows:
+        widths = [max(len(str(r[i])) for r in [HEADER, *rows]) for i in range(len(HEADER))]
+        for row in [HEADER, *rows]:
+            print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+    cpu = ctx.get("cpu_seconds", {})
+    for key, seconds in ctx.get("timings", {}).items():
+        print(f"  {key:<28} {seconds:8.1f} s wall {cpu.get(key, 0.0):8.1f} s CPU")
