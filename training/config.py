@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -338,6 +339,16 @@ def distillation_field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(DistillationConfig) if f.name not in base]
 
 
+def config_parser(config_class, **kwargs) -> HfArgumentParser:
+    """HfArgumentParser over `config_class`, with literal `%` in help texts escaped: transformers 5.2
+    ships TrainingArguments help such as "~20% slower", which makes argparse's `--help` raise."""
+    parser = HfArgumentParser(config_class, **kwargs)
+    for action in parser._actions:
+        if action.help:
+            action.help = re.sub(r"(?<!%)%(?![(%])", "%%", action.help)
+    return parser
+
+
 def load_config(
     yaml_path: str | os.PathLike | None = None, overrides: list[str] | None = None, config_class: type | None = None
 ):
@@ -362,7 +373,7 @@ def load_config(
     known = {f.name for f in dataclasses.fields(config_class) if f.init}
     _reject_unknown(values, known, where=f"config file {str(yaml_path)!r}")
 
-    parser = HfArgumentParser(config_class, exit_on_error=False)
+    parser = config_parser(config_class, exit_on_error=False)
     parser.set_defaults(**values)
     overrides = list(overrides or [])
     flags = [a.split("=", 1)[0][2:].replace("-", "_") for a in overrides if a.startswith("--")]

@@ -35,7 +35,7 @@ try:
 except ImportError as err:  # pragma: no cover - trl ships with the dev and trl extras
     raise ImportError("teacher finetuning needs TRL: pip install 'hf-retnet[trl]' (or pip install 'trl>=1.16')") from err
 
-from .config import load_config
+from .config import config_parser, load_config
 from .teachers.direct import looks_like_local_path
 
 QUANTIZATION = ("auto", "4bit", "none")
@@ -350,9 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     pre.add_argument("-h", "--help", action="store_true")
     known, overrides = pre.parse_known_args(argv)
     if known.help:
-        from transformers import HfArgumentParser
-
-        parser = HfArgumentParser(TeacherFinetuneConfig)
+        parser = config_parser(TeacherFinetuneConfig)
         parser.prog = "python -m training.finetune_teacher --config CONFIG.yaml"
         parser.print_help()
         return 0

@@ -16,7 +16,7 @@ import os
 import shutil
 import sys
 
-from .config import DistillationConfig, load_config
+from .config import DistillationConfig, config_parser, load_config
 from .plots import plot_loss_curves
 
 logger = logging.getLogger(__name__)
@@ -174,9 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     config_path, overrides, want_help = _split_argv(argv)
     if want_help:
-        from transformers import HfArgumentParser
-
-        parser = HfArgumentParser(DistillationConfig)
+        parser = config_parser(DistillationConfig)
         parser.prog = "python -m training.train --config CONFIG.yaml"
         parser.print_help()
         return 0

@@ -373,8 +373,8 @@ class DistillationTrainer(Trainer):
     # ---- optimizer ----
 
     def create_optimizer(self, model=None):
-        if not self.args.use_muon:
-            return super().create_optimizer(model)
+        if not self.args.use_muon:  # transformers 5.2 calls create_optimizer() without the model
+            return super().create_optimizer() if model is None else super().create_optimizer(model)
         if self.optimizer is None:
             opt_model = self.model if model is None else model
             self.optimizer = build_muon_optimizer(
