@@ -11,7 +11,7 @@ Stages (each a function below, each calling the project's own module for its job
   4. cache      training.cache_teacher_logits: the teacher's top-k over the shards, once
   5. student:*  one stage per student: teacher-initialized (training.align, then distillation), random-init
                 KD, CE only, ... all through training.train.run on the same data and token budget
-  6. evaluate   training.evaluate on every model (the demo's own held-out scorer while it is not available)
+  6. evaluate   training.evaluate on every student against the teacher, and each student's model card
   7. report     <output_dir>/report.md: table, plots, stories, model card; a summary table in the terminal
 
 Rerunning resumes: a finished stage leaves `<output_dir>/.stages/<stage>.json` (its result, wall time and the
@@ -67,10 +67,6 @@ def _write_json(path: str, obj) -> None:
 def distilled_teacher(ctx: dict) -> str:
     """The teacher the students learn from: the LoRA-corrected one (merged) when the finetune stage kept it."""
     return (ctx.get("finetune") or {}).get("teacher") or ctx["teacher"]["teacher"]
-
-
-class NotAvailable(Exception):
-    """A stage whose module has not landed in this checkout yet: the demo goes on without it."""
 
 
 # ------------------------------------------------------------------------------------------------ stages
@@ -151,7 +147,8 @@ def stage_shards(cfg: DemoConfig, ctx: dict) -> dict:
 
     t = ctx["teacher"]
     out = os.path.join(cfg.output_dir, "data", "train_shards")
-    manifest = preprocess([t["train_data"]], out, t["teacher"], max_seq_length=cfg.max_seq_length, overwrite=True)
+    manifest = preprocess([t["train_data"]], out, t["teacher"], max_seq_length=cfg.max_seq_length, pack=cfg.pack,
+                          append_eos=cfg.append_eos, overwrite=True)
     totals = manifest["totals"]
     _say(f"shards: {totals['num_sequences']} sequences, {totals['num_tokens']} tokens -> {out}")
     return {"shards": os.path.abspath(out), "num_tokens": int(totals["num_tokens"]),
@@ -163,10 +160,8 @@ def stage_finetune(cfg: DemoConfig, ctx: dict) -> dict:
     if not cfg.finetune_teacher:
         _say("skipped: finetune_teacher is false in the config (set it true to try a LoRA teacher correction)")
         return {"adapter": None, "skipped": "disabled"}
-    try:
-        from .finetune_teacher import TeacherFinetuneConfig, run
-    except ImportError as err:
-        raise NotAvailable(f"training.finetune_teacher ({err})") from None
+    from .finetune_teacher import TeacherFinetuneConfig, run
+
     t = ctx["teacher"]
     settings = dict(
         teacher_model=t["teacher"], train_data=t["train_data"], eval_data=t["heldout_data"],
@@ -221,6 +216,41 @@ def distillation_settings(cfg: DemoConfig, ctx: dict, recipe: StudentRecipe, out
     return settings
 
 
+def heldout_curve(cfg: DemoConfig, ctx: dict, offset_tokens: int):
+    """A callback that scores the student on the first `curve_stories` held-out stories every `curve_every`
+    optimizer steps (and before the first): the report's loss-against-tokens curve, on text no student trains on."""
+    from transformers import AutoTokenizer, TrainerCallback
+
+    from .evaluation.heldout import load_documents, make_windows, score
+
+    tokenizer = AutoTokenizer.from_pretrained(ctx["teacher"]["teacher"])
+    docs = load_documents(ctx["teacher"]["heldout_data"], tokenizer, cfg.curve_stories, append_eos=cfg.append_eos)
+    windows = make_windows(docs, cfg.max_seq_length, max(1, cfg.max_seq_length // 2))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    class HeldoutCurve(TrainerCallback):
+        def __init__(self):
+            self.points: list[dict] = []  # {"step", "tokens", "loss"}
+
+        def _measure(self, state, model):
+            was_training = model.training
+            model.eval()
+            loss = score(model, windows, pad_id, batch_size=16, progress=False)["student"]["loss"]
+            model.train(was_training)
+            self.points.append({"step": state.global_step, "loss": loss,
+                                "tokens": offset_tokens + int(state.num_input_tokens_seen or 0)})
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 0:
+                self._measure(state, model)
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step % cfg.curve_every == 0 or state.global_step == state.max_steps:
+                self._measure(state, model)
+
+    return HeldoutCurve()
+
+
 def stage_student(cfg: DemoConfig, ctx: dict, recipe: StudentRecipe) -> dict:
     from .config import DistillationConfig
     from .train import run as train_run
@@ -229,16 +259,14 @@ def stage_student(cfg: DemoConfig, ctx: dict, recipe: StudentRecipe) -> dict:
     settings = distillation_settings(cfg, ctx, recipe, out)
     align_tokens, align_error = 0, None
     if recipe.init == "teacher":
-        try:
-            from .align import AlignConfig
-            from .align import run as align_run
-        except ImportError as err:
-            raise NotAvailable(f"teacher-initialized students need training.align ({err})") from None
+        from .align import AlignConfig
+        from .align import run as align_run
+
         t = ctx["teacher"]
         aligned = os.path.join(out, "aligned")
         import torch
 
-        align_settings = dict(teacher=distilled_teacher(ctx), student_out=aligned, data=t["train_data"],
+        align_settings = dict(teacher=distilled_teacher(ctx), student_out=aligned, data=ctx["shards"]["shards"],
                               eval_data=t["heldout_data"], max_seq_length=cfg.max_seq_length, seed=cfg.seed,
                               device="cuda" if torch.cuda.is_available() else "cpu")
         align_settings.update(recipe.align)
@@ -248,35 +276,27 @@ def stage_student(cfg: DemoConfig, ctx: dict, recipe: StudentRecipe) -> dict:
         settings["student"] = aligned
         settings["student_overrides"] = None  # the aligned folder holds the teacher's shape
     config = DistillationConfig(**settings)
-    trainer = train_run(config)
+    curve = heldout_curve(cfg, ctx, align_tokens)
+    trainer = train_run(config, callbacks=[curve])
     tokens = int(trainer.state.num_input_tokens_seen or 0)
     return {"path": os.path.abspath(out), "init": recipe.init, "distill_tokens": tokens, "align_tokens": align_tokens,
             "tokens": tokens + align_tokens, "align_error": align_error, "steps": trainer.state.global_step,
-            "distill_alpha": config.distill_alpha, "description": recipe.description,
+            "heldout_curve": curve.points, "distill_alpha": config.distill_alpha, "description": recipe.description,
             "parameters": sum(p.numel() for p in trainer.model.parameters())}
 
 
 def stage_evaluate(cfg: DemoConfig, ctx: dict) -> dict:
     """`training.evaluate` on every student against the teacher (same held-out tokens), then each student's model
-    card; while that module is not in the checkout, the demo's own scorer fills the same table columns."""
+    card."""
+    from model_cards.card import write_card
+
+    from .evaluate import evaluate as run_evaluate
+
     t = ctx["teacher"]
     students = {name: r for name, r in ctx["students"].items() if r}
     heldout = t["heldout_data"]
-    try:
-        from .evaluate import evaluate as run_evaluate  # the evaluation issue's module
-    except ImportError:
-        run_evaluate = None
-    if run_evaluate is None:
-        from .demo_report import score_models
-
-        _say("training.evaluate: not available yet; scoring held-out loss, perplexity, KL and top-1 agreement "
-             "with the demo's own scorer (no passkey, latency plot or model card until it lands)")
-        texts = read_stories(heldout, cfg.eval_stories)
-        scores = score_models(distilled_teacher(ctx), {n: r["path"] for n, r in students.items()}, texts, cfg.max_seq_length)
-        return {"models": scores, "evaluator": "demo scorer"}
-
     options = dict(window=cfg.max_seq_length, stride=max(1, cfg.max_seq_length // 2),
-                   max_documents=cfg.eval_stories, prompts=tuple(cfg.prompts))
+                   max_documents=cfg.eval_stories, prompts=tuple(cfg.prompts), append_eos=cfg.append_eos)
     options.update({k: tuple(v) if isinstance(v, list) else v for k, v in cfg.eval.items()})
     models, plots = {}, {}
     for name, r in students.items():
@@ -296,13 +316,8 @@ def stage_evaluate(cfg: DemoConfig, ctx: dict) -> dict:
         latency = (report.get("latency") or {}).get("plot")
         if latency:
             plots[name] = {"latency": os.path.join(report["output_dir"], latency)}
-        try:
-            from model_cards.card import write_card
-        except ImportError:
-            _say("model card: model_cards not available yet")
-        else:
-            write_card(r["path"])
-    return {"models": models, "plots": plots, "evaluator": "training.evaluate"}
+        write_card(r["path"])
+    return {"models": models, "plots": plots}
 
 
 def stage_report(cfg: DemoConfig, ctx: dict) -> dict:
@@ -318,7 +333,7 @@ def plan(cfg: DemoConfig) -> list[tuple[str, str, object, dict]]:
     """(key, title, function, settings it depends on) for every stage, in order."""
     base = {"teacher": cfg.teacher, "teacher_tokenizer": cfg.teacher_tokenizer, "stories": cfg.stories,
             "stories_limit": cfg.stories_limit, "heldout_stories": cfg.heldout_stories}
-    shards = {**base, "max_seq_length": cfg.max_seq_length}
+    shards = {**base, "max_seq_length": cfg.max_seq_length, "pack": cfg.pack, "append_eos": cfg.append_eos}
     finetune = {**shards, "finetune_teacher": cfg.finetune_teacher, "finetune": cfg.finetune}
     cache = {**finetune, "topk": cfg.teacher_topk, "encoding": cfg.cache_encoding}
     stages = [
@@ -331,12 +346,13 @@ def plan(cfg: DemoConfig) -> list[tuple[str, str, object, dict]]:
     student_deps = {}
     for r in cfg.students:
         deps = {**cache, "recipe": asdict(r), "student": cfg.student, "student_overrides": cfg.student_overrides,
-                "train": cfg.train, "seed": cfg.seed}
+                "train": cfg.train, "seed": cfg.seed, "curve": [cfg.curve_stories, cfg.curve_every]}
         student_deps[r.name] = deps
         kind = "teacher-initialized (align, then distil)" if r.init == "teacher" else "random init"
         stages.append((f"student:{r.name}", f"student {r.name}: {kind}, {r.description}".rstrip(", "),
                        lambda c, x, r=r: stage_student(c, x, r), deps))
-    evaluate = {"students": student_deps, "eval_stories": cfg.eval_stories, "eval": cfg.eval}
+    evaluate = {"students": student_deps, "eval_stories": cfg.eval_stories, "eval": cfg.eval,
+                "append_eos": cfg.append_eos}
     stages.append(("evaluate", "evaluate: teacher and students on the held-out stories", stage_evaluate, evaluate))
     stages.append(("report", "report: report.md, plots, stories, model card", stage_report,
                    {**evaluate, "prompts": cfg.prompts, "sample_tokens": cfg.sample_tokens}))
@@ -352,7 +368,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     os.makedirs(cfg.output_dir, exist_ok=True)
     markers = os.path.join(cfg.output_dir, ".stages")
     stages = plan(cfg)
-    ctx: dict = {"students": {}, "timings": {}, "cpu_seconds": {}, "skipped": {}}
+    ctx: dict = {"students": {}, "timings": {}, "cpu_seconds": {}}
     started = time.perf_counter()
     for i, (key, title, fn, deps) in enumerate(stages, 1):
         _banner(i, len(stages), title)
@@ -370,17 +386,11 @@ def run_demo(cfg: DemoConfig) -> dict:
             _say(f"done earlier ({seconds:.1f} s); delete {marker} to redo it")
         else:
             t0, c0 = time.perf_counter(), _cpu_seconds()
-            try:
-                result = fn(cfg, ctx)
-            except NotAvailable as err:
-                _say(f"not available yet: {err}; skipping this stage")
-                ctx["skipped"][key] = str(err)
-                result = None
+            result = fn(cfg, ctx)
             seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
-            if result is not None:
-                _write_json(marker, {"stage": key, "fingerprint": fp, "seconds": seconds, "cpu_seconds": cpu,
-                                     "result": result})
-                _say(f"finished in {seconds:.1f} s ({cpu:.1f} CPU s)")
+            _write_json(marker, {"stage": key, "fingerprint": fp, "seconds": seconds, "cpu_seconds": cpu,
+                                 "result": result})
+            _say(f"finished in {seconds:.1f} s ({cpu:.1f} CPU s)")
         ctx["timings"][key] = seconds
         ctx["cpu_seconds"][key] = cpu
         if key.startswith("student:"):

@@ -64,6 +64,16 @@ class DemoConfig:
     max_seq_length: int = field(
         default=512, metadata={"help": "Tokens per sequence for shards, cache and training (longer records are cut)."}
     )
+    pack: bool = field(
+        default=False,
+        metadata={"help": "Concatenate the training records and cut them into max_seq_length blocks (no padding; "
+                  "each record still starts with BOS). Evaluation scores every held-out record on its own."},
+    )
+    append_eos: bool = field(
+        default=True,
+        metadata={"help": "End every record with EOS, in training and evaluation. False for teachers that never "
+                  "saw EOS (llama2.c models are trained on BOS-separated text)."},
+    )
     teacher_topk: int = field(default=64, metadata={"help": "Top-k of the teacher's distribution in the cache."})
     cache_encoding: str = field(
         default="compact", metadata={"help": "Cache encoding: 'naive' or 'compact[...]' (docs/cache_format.md)."}
@@ -92,6 +102,10 @@ class DemoConfig:
     students: list = field(
         default_factory=list, metadata={"help": "The students to train and compare: a list of StudentRecipe mappings."}
     )
+    curve_stories: int = field(
+        default=100, metadata={"help": "Held-out stories scored during training for the loss-against-tokens plot."}
+    )
+    curve_every: int = field(default=50, metadata={"help": "Score them every N optimizer steps."})
     eval_stories: int | None = field(
         default=None, metadata={"help": "Score only the first N held-out records (None: all of them)."}
     )

@@ -22,49 +22,6 @@ def _load(path: str):
     return model, AutoTokenizer.from_pretrained(path)
 
 
-def score_models(teacher: str, students: dict[str, str], texts: list[str], max_seq_length: int) -> dict:
-    """Held-out next-token loss, perplexity, KL(teacher || model) and top-1 agreement with the teacher.
-
-    Every text is BOS-prefixed and scored whole (cut to `max_seq_length`), each model on exactly the teacher's
-    token ids; sums are token-weighted and kept in fp64.
-    """
-    import torch
-    from tqdm.auto import tqdm
-
-    t_model, tok = _load(teacher)
-    models = {"teacher": t_model}
-    for name, path in students.items():
-        models[name], s_tok = _load(path)
-        if s_tok.get_vocab() != tok.get_vocab():
-            raise ValueError(f"student {name} ({path}) does not use the teacher's tokenizer; scores would not compare")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    for m in models.values():
-        m.to(device)
-    sums = {name: {"nll": 0.0, "kl": 0.0, "agree": 0} for name in models}
-    count = 0
-    with torch.no_grad():
-        for text in tqdm(texts, desc="scoring held-out stories", unit="story"):
-            ids = tok(text, return_tensors="pt").input_ids[:, :max_seq_length].to(device)
-            if ids.shape[1] < 2:
-                continue
-            targets = ids[0, 1:]
-            t_logp = torch.log_softmax(models["teacher"](ids).logits[0, :-1].float(), -1)
-            t_top = t_logp.argmax(-1)
-            for name, m in models.items():
-                logp = t_logp if name == "teacher" else torch.log_softmax(m(ids).logits[0, :-1].float(), -1)
-                sums[name]["nll"] -= logp.gather(-1, targets[:, None]).sum().item()
-                sums[name]["kl"] += (t_logp.exp() * (t_logp - logp)).sum().item()
-                sums[name]["agree"] += int((logp.argmax(-1) == t_top).sum().item())
-            count += targets.numel()
-    out = {}
-    for name, s in sums.items():
-        loss = s["nll"] / max(count, 1)
-        out[name] = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "kl": s["kl"] / max(count, 1),
-                     "top1": s["agree"] / max(count, 1), "tokens_scored": count,
-                     "parameters": sum(p.numel() for p in models[name].parameters())}
-    return out
-
-
 def generate_stories(path: str, prompts: list[str], max_new_tokens: int, seed: int) -> list[str]:
     """One sampled continuation per prompt (temperature 0.8, seeded per prompt, so reruns match)."""
     import torch
@@ -83,30 +40,24 @@ def generate_stories(path: str, prompts: list[str], max_new_tokens: int, seed: i
 
 
 def plot_loss_vs_tokens(students: dict, scores: dict, path: str) -> str | None:
-    """Training CE of every student against the tokens it has seen, with each one's final held-out loss and the
-    teacher's held-out loss as a reference line."""
+    """Held-out loss of every student against the tokens it has seen (scored during training on the first held-out
+    stories), each one's final held-out loss, and the teacher's as a reference line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    drawn = False
+    drawn, top = False, 0.0
     for name, r in students.items():
-        state = os.path.join(r["path"], "trainer_state.json")
-        if not os.path.isfile(state):
-            continue
-        with open(state, encoding="utf-8") as handle:
-            history = json.load(handle).get("log_history", [])
-        offset = r.get("align_tokens", 0)
-        pts = [(h["num_input_tokens_seen"] + offset, h.get("loss/ce", h.get("loss"))) for h in history
-               if "num_input_tokens_seen" in h and ("loss/ce" in h or "loss" in h)]
+        pts = [(p["tokens"], p["loss"]) for p in r.get("heldout_curve") or []]
         if not pts:
             continue
-        line, = ax.plot(*zip(*pts), label=f"{name} (train CE)", alpha=0.8)
+        top = max(top, pts[min(1, len(pts) - 1)][1])  # from the second point: a random init starts near ln(V)
+        line, = ax.plot(*zip(*pts), label=f"{name} (held-out, during training)", alpha=0.8)
         if name in scores:
             ax.scatter([r["tokens"]], [scores[name]["loss"]], color=line.get_color(), marker="o", zorder=3,
-                       label=f"{name} held-out {scores[name]['loss']:.3f}")
+                       label=f"{name} final held-out {scores[name]['loss']:.3f}")
         drawn = True
     if not drawn:
         plt.close(fig)
@@ -114,8 +65,9 @@ def plot_loss_vs_tokens(students: dict, scores: dict, path: str) -> str | None:
     if "teacher" in scores:
         ax.axhline(scores["teacher"]["loss"], color="black", linestyle="--",
                    label=f"teacher held-out {scores['teacher']['loss']:.3f}")
+    ax.set_ylim(top=top + 0.2)
     ax.set_xlabel("tokens seen (stage-1 alignment tokens included)")
-    ax.set_ylabel("next-token loss (nats/token)")
+    ax.set_ylabel("held-out next-token loss (nats/token)")
     ax.set_title("Students: loss against tokens")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -193,16 +145,14 @@ def write_report(cfg, ctx: dict) -> dict:
     n_tok = ev.get("teacher", {}).get("tokens_scored")
     if n_tok:
         lines.append(f"Scored on {n_tok} held-out tokens, identical for every model: each story BOS-prefixed and "
-                     f"scored whole (cut at {cfg.max_seq_length} tokens). Evaluator: "
-                     f"{(ctx.get('evaluate') or {}).get('evaluator')}.")
+                     f"scored whole (cut at {cfg.max_seq_length} tokens"
+                     + ("" if cfg.append_eos else ", no EOS appended: the teacher never saw one") + ").")
     lines.append("")
     lines.append("| student | init | recipe | distillation alpha | steps | parameters |")
     lines.append("| --- | --- | --- | --- | --- | --- |")
     for n, r in students.items():
         lines.append(f"| {n} | {r['init']} | {r.get('description') or '-'} | {r['distill_alpha']} | {r['steps']} | "
                      f"{r['parameters']:,} |")
-    for key, why in ctx.get("skipped", {}).items():
-        lines.append(f"\nStage `{key}` did not run: {why} (not available in this checkout yet).")
     lines.append("")
     if plot:
         lines += ["## Loss against tokens", "", f"![loss against tokens]({files['loss_vs_tokens']})", ""]
@@ -243,12 +193,8 @@ def write_report(cfg, ctx: dict) -> dict:
                   "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
                   f'model = AutoModelForCausalLM.from_pretrained("{path}", trust_remote_code=True)',
                   f'tokenizer = AutoTokenizer.from_pretrained("{path}")', "```", ""]
-        if os.path.isfile(card):
-            with open(card, encoding="utf-8") as handle:
-                lines += ["### Model card", "", _embed_card(handle.read(), os.path.relpath(path, out)), ""]
-        else:
-            lines += ["Model card: written by the evaluation stage's card generator, not available in this checkout "
-                      "yet.", ""]
+        with open(card, encoding="utf-8") as handle:
+            lines += ["### Model card", "", _embed_card(handle.read(), os.path.relpath(path, out)), ""]
     lines += ["## Stage times", "", "Wall seconds, and CPU seconds of the process (a fairer cost on a shared machine).", "",
               "| stage | wall s | CPU s |", "| --- | --- | --- |"]
     cpu = ctx.get("cpu_seconds", {})

@@ -259,12 +259,16 @@ def plan_units(sources: list[Source], shard_size: int, progress: bool = True) ->
     return units, inputs
 
 
+SHARD_OPTIONS = ("max_seq_length", "pack", "append_eos")  # what a shard's tokens depend on besides input and tokenizer
+SHARD_OPTION_DEFAULTS = {"append_eos": True}  # for manifests written before the option existed
+
+
 def unit_key(unit: Unit, fingerprint: str, options: dict) -> dict:
     """Everything a shard's content depends on; a stored shard with this key is reused as is."""
     return {
         "format_version": FORMAT_VERSION,
         "tokenizer_fingerprint": fingerprint,
-        "options": {k: options[k] for k in ("max_seq_length", "pack")},
+        "options": {k: options[k] for k in SHARD_OPTIONS},
         "source": asdict(unit.source),
         "range": [unit.start, unit.stop],
         "content_sha256": unit.content_sha256,
@@ -312,7 +316,7 @@ def process_unit(unit: Unit) -> tuple[int, int]:
         if record is None:
             stats["num_skipped_empty"] += 1
             continue
-        ids, labels = encode_record(record, tokenizer, where)
+        ids, labels = encode_record(record, tokenizer, where, append_eos=options["append_eos"])
         if pack:
             buf_ids += ids
             buf_labels += labels
@@ -370,10 +374,11 @@ def _prepare_output(output: str, overwrite: bool, info: dict, options: dict) -> 
                 f"--tokenizer {info['name_or_path']} has fingerprint {info['fingerprint']}; use a new --output "
                 "folder or pass --overwrite"
             )
-        for k in ("max_seq_length", "pack"):
-            if old.get("options", {}).get(k) != options[k]:
+        for k in SHARD_OPTIONS:
+            made_with = old.get("options", {}).get(k, SHARD_OPTION_DEFAULTS.get(k))
+            if made_with != options[k]:
                 raise ValueError(
-                    f"{manifest_path}: {output} was made with {k}={old.get('options', {}).get(k)!r}, not "
+                    f"{manifest_path}: {output} was made with {k}={made_with!r}, not "
                     f"{options[k]!r}; use a new --output folder or pass --overwrite"
                 )
 
@@ -386,6 +391,7 @@ def preprocess(
     recursive: bool = False,
     max_seq_length: int | None = None,
     pack: bool = False,
+    append_eos: bool = True,
     num_proc: int = 1,
     shard_size: int = 10000,
     split: str = "train",
@@ -408,7 +414,8 @@ def preprocess(
         tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer))
     output = os.path.abspath(os.fspath(output))
     info = describe_tokenizer(tokenizer)
-    options = {"max_seq_length": max_seq_length, "pack": bool(pack), "shard_size": shard_size}
+    options = {"max_seq_length": max_seq_length, "pack": bool(pack), "append_eos": bool(append_eos),
+               "shard_size": shard_size}
 
     sources = discover_sources(inputs, recursive=recursive, split=split, config=dataset_config)
     sources = [s for s in sources if s.kind == "hub" or not s.path.startswith(output + os.sep)]  # not our own shards
@@ -461,6 +468,8 @@ class PreprocessArguments:
     recursive: bool = field(default=False, metadata={"help": "include files in subfolders of input folders"})
     max_seq_length: int | None = field(default=None, metadata={"help": "truncate (or, with --pack, cut) to this length"})
     pack: bool = field(default=False, metadata={"help": "concatenate records and cut into max-seq-length blocks"})
+    append_eos: bool = field(default=True, metadata={"help": "end each text record with EOS (false for teachers "
+                                                             "trained on BOS-separated text, e.g. llama2.c's)"})
     num_proc: int = field(default=1, metadata={"help": "worker processes"})
     shard_size: int = field(default=10000, metadata={"help": "input records per shard"})
     split: str = field(default="train", metadata={"help": "split for datasets ids"})

@@ -241,14 +241,15 @@ def _assistant_mask_by_prefix(tokenizer, messages: list[dict], where: str) -> tu
     return list(enc["input_ids"]), mask
 
 
-def encode_record(record, tokenizer, where: str) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) for a normalized record. Text: tokenizer special tokens (BOS) + EOS,
-    every token trained. Chat: the chat template, labels only on assistant turns (-100 elsewhere)."""
+def encode_record(record, tokenizer, where: str, append_eos: bool = True) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) for a normalized record. Text: tokenizer special tokens (BOS) + EOS (unless
+    `append_eos` is false: for teachers trained on BOS-separated text that never predict EOS, such as
+    llama2.c's), every token trained. Chat: the chat template, labels only on assistant turns (-100 elsewhere)."""
     kind, payload = record
     if kind == "text":
         ids = list(tokenizer(payload, add_special_tokens=True)["input_ids"])
         eos = tokenizer.eos_token_id
-        if eos is not None and (not ids or ids[-1] != eos):
+        if append_eos and eos is not None and (not ids or ids[-1] != eos):
             ids.append(eos)
         return ids, list(ids)
     template = getattr(tokenizer, "chat_template", None)

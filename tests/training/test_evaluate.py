@@ -136,6 +136,15 @@ def test_long_documents_are_scored_in_windows_and_said_so(paths, tmp_path):
     assert rep["heldout"]["student"]["tokens"] == sum(len(d["input_ids"]) - 1 for d in docs)
 
 
+def test_append_eos_false_scores_one_token_less_per_document(paths, report, tmp_path):
+    """For teachers that never saw EOS (llama2.c): the same documents, each without its final EOS target."""
+    rep = evaluate(paths["run"], data=paths["heldout"], output_dir=str(tmp_path), sections=["heldout"],
+                   append_eos=False, progress=False)
+    docs = rep["heldout"]["scoring"]["documents"]
+    assert docs == report["heldout"]["scoring"]["documents"]
+    assert rep["heldout"]["student"]["tokens"] == report["heldout"]["student"]["tokens"] - docs
+
+
 def test_shard_folder_gives_the_same_numbers_as_its_jsonl(paths, report, tmp_path):
     """Data read through the project's shard reader (training.preprocess output) scores the same tokens."""
     from transformers import AutoTokenizer

@@ -111,6 +111,23 @@ def test_pack_cuts_the_concatenation_into_blocks(tmp_path, tiny_tokenizer):
     assert all(n <= 32 for n in lengths) and lengths.count(32) >= len(lengths) - 2  # one short tail per shard
 
 
+@pytest.mark.parametrize("pack", [False, True])
+def test_append_eos_false_leaves_records_bos_separated(tmp_path, tiny_tokenizer, pack):
+    records = [{"text": f"story number {i} is short"} for i in range(6)]
+    write_jsonl(records, tmp_path / "in.jsonl")
+    manifest = preprocess([str(tmp_path / "in.jsonl")], tmp_path / "out", tiny_tokenizer, max_seq_length=24,
+                          pack=pack, append_eos=False, progress=False)
+    assert manifest["options"]["append_eos"] is False
+    flat = [t for ids, _ in _read_back(str(tmp_path / "out")) for t in ids]
+    with_eos = [t for i, r in enumerate(records) for t in encode_record(normalize_record(r, "r"), tiny_tokenizer, "r")[0]]
+    assert tiny_tokenizer.eos_token_id not in flat
+    assert len(with_eos) - len(flat) == len(records)  # exactly one EOS per record left out, nothing else
+    assert flat.count(tiny_tokenizer.bos_token_id) == len(records)
+    with pytest.raises(ValueError, match="was made with append_eos=False, not True"):
+        preprocess([str(tmp_path / "in.jsonl")], tmp_path / "out", tiny_tokenizer, max_seq_length=24, pack=pack,
+                   progress=False)
+
+
 def test_truncation_counts_and_drops_chats_left_without_labels(tmp_path, tiny_tokenizer):
     long_user = {"messages": [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]}
     long_answer = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes " * 100}]}

@@ -26,9 +26,10 @@ class Window:
     targets: torch.Tensor  # [L] int64: targets[p] is the token predicted at p, IGNORE_INDEX where not scored
 
 
-def load_documents(spec, tokenizer, max_documents: int | None = None) -> list[dict]:
+def load_documents(spec, tokenizer, max_documents: int | None = None, append_eos: bool = True) -> list[dict]:
     """[{"input_ids": [T], "labels": [T]}] from a shard folder or JSONL / Parquet / text files (or a folder of
-    them), in file order. Empty texts are skipped; no text at all is an error naming the input."""
+    them), in file order; text encoded as `training.preprocess` does (`append_eos` as its option). Empty texts are
+    skipped; no text at all is an error naming the input."""
     from training import preprocess
     from training.data import PretokenizedShardDataset
 
@@ -48,7 +49,7 @@ def load_documents(spec, tokenizer, max_documents: int | None = None) -> list[di
                 record = preprocess.normalize_record(obj, where)
                 if record is None:
                     continue
-                ids, labels = preprocess.encode_record(record, tokenizer, where)
+                ids, labels = preprocess.encode_record(record, tokenizer, where, append_eos=append_eos)
                 docs.append({"input_ids": list(ids), "labels": list(labels)})
                 if max_documents is not None and len(docs) >= max_documents:
                     break
