@@ -61,7 +61,9 @@ def _file_backed_resident_bytes() -> int | None:
 def tokenizer_fingerprint(tokenizer) -> str:
     """A stable hash of everything that decides token ids: vocabulary, merges, normalisation,
     special tokens and chat template. Runtime state (padding/truncation settings) is left out, so a
-    tokenizer reloaded from disk has the same fingerprint as the one that was saved."""
+    tokenizer reloaded from disk has the same fingerprint as the one that was saved; so is the pad token,
+    which decides no id of the text: training sets pad = EOS on tokenizers that lack one (Llama-3 base),
+    and shards made with the tokenizer as shipped must still match."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         state = json.loads(backend.to_str())
@@ -72,7 +74,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
     payload = {
         "backend": state,
         "chat_template": getattr(tokenizer, "chat_template", None),
-        "special": {k: str(getattr(tokenizer, k, None)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")},
+        "special": {k: str(getattr(tokenizer, k, None)) for k in ("bos_token", "eos_token", "unk_token")},
     }
     blob = json.dumps(payload, sort_keys=True, ensure_ascii=False).encode("utf-8")
     return "sha256:" + hashlib.sha256(blob).hexdigest()

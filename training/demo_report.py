@@ -85,25 +85,31 @@ def _fmt_tokens(n) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
 
 
+def ce_only_student(ctx: dict) -> str | None:
+    """The comparison's baseline: the first random-init student trained on cross-entropy alone (alpha 1)."""
+    return next((n for n, r in ctx.get("students", {}).items()
+                 if r and r["init"] == "random" and r["distill_alpha"] == 1.0), None)
+
+
 def summary_rows(ctx: dict) -> list[list[str]]:
     ev = (ctx.get("evaluate") or {}).get("models", {})
-    teacher = ev.get("teacher")
+    teacher, ce_only = ev.get("teacher"), ev.get(ce_only_student(ctx) or "")
     rows = []
     for name in ["teacher", *ctx.get("students", {})]:
         s = ev.get(name)
         r = ctx["students"].get(name) if name != "teacher" else {}
         if s is None or "loss" not in s:
-            rows.append([name, "-", "-", "-", "-", "-", "-", "not trained" if r is None else "-"])
+            rows.append([name] + ["-"] * (len(HEADER) - 2) + ["not trained" if r is None else "-"])
             continue
         passkey = f"{100 * s['passkey']:.0f}%" if s.get("passkey") is not None else "-"
-        ratio = f"{s['perplexity'] / teacher['perplexity']:.2f}x" if teacher else "-"
+        ratios = [f"{s['perplexity'] / ref['perplexity']:.2f}x" if ref else "-" for ref in (teacher, ce_only)]
         rows.append([name, _fmt_tokens(r.get("tokens") if r else 0), f"{s['loss']:.3f}", f"{s['perplexity']:.2f}",
-                     ratio, f"{s['kl']:.3f}", f"{100 * s['top1']:.1f}%", passkey])
+                     *ratios, f"{s['kl']:.3f}", f"{100 * s['top1']:.1f}%", passkey])
     return rows
 
 
-HEADER = ["model", "tokens", "held-out loss", "perplexity", "ppl / teacher", "KL(teacher‖model)", "top-1 agree",
-          "passkey"]
+HEADER = ["model", "tokens", "held-out loss", "perplexity", "ppl / teacher", "ppl / CE only", "KL(teacher‖model)",
+          "top-1 agree", "passkey"]
 
 
 def _md_table(header, rows) -> str:
@@ -140,7 +146,8 @@ def write_report(cfg, ctx: dict) -> dict:
                f"LoRA teacher correction tried and dropped (held-out loss {ft['eval_loss_before']:.4f} -> "
                f"{ft['eval_loss_after']:.4f})." if "eval_loss_after" in ft else ""),
               f"Teacher top-{cfg.teacher_topk} cached once ({ctx['cache']['bytes_per_token']:.1f} bytes/token); "
-              "every student reads the same cache, data order and number of distillation steps.", ""]
+              "every student reads the same cache and data order, and gets the same token budget (a "
+              "teacher-initialized student's stage-1 tokens count in it).", ""]
     lines += ["## Teacher against students (held-out stories)", "", _md_table(HEADER, summary_rows(ctx)), ""]
     n_tok = ev.get("teacher", {}).get("tokens_scored")
     if n_tok:

@@ -142,7 +142,11 @@ def run(config: DistillationConfig, callbacks=None):
     check_teacher_student(vocab, student_config.vocab_size, config.teacher_topk)
     if not config.train_data:
         raise ValueError("config key 'train_data': required (a shard folder, a JSONL/Parquet/text file or a dataset id)")
-    train_dataset = build_dataset(config.train_data, tokenizer, config.max_seq_length, seed=config.seed)
+    # group_by_length: the Trainer's LengthGroupedSampler shuffles, so the dataset keeps one order (its lengths
+    # must hold in every epoch)
+    shuffle = config.train_sampling_strategy != "group_by_length"
+    train_dataset = build_dataset(config.train_data, tokenizer, config.max_seq_length, seed=config.seed,
+                                  shuffle=shuffle)
     eval_dataset = (
         build_dataset(config.eval_data, tokenizer, config.max_seq_length, seed=config.seed)
         if config.eval_data else None

@@ -370,6 +370,19 @@ class DistillationTrainer(Trainer):
             logs[f"{prefix}_top1"] = w["top1"] / n
         super().log(logs, start_time)
 
+    # ---- data ----
+
+    def _get_train_sampler(self, train_dataset=None):
+        """`train_sampling_strategy: group_by_length` with the lengths a shard dataset already holds (the base
+        class would read every item to measure them). train.py keeps such a dataset in one order for this."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+
+            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                        lengths=dataset.lengths.tolist())
+        return super()._get_train_sampler(train_dataset)
+
     # ---- optimizer ----
 
     def create_optimizer(self, model=None):

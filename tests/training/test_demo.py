@@ -31,7 +31,9 @@ def test_tiny_demo_report(demo_run):
     # One table row per model with real numbers; the teacher's own KL is 0 and it agrees with itself.
     table = report.split("## Teacher against students")[1].split("\n\n")[1]
     rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| (\w+) \|.*\|$", table, re.M)}
-    assert re.search(r"\| teacher \| - \| \d+\.\d{3} \| [\d.]+ \| 1\.00x \| 0\.000 \| 100\.0% \|", rows["teacher"])
+    assert re.search(r"\| teacher \| - \| \d+\.\d{3} \| [\d.]+ \| 1\.00x \| [\d.]+x \| 0\.000 \| 100\.0% \|",
+                     rows["teacher"])
+    assert re.search(r"\| ce_only \| [\dK.M]+ \| \d+\.\d{3} \| [\d.]+ \| [\d.]+x \| 1\.00x \|", rows["ce_only"])
     scores = ctx["evaluate"]["models"]
     for name in ("random_kd", "ce_only"):
         assert name in rows and scores[name]["tokens_scored"] == scores["teacher"]["tokens_scored"] > 0
@@ -47,9 +49,12 @@ def test_tiny_demo_report(demo_run):
         assert curve[-1]["tokens"] == r["tokens"] and curve[0]["tokens"] == r["align_tokens"]
     random_curve = trained["ce_only"]["heldout_curve"]
     assert random_curve[-1]["loss"] < random_curve[0]["loss"]  # a random init learns from its first steps
-    # Packed shards without EOS (the llama2.c teacher never saw one): every sequence full but the last per shard.
-    shards = ctx["shards"]
-    assert shards["num_sequences"] <= -(-shards["num_tokens"] // cfg.max_seq_length) + 1
+    # One sequence per story, BOS first and no EOS (the llama2.c teacher never saw one).
+    from training.data import PretokenizedShardDataset
+
+    shards = PretokenizedShardDataset(ctx["shards"]["shards"], shuffle=False)
+    assert len(shards) == ctx["teacher"]["num_train"]
+    assert all(shards[i]["input_ids"][0] == 1 and 2 not in shards[i]["input_ids"] for i in range(len(shards)))
     # The teacher is a real converted Llama that tells its story.
     assert ctx["teacher"]["vocab_size"] == 512 and (out / "teacher" / "model.safetensors").is_file()
 

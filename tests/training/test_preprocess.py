@@ -267,6 +267,19 @@ def test_tokenizer_differing_from_the_manifest_is_refused(tmp_path, tiny_tokeniz
     assert manifest["tokenizer"]["vocab_size"] == len(other)
 
 
+def test_a_pad_token_set_at_load_time_still_matches_the_shards(tmp_path, tiny_teacher_dir):
+    """Llama-3 base tokenizers ship without a pad token and training sets pad = EOS: the shards stay valid."""
+    from transformers import AutoTokenizer
+
+    shipped = AutoTokenizer.from_pretrained(tiny_teacher_dir)
+    shipped.pad_token = None
+    write_jsonl(synthetic_corpus(5, seed=0, kind="text"), tmp_path / "in.jsonl")
+    preprocess([str(tmp_path / "in.jsonl")], tmp_path / "out", shipped, progress=False)
+    padded = AutoTokenizer.from_pretrained(tiny_teacher_dir)
+    padded.pad_token = padded.eos_token
+    assert len(PretokenizedShardDataset(tmp_path / "out", tokenizer=padded)) == 5
+
+
 def test_cli_help_and_error_exit_code(tmp_path, tiny_teacher_dir, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--help"])

@@ -385,3 +385,33 @@ def test_saddle_escape_from_the_config_boosts_and_restores_the_lr(tmp_path, shar
 def test_bad_saddle_escape_config_names_the_key(tmp_path, sharp_teacher_dir):
     with pytest.raises(ValueError, match="'saddle_escape_config'.*unknown keys \\['windw'\\]"):
         make_config(tmp_path / "bad", sharp_teacher_dir, saddle_escape=True, saddle_escape_config={"windw": 3})
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_group_by_length_batches_neighbours_and_sees_every_sequence(tmp_path, sharp_teacher_dir, tok, accumulation):
+    """`train_sampling_strategy: group_by_length` over a shard folder: every sequence once per epoch, with far less
+    padding than random batches (the lengths come from the shards, not from reading every item)."""
+    from training.data import PretokenizedShardDataset
+    from training.preprocess import preprocess
+    from training.synthetic import write_jsonl
+
+    texts = [" ".join(["word"] * (1 + (7 * i) % 60)) for i in range(96)]  # 2 .. 62 tokens, shuffled lengths
+    write_jsonl([{"text": t} for t in texts], tmp_path / "in.jsonl")
+    preprocess([str(tmp_path / "in.jsonl")], tmp_path / "shards", tok, progress=False)
+    dataset = PretokenizedShardDataset(tmp_path / "shards", shuffle=False, tokenizer=tok)
+
+    def padding_and_lengths(strategy):
+        config = make_config(tmp_path / strategy, sharp_teacher_dir, train_sampling_strategy=strategy,
+                             gradient_accumulation_steps=accumulation)
+        loader = make_trainer(config, tok, dataset, teacher=DirectTeacher(sharp_teacher_dir)).get_train_dataloader()
+        pads, seen = 0, []
+        for batch in loader:
+            mask = batch["attention_mask"]
+            pads += int((mask == 0).sum())
+            seen += mask.sum(1).tolist()
+        return pads, sorted(seen)
+
+    grouped_pads, grouped_seen = padding_and_lengths("group_by_length")
+    random_pads, random_seen = padding_and_lengths("random")
+    assert grouped_seen == random_seen == sorted(dataset.lengths.tolist())
+    assert grouped_pads < 0.25 * random_pads
