@@ -349,7 +349,7 @@ def plan(cfg: DemoConfig) -> list[tuple[str, str, object, dict]]:
                 "train": cfg.train, "seed": cfg.seed, "curve": [cfg.curve_stories, cfg.curve_every]}
         student_deps[r.name] = deps
         kind = "teacher-initialized (align, then distil)" if r.init == "teacher" else "random init"
-        stages.append((f"student:{r.name}", f"student {r.name}: {kind}, {r.description}".rstrip(", "),
+        stages.append((f"student:{r.name}", f"student {r.name}: {r.description or kind}",
                        lambda c, x, r=r: stage_student(c, x, r), deps))
     evaluate = {"students": student_deps, "eval_stories": cfg.eval_stories, "eval": cfg.eval,
                 "append_eos": cfg.append_eos}
