@@ -3,8 +3,6 @@ terminal summary. People would rather look at a table and two plots than read lo
 
 from __future__ import annotations
 
-import json
-import math
 import os
 
 REPORT_NAME = "report.md"

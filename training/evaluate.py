@@ -36,7 +36,8 @@ class EvalConfig:
     max_documents: int | None = field(default=None, metadata={"help": "held-out: evaluate the first N documents"})
     batch_size: int = field(default=1, metadata={"help": "held-out: windows per forward"})
     append_eos: bool = field(default=True, metadata={"help": "held-out: end each text document with EOS, as "
-                                                             "training.preprocess does (false: as --append_eos false)"})
+                                                             "training.preprocess does (--no-append_eos: as its "
+                                                             "--append_eos false)"})
     passkey_lengths: tuple[int, ...] = field(default=(256, 1024, 4096), metadata={"help": "passkey context lengths"})
     passkey_depths: tuple[float, ...] = field(default=(0.1, 0.5, 0.9), metadata={"help": "passkey depths (0..1)"})
     passkey_trials: int = field(default=3, metadata={"help": "passkey: keys tried per (length, depth) cell"})
