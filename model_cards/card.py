@@ -203,7 +203,11 @@ def _training_section(state: dict | None, recipe: dict | None) -> tuple[str, str
                 text += f" (CE {last['loss/ce']:.4f}, KD {last['loss/kd']:.4f})"
             rows.append(["final training loss", text])
     if recipe.get("optim"):
-        rows.append(["optimizer", f"{recipe['optim']}, learning rate {recipe.get('learning_rate')}"])
+        text = f"{recipe['optim']}, learning rate {recipe.get('learning_rate')}"
+        if recipe["optim"] == "muon" and recipe.get("muon_learning_rate") is not None:
+            text = (f"Muon on the hidden matrices (learning rate {recipe['muon_learning_rate']}), AdamW on the rest "
+                    f"(learning rate {recipe.get('learning_rate')})")
+        rows.append(["optimizer", text])
     intro = (f"Distilled with `python -m training.train` from hf-retnet: the student learns the teacher's next-token "
              f"distribution at every position of the training sequences.")
     if not recipe:

@@ -111,6 +111,11 @@ def test_card_is_filled_from_the_run(run, hub_folder):
                  'from_pretrained("someone/tiny-retnet", trust_remote_code=True)', "import hf_retnet",
                  "## Limitations", "tokens seen"):
         assert fact in body, fact
+    recipe = json.load(open(os.path.join(run["run"], "training_config.json")))
+    optimizer = (f"Muon on the hidden matrices (learning rate {recipe['muon_learning_rate']}), AdamW on the rest "
+                 f"(learning rate {recipe['learning_rate']})" if recipe["optim"] == "muon"
+                 else f"{recipe['optim']}, learning rate {recipe['learning_rate']}")
+    assert f"| optimizer | {optimizer} |" in body
     assert os.path.basename(run["teacher"]) in body  # the teacher named in the training table...
     assert os.path.dirname(run["teacher"]) not in card  # ...without publishing the trainer's file system
 
