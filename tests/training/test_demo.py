@@ -115,3 +115,19 @@ def test_embedded_card_links_point_into_the_student_folder():
     out = _embed_card(card, "students/s")
     assert "library_name" not in out and out.startswith("### s")
     assert "![lat](students/s/eval/latency.png)" in out and "(https://x.y/z)" in out and "#### Eval" in out
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "demo_real.yaml", "demo_tiny.yaml"])
+def test_shipped_demo_configs_name_only_real_keys(name):
+    """Every `train` key of the shipped demo configs (shared and per student) is a DistillationConfig field, every
+    `align` key an AlignConfig field: a misspelt key in a 10-minute run must not wait until its stage to fail."""
+    from dataclasses import fields
+
+    from training.align import AlignConfig
+    from training.config import DistillationConfig
+
+    cfg = load_demo_config(str(ROOT / "examples" / "configs" / name))
+    train_keys, align_keys = {f.name for f in fields(DistillationConfig)}, {f.name for f in fields(AlignConfig)}
+    for recipe in cfg.students:
+        assert set(cfg.train) | set(recipe.train) <= train_keys, recipe.name
+        assert set(recipe.align) <= align_keys, recipe.name
