@@ -216,6 +216,12 @@ def distillation_settings(cfg: DemoConfig, ctx: dict, recipe: StudentRecipe, out
     return settings
 
 
+def scoring_window(cfg: DemoConfig) -> tuple[int, int]:
+    """(window, stride) of held-out scoring: stories up to max_seq_length whole, longer ones in windows overlapping
+    by half."""
+    return cfg.max_seq_length, max(1, cfg.max_seq_length // 2)
+
+
 def heldout_curve(cfg: DemoConfig, ctx: dict, offset_tokens: int):
     """A callback that scores the student on the first `curve_stories` held-out stories every `curve_every`
     optimizer steps (and before the first): the report's loss-against-tokens curve, on text no student trains on."""
@@ -225,7 +231,7 @@ def heldout_curve(cfg: DemoConfig, ctx: dict, offset_tokens: int):
 
     tokenizer = AutoTokenizer.from_pretrained(ctx["teacher"]["teacher"])
     docs = load_documents(ctx["teacher"]["heldout_data"], tokenizer, cfg.curve_stories, append_eos=cfg.append_eos)
-    windows = make_windows(docs, cfg.max_seq_length, max(1, cfg.max_seq_length // 2))
+    windows = make_windows(docs, *scoring_window(cfg))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     class HeldoutCurve(TrainerCallback):
@@ -293,10 +299,11 @@ def stage_evaluate(cfg: DemoConfig, ctx: dict) -> dict:
     from .evaluate import evaluate as run_evaluate
 
     t = ctx["teacher"]
-    students = {name: r for name, r in ctx["students"].items() if r}
+    students = ctx["students"]
     heldout = t["heldout_data"]
-    options = dict(window=cfg.max_seq_length, stride=max(1, cfg.max_seq_length // 2),
-                   max_documents=cfg.eval_stories, prompts=tuple(cfg.prompts), append_eos=cfg.append_eos)
+    window, stride = scoring_window(cfg)
+    options = dict(window=window, stride=stride, max_documents=cfg.eval_stories, prompts=tuple(cfg.prompts),
+                   append_eos=cfg.append_eos)
     options.update({k: tuple(v) if isinstance(v, list) else v for k, v in cfg.eval.items()})
     models, plots = {}, {}
     for name, r in students.items():

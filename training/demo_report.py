@@ -86,7 +86,7 @@ def _fmt_tokens(n) -> str:
 def ce_only_student(ctx: dict) -> str | None:
     """The comparison's baseline: the first random-init student trained on cross-entropy alone (alpha 1)."""
     return next((n for n, r in ctx.get("students", {}).items()
-                 if r and r["init"] == "random" and r["distill_alpha"] == 1.0), None)
+                 if r["init"] == "random" and r["distill_alpha"] == 1.0), None)
 
 
 def summary_rows(ctx: dict) -> list[list[str]]:
@@ -95,13 +95,13 @@ def summary_rows(ctx: dict) -> list[list[str]]:
     rows = []
     for name in ["teacher", *ctx.get("students", {})]:
         s = ev.get(name)
-        r = ctx["students"].get(name) if name != "teacher" else {}
+        r = ctx["students"].get(name, {})
         if s is None or "loss" not in s:
-            rows.append([name] + ["-"] * (len(HEADER) - 2) + ["not trained" if r is None else "-"])
+            rows.append([name] + ["-"] * (len(HEADER) - 1))
             continue
         passkey = f"{100 * s['passkey']:.0f}%" if s.get("passkey") is not None else "-"
         ratios = [f"{s['perplexity'] / ref['perplexity']:.2f}x" if ref else "-" for ref in (teacher, ce_only)]
-        rows.append([name, _fmt_tokens(r.get("tokens") if r else 0), f"{s['loss']:.3f}", f"{s['perplexity']:.2f}",
+        rows.append([name, _fmt_tokens(r.get("tokens")), f"{s['loss']:.3f}", f"{s['perplexity']:.2f}",
                      *ratios, f"{s['kl']:.3f}", f"{100 * s['top1']:.1f}%", passkey])
     return rows
 
@@ -120,7 +120,7 @@ def write_report(cfg, ctx: dict) -> dict:
     """`<output_dir>/report.md` plus its plots; returns what it wrote."""
     out = cfg.output_dir
     ev = (ctx.get("evaluate") or {}).get("models", {})
-    students = {n: r for n, r in ctx.get("students", {}).items() if r}
+    students = ctx.get("students", {})
     files = {}
     plot = plot_loss_vs_tokens(students, ev, os.path.join(out, "loss_vs_tokens.png"))
     if plot:

@@ -126,6 +126,15 @@ def save_final(trainer, tokenizer, output_dir: str) -> None:
     trainer.accelerator.wait_for_everyone()
 
 
+def build_train_dataset(config: DistillationConfig, tokenizer):
+    """The training set, shuffled by epoch; with `train_sampling_strategy: group_by_length` the Trainer's
+    LengthGroupedSampler shuffles instead, so the dataset keeps one order and its lengths hold in every epoch."""
+    from .data import build_dataset
+
+    shuffle = config.train_sampling_strategy != "group_by_length"
+    return build_dataset(config.train_data, tokenizer, config.max_seq_length, seed=config.seed, shuffle=shuffle)
+
+
 def run(config: DistillationConfig, callbacks=None):
     """Build everything from `config`, train, save. Returns the trainer (tests read its state).
     `callbacks`: extra `TrainerCallback`s (benchmarks measure their own held-out metrics with them)."""
@@ -142,11 +151,7 @@ def run(config: DistillationConfig, callbacks=None):
     check_teacher_student(vocab, student_config.vocab_size, config.teacher_topk)
     if not config.train_data:
         raise ValueError("config key 'train_data': required (a shard folder, a JSONL/Parquet/text file or a dataset id)")
-    # group_by_length: the Trainer's LengthGroupedSampler shuffles, so the dataset keeps one order (its lengths
-    # must hold in every epoch)
-    shuffle = config.train_sampling_strategy != "group_by_length"
-    train_dataset = build_dataset(config.train_data, tokenizer, config.max_seq_length, seed=config.seed,
-                                  shuffle=shuffle)
+    train_dataset = build_train_dataset(config, tokenizer)
     eval_dataset = (
         build_dataset(config.eval_data, tokenizer, config.max_seq_length, seed=config.seed)
         if config.eval_data else None

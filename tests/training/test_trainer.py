@@ -415,3 +415,21 @@ def test_group_by_length_batches_neighbours_and_sees_every_sequence(tmp_path, sh
     random_pads, random_seen = padding_and_lengths("random")
     assert grouped_seen == random_seen == sorted(dataset.lengths.tolist())
     assert grouped_pads < 0.25 * random_pads
+
+
+@pytest.mark.parametrize("strategy", ["group_by_length", "random"])
+def test_train_dataset_keeps_one_order_for_length_grouping(tmp_path, sharp_teacher_dir, tok, strategy):
+    """train.py's dataset: reshuffled each epoch, except under group_by_length, whose sampler was given the lengths
+    of the first order and must find them in every epoch."""
+    from training.preprocess import preprocess
+    from training.synthetic import write_jsonl
+    from training.train import build_train_dataset
+
+    write_jsonl([{"text": " ".join(["word"] * (1 + (7 * i) % 60))} for i in range(64)], tmp_path / "in.jsonl")
+    preprocess([str(tmp_path / "in.jsonl")], tmp_path / "shards", tok, progress=False)
+    config = make_config(tmp_path / "out", sharp_teacher_dir, train_data=str(tmp_path / "shards"),
+                         train_sampling_strategy=strategy)
+    dataset = build_train_dataset(config, tok)
+    first = dataset.lengths.copy()
+    dataset.set_epoch(1)
+    assert (dataset.lengths == first).all() == (strategy == "group_by_length")
