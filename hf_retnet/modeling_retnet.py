@@ -335,10 +335,12 @@ class RetNetRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x = x.float().unflatten(-1, (self.groups, -1))
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        x = x.flatten(-2)
-        return (x if self.weight is None else x * self.weight.float()).to(dtype)
+        x = x.float()
+        weight = None if self.weight is None else self.weight.float()
+        if self.groups == 1:
+            return F.rms_norm(x, x.shape[-1:], weight, self.eps).to(dtype)
+        x = F.rms_norm(x.unflatten(-1, (self.groups, -1)), (x.shape[-1] // self.groups,), None, self.eps).flatten(-2)
+        return (x if weight is None else x * weight).to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -386,13 +388,36 @@ def retention_log_decays(config: RetNetConfig, layer_idx: int, default: torch.Te
     return torch.log(torch.tensor(row, dtype=torch.float64)).float()
 
 
-class RetNetRotaryEmbedding(nn.Module):
+class Fp32BuffersModule(nn.Module):
+    """A module whose buffers named in `fp32_buffers` stay fp32 through dtype casts. Module.to(bf16) casts every
+    floating buffer, and bf16 (8 significant bits) would round the log decays and the rotary frequencies (0.1 ->
+    0.10010, three quarters of a radian off by position 8000); a cast keeps the fp32 values and follows only the
+    device.
+    Everything else applies as usual (device moves, to_empty from the meta device: a meta tensor has no values to
+    keep, and `_init_weights` fills them)."""
+
+    fp32_buffers: tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse=True):
+        before = {name: getattr(self, name) for name in self.fp32_buffers}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = getattr(self, name)
+            if new.dtype != old.dtype:
+                setattr(self, name, old.to(device=new.device))
+        return self
+
+
+class RetNetRotaryEmbedding(Fp32BuffersModule):
     """Rotary relative position of queries and keys; with the per-head decay this is RetNet's xPos-style encoding."""
+
+    fp32_buffers = ("inv_freq",)
 
     def __init__(self, config: RetNetConfig):
         super().__init__()
         self.register_buffer("inv_freq", rotary_inv_freq(config), persistent=False)
         self.interleaved = config.rotary_style == "interleaved"
+        self._rotate_basis: dict[torch.device, torch.Tensor] = {}
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: [B, T] -> cos, sin: [B, 1, T, d_k] fp32."""
@@ -403,9 +428,22 @@ class RetNetRotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)
         return emb.cos(), emb.sin()
 
+    def rotation(self, positions: torch.Tensor) -> torch.Tensor:
+        """positions: [B, 1] -> R: [B, 1, d_k, d_k] fp32 with x @ R == x * cos + rotate(x) * sin, so a decoding step
+        rotates q and k with one matmul each instead of six elementwise ops (rotate is linear: rotate(x) = x @ P)."""
+        cos, sin = self(positions)  # [B, 1, 1, d_k]
+        d = cos.shape[-1]
+        basis = self._rotate_basis.get(cos.device)
+        if basis is None or basis.shape[-1] != d:  # P: row i is rotate(e_i); built once per device, not a buffer
+            eye = torch.eye(d, device=cos.device)
+            basis = self._rotate_basis[cos.device] = rotate_every_two(eye) if self.interleaved else rotate_half(eye)
+        return torch.diag_embed(cos.squeeze(2)) + basis * sin  # [B, 1, d_k, d_k]
 
-class RetNetMultiScaleRetention(nn.Module):
+
+class RetNetMultiScaleRetention(Fp32BuffersModule):
     """Multi-scale retention: per-head decay, rotary q/k, per-head RMS norm, swish output gate."""
+
+    fp32_buffers = ("log_decay",)
 
     def __init__(self, config: RetNetConfig, layer_idx: int):
         super().__init__()
@@ -430,28 +468,20 @@ class RetNetMultiScaleRetention(nn.Module):
         )
         self.rotate = rotate_every_two if config.rotary_style == "interleaved" else rotate_half
         self.score_normalization = config.retention_score_normalization
-        # gamma_h = 1 - 2^(-5-h) unless the config gives decays: a buffer so it follows .to(device), kept fp32 by _apply.
+        # gamma_h = 1 - 2^(-5-h) unless the config gives decays: a buffer so it follows .to(device), kept fp32 by _apply
+        # (Fp32BuffersModule), not saved (the config defines it), refilled by _init_weights after to_empty.
         default = fp32_log_decays if config.fp32_decays else retnet_log_decays
         log_decay = retention_log_decays(config, layer_idx, default(config.num_heads))  # [num_kv_heads]
         self.register_buffer("log_decay", log_decay, persistent=False)
-
-    def _apply(self, fn, recurse=True):
-        # Module.to(dtype) casts every floating buffer; bf16 would round the decays (0.984375 -> 0.98437...), so a
-        # cast keeps the fp32 values and follows only the device. Anything else (to_empty from the meta device,
-        # .to(device), .cuda()) applies as usual: the meta tensor has no values to keep, and _init_weights fills them.
-        log_decay = self.log_decay
-        super()._apply(fn, recurse)
-        if self.log_decay.dtype != log_decay.dtype:
-            self.log_decay = log_decay.to(device=self.log_decay.device)
-        return self
 
     def forward(
         self, hidden_states, cos, sin, mask, time, state=None, mode="chunkwise", positions=None, segments=None
     ):
         """hidden_states: [B, T, d]; cos/sin: [B, 1, T, d_k]; mask, time: [B, T]; state: [B, H_kv, d_k, d_v] fp32
         (d_v + 1 with `retention_score_normalization`); positions: [B, T] absolute positions (that option only);
-        segments: [B, T] documents started so far in a packed row, or None. mode="step" is one token (T == 1): then
-        mask is [B, 1] or None (all real), time is unused and segments is a [B, 1] bool "a document starts here"."""
+        segments: [B, T] documents started so far in a packed row, or None. mode="step" is one token (T == 1):
+        then cos/sin are the rotations of q and k, mask is [B, 1, 1, 1] fp32 or None (all real), time is unused and
+        segments is a [B, 1] bool "a document starts here" (see `_step`)."""
         if mode == "step":
             return self._step(hidden_states, cos, sin, mask, state, positions, segments)
         b, t, _ = hidden_states.shape
@@ -483,29 +513,28 @@ class RetNetMultiScaleRetention(nn.Module):
         out = self.group_norm(out.transpose(1, 2).reshape(b, t, self.value_dim))  # [B, T, H * d_v], fp32
         return self._output(hidden_states, out), state
 
-    def _step(self, hidden_states, cos, sin, mask, state, positions, starts):
+    def _step(self, hidden_states, rot_q, rot_k, keep, state, positions, starts):
         """One token: S = gamma^m S + k^T v, o = q S, written out for T == 1 because decoding is bound by per-op
         overhead: no chunk machinery, no decay matrix, no k/v head expansion (the g query heads that share a k/v
         head read its state through a reshape of q to [B, H_kv, g, d_k]).
-        hidden_states: [B, 1, d]; cos/sin: [B, 1, 1, d_k]; mask: [B, 1] or None; state: [B, H_kv, d_k, d_v] or None;
+        hidden_states: [B, 1, d]; rot_q, rot_k: [B, 1, d_k, d_k] rotations (rot_k with the 1/sqrt(d_k) key scale);
+        keep: [B, 1, 1, 1] fp32 (0 for padding) or None (all real); state: [B, H_kv, d_k, d_v] or None;
         starts: [B, 1] bool (a packed document starts here: the state is dropped) or None."""
         b = hidden_states.shape[0]
-        q = self.q_proj(hidden_states).view(b, self.num_kv_heads, -1, self.head_dim).float()  # [B, H_kv, g, d_k]
-        k = self.k_proj(hidden_states).view(b, self.num_kv_heads, 1, self.head_dim).float()  # [B, H_kv, 1, d_k]
+        q = self.q_proj(hidden_states).view(b, self.num_kv_heads, -1, self.head_dim).float() @ rot_q  # [B, H_kv, g, d_k]
+        k = self.k_proj(hidden_states).view(b, self.num_kv_heads, 1, self.head_dim).float() @ rot_k  # [B, H_kv, 1, d_k]
         v = self.v_proj(hidden_states).view(b, self.num_kv_heads, 1, -1).float()  # [B, H_kv, 1, d_v]
-        q = q * cos + self.rotate(q) * sin
-        k = (k * cos + self.rotate(k) * sin) * (self.head_dim**-0.5)
         log_decay = self.log_decay.view(1, -1, 1, 1)  # [1, H_kv, 1, 1]
-        if mask is None:
+        if keep is None:
             decay = log_decay.exp()
         else:  # padding neither adds to nor decays the state
-            keep = mask.view(b, 1, 1, 1).float()
             v = v * keep
             decay = (log_decay * keep).exp()  # [B, H_kv, 1, 1]
         if starts is not None:
             decay = decay * (~starts).view(b, 1, 1, 1)
         if self.score_normalization:
-            v = torch.cat([v, v.new_ones(b, self.num_kv_heads, 1, 1) if mask is None else keep.expand(b, self.num_kv_heads, 1, 1)], -1)
+            ones = v.new_ones(b, self.num_kv_heads, 1, 1)
+            v = torch.cat([v, ones if keep is None else ones * keep], dim=-1)
         update = k.transpose(-1, -2) * v  # [B, H_kv, d_k, d_v]
         state = update if state is None else torch.addcmul(update, decay, state)
         out = (q @ state).view(b, self.num_heads, 1, -1)  # [B, H, 1, d_v]
@@ -686,6 +715,9 @@ class RetNetModel(RetNetPreTrainedModel):
                 positions = seen.to(device).unsqueeze(-1)
             else:
                 positions = torch.zeros(b, 1, dtype=torch.long, device=device)
+            keep = None if mask is None else mask.view(b, 1, 1, 1).float()
+            rot = self.rotary_emb.rotation(positions)  # [B, 1, d_k, d_k]
+            cos, sin = rot, rot * (self.config.head_dim**-0.5)  # the layers' rotations for q and for k
         else:
             if mask is None:
                 mask = torch.ones(b, t, dtype=torch.long, device=device)
@@ -697,14 +729,15 @@ class RetNetModel(RetNetPreTrainedModel):
                 positions = position_ids
                 starts = document_starts(position_ids, mask, has_state)
                 segments = starts.long().cumsum(-1) if bool(starts.any()) else None  # [B, T]
-        cos, sin = self.rotary_emb(positions)
+            keep = mask
+            cos, sin = self.rotary_emb(positions)  # [B, 1, T, d_k]
 
         hidden_states = inputs_embeds
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         for i, layer in enumerate(self.layers):
             state = past_key_values.get_state(i) if past_key_values is not None else None
             hidden_states, state = layer(
-                hidden_states, cos, sin, mask, time, state, mode, positions=positions, segments=segments
+                hidden_states, cos, sin, keep, time, state, mode, positions=positions, segments=segments
             )
             if past_key_values is not None:
                 past_key_values.set_state(i, state)
