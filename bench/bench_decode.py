@@ -1,8 +1,8 @@
 """Decoding latency per token: RetNet (recurrent state) against a Llama of the same shape (KV cache), side by side.
 
-For each context length both models prefill a random prompt, then one-token steps are timed in turn (RetNet at
-every context, then Llama at every context, step after step), so machine noise hits all of them alike; the median
-step is reported. A second measure times `generate()` itself: (time for N2 new tokens - time for N1) / (N2 - N1),
+For each context length both models prefill a random prompt, then one-token steps are timed in turn (every
+(model, context) pair once per round, in a fresh random order each round), so machine noise and cold caches hit all
+of them alike; the median step is reported. A second measure times `generate()` itself: (time for N2 new tokens - time for N1) / (N2 - N1),
 which leaves the prefill out and keeps everything `generate()` adds per step (input preparation, logits processing).
 
 Goals (issue 22): a RetNet step no slower than the Llama step at 64 tokens of context, at least 3x faster at 8K.
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import sys
 import time
@@ -75,8 +76,10 @@ def step_latency(models, contexts, steps, device, vocab):
             out = model(torch.randint(1, vocab, (1, c), device=device), use_cache=True)
             state[kind, c] = (cache_of(out), out.logits[:, -1:].argmax(-1))
     times = {key: [] for key in state}
+    order, rng = list(state), random.Random(0)
     for i in range(steps + 3):
-        for key in state:
+        rng.shuffle(order)  # a fresh order each round: no key always runs right after another (cold caches)
+        for key in order:
             cache, token = state[key]
             sync(device)
             start = time.perf_counter()

@@ -392,9 +392,8 @@ class Fp32BuffersModule(nn.Module):
     """A module whose buffers named in `fp32_buffers` stay fp32 through dtype casts. Module.to(bf16) casts every
     floating buffer, and bf16 (8 significant bits) would round the log decays and the rotary frequencies (0.1 ->
     0.10010, three quarters of a radian off by position 8000); a cast keeps the fp32 values and follows only the
-    device.
-    Everything else applies as usual (device moves, to_empty from the meta device: a meta tensor has no values to
-    keep, and `_init_weights` fills them)."""
+    device. Everything else applies as usual: device moves, and to_empty from the meta device (a meta tensor has no
+    values to keep; `_init_weights` fills them, e.g. through `init_weights()`)."""
 
     fp32_buffers: tuple[str, ...] = ()
 
