@@ -537,11 +537,10 @@ class RetNetMultiScaleRetention(Fp32BuffersModule):
             v = torch.cat([v, ones if keep is None else ones * keep], dim=-1)
         update = k.transpose(-1, -2) * v  # [B, H_kv, d_k, d_v]
         state = update if state is None else torch.addcmul(update, decay, state)
-        out = (q @ state).view(b, self.num_heads, 1, -1)  # [B, H, 1, d_v]
-        if self.score_normalization:
-            log_decay = self.log_decay.repeat_interleave(self.num_heads // self.num_kv_heads)  # [H]
-            out = out[..., :-1] / retention_score_scale(out[..., -1:], positions, log_decay)
-        return self._output(hidden_states, self.group_norm(out.view(b, 1, self.value_dim))), state
+        out = q @ state  # [B, H_kv, g, d_v]
+        if self.score_normalization:  # positions [B, 1] broadcast as T = 1, the g query heads of a k/v head as T = g
+            out = out[..., :-1] / retention_score_scale(out[..., -1:], positions, self.log_decay)
+        return self._output(hidden_states, self.group_norm(out.reshape(b, 1, self.value_dim))), state
 
     def _output(self, hidden_states, out):
         """Swish gate (if any) and output projection; out: [B, T, H * d_v] fp32 after the group norm."""
