@@ -81,7 +81,7 @@ def run_variant(name: str, args) -> dict:
     from torch.utils.checkpoint import checkpoint
 
     sys.path.insert(0, ROOT)
-    from training.losses import distillation_loss
+    from training.trainers.losses import distillation_loss
 
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from training.cache_format import (
+from training.teachers.cache.format import (
     CompactEncoding,
     decode_scale,
     encode_scale,

@@ -68,9 +68,9 @@ def test_no_import_cycles_in_training():
 
 
 @pytest.mark.parametrize("module, forbidden", [
-    ("training.config", "training.teachers"),
-    ("training.teachers.cached", "training.cache_teacher_logits"),
-    ("training.data", "training.preprocess"),
+    ("training.trainers.distillation_config", "training.teachers"),
+    ("training.teachers.cached", "training.teachers.cache.build"),
+    ("training.data.shards", "training.data.preprocess"),
 ])
 def test_library_modules_do_not_import_what_they_do_not_need(module, forbidden):
     imported = import_graph()[module]

@@ -7,9 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from training.plots import DPI, FIGSIZE, loss_curves_figure, plot_loss_curves
-from training.synthetic import synthetic_corpus
-from training.train import main
+from training.utils.plots import DPI, FIGSIZE, loss_curves_figure, plot_loss_curves
+from training.data.synthetic import synthetic_corpus
+from training.trainers.distillation import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(REPO, "examples", "configs", "train_tiny.yaml")

@@ -9,9 +9,9 @@ import transformers
 
 def test_training_exports_are_the_defining_classes():
     import training
-    from training.config import DistillationConfig
+    from training.trainers.distillation_config import DistillationConfig
     from training.teachers.direct import DirectTeacher
-    from training.trainer import DistillationTrainer
+    from training.trainers.distillation_trainer import DistillationTrainer
 
     assert training.DistillationTrainer is DistillationTrainer and issubclass(DistillationTrainer, transformers.Trainer)
     assert training.DistillationConfig is DistillationConfig

@@ -27,7 +27,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
-from training.wire import (
+from training.teachers.server.wire import (
     BINARY_MEDIA_TYPE,
     JSON_MEDIA_TYPE,
     TopKAnswer,
@@ -326,7 +326,7 @@ def create_app(
 def build_engine(args) -> object:
     """The engine named by --engine, loaded from --model (+ --adapter)."""
     if args.engine == "vllm":
-        from training.teachers.vllm_engine import VLLMEngine
+        from training.teachers.server.vllm_engine import VLLMEngine
 
         return VLLMEngine(
             args.model, adapter=args.adapter, max_k=args.max_k, dtype=args.dtype,

@@ -20,7 +20,7 @@ import os
 import sys
 from dataclasses import dataclass, field, fields
 
-from .evaluation.generation import DEFAULT_PROMPTS
+from .generation import DEFAULT_PROMPTS
 
 REPORT_FORMAT = "hf-retnet-eval-report"
 REPORT_VERSION = 1
@@ -114,7 +114,7 @@ def evaluate(model, teacher=None, data=None, output_dir: str | None = None, sect
     """
     import torch
 
-    from .evaluation import loading
+    from . import loading
 
     config = config or EvalConfig()
     if overrides:
@@ -146,11 +146,11 @@ def evaluate(model, teacher=None, data=None, output_dir: str | None = None, sect
             teacher if isinstance(teacher, str) else teacher.name_or_path)
     docs = None
     if "heldout" in chosen:
-        from .evaluation.heldout import load_documents
+        from .heldout import load_documents
 
         docs = load_documents(data, tokenizer, config.max_documents, append_eos=config.append_eos)
     if "lm_eval" in chosen:
-        from .evaluation.lm_harness import _require_lm_eval
+        from .lm_harness import _require_lm_eval
 
         _require_lm_eval()
 
@@ -175,11 +175,11 @@ def evaluate(model, teacher=None, data=None, output_dir: str | None = None, sect
         "config": {f.name: getattr(config, f.name) for f in fields(EvalConfig)},
     }
     final = os.path.join(out_root, "eval")
-    from .evaluation.report import render_markdown, staged_folder, write_json
+    from .report import render_markdown, staged_folder, write_json
 
     with staged_folder(final) as stage:
         if "heldout" in chosen:
-            from .evaluation.heldout import make_windows, score, scoring_description
+            from .heldout import make_windows, score, scoring_description
 
             windows = make_windows(docs, config.window, config.stride)
             result = score(student_model, windows, tokenizer.pad_token_id, teacher=teacher_model,
@@ -187,8 +187,8 @@ def evaluate(model, teacher=None, data=None, output_dir: str | None = None, sect
             report["heldout"] = {"data": data if isinstance(data, str) else [os.fspath(d) for d in data],
                                  "scoring": scoring_description(docs, config.window, config.stride), **result}
         if "passkey" in chosen:
-            from .evaluation.passkey import run_passkey
-            from .evaluation.plots import plot_passkey
+            from .passkey import run_passkey
+            from .plots import plot_passkey
 
             report["passkey"] = {name: run_passkey(m, tokenizer, config.passkey_lengths, config.passkey_depths,
                                                    config.passkey_trials, config.seed, max_positions[name],
@@ -196,7 +196,7 @@ def evaluate(model, teacher=None, data=None, output_dir: str | None = None, sect
             if plot_passkey(report["passkey"], os.path.join(stage, "passkey.png")):
                 report["passkey"]["plot"] = "passkey.png"
         if "generation" in chosen:
-            from .evaluation.generation import generation_samples
+            from .generation import generation_samples
 
             report["generation"] = {"max_new_tokens": config.max_new_tokens, "temperature": config.temperature,
                                     "top_p": config.top_p, "seed": config.seed}
@@ -204,8 +204,8 @@ def evaluate(model, teacher=None, data=None, output_dir: str | None = None, sect
                 report["generation"][name] = generation_samples(
                     m, tokenizer, config.prompts, config.max_new_tokens, config.seed, config.temperature, config.top_p)
         if "latency" in chosen:
-            from .evaluation.latency import latency_table
-            from .evaluation.plots import plot_latency
+            from .latency import latency_table
+            from .plots import plot_latency
 
             report["latency"] = {"decode_tokens": config.decode_tokens, "device": device}
             for name, m in models.items():
@@ -214,7 +214,7 @@ def evaluate(model, teacher=None, data=None, output_dir: str | None = None, sect
             if plot_latency(report["latency"], os.path.join(stage, "latency.png")):
                 report["latency"]["plot"] = "latency.png"
         if "lm_eval" in chosen:
-            from .evaluation.lm_harness import run_lm_eval
+            from .lm_harness import run_lm_eval
 
             report["lm_eval"] = run_lm_eval(
                 model if isinstance(model, str) else student_model, config.lm_eval_tasks, device=device,

@@ -20,8 +20,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from training import records as raw_records
-from training.records import IGNORE_INDEX
+from training.data import records as raw_records
+from training.data.records import IGNORE_INDEX
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "hf-retnet-pretokenized-shards"

@@ -16,8 +16,8 @@ import os
 import shutil
 import sys
 
-from .config import DistillationConfig, config_parser, load_config
-from .plots import plot_loss_curves
+from training.trainers.distillation_config import DistillationConfig, config_parser, load_config
+from training.utils.plots import plot_loss_curves
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def save_final(trainer, tokenizer, output_dir: str) -> None:
 def build_train_dataset(config: DistillationConfig, tokenizer):
     """The training set, shuffled by epoch; with `train_sampling_strategy: group_by_length` the Trainer's
     LengthGroupedSampler shuffles instead, so the dataset keeps one order and its lengths hold in every epoch."""
-    from .data import build_dataset
+    from training.data.shards import build_dataset
 
     shuffle = config.train_sampling_strategy != "group_by_length"
     return build_dataset(config.train_data, tokenizer, config.max_seq_length, seed=config.seed, shuffle=shuffle)
@@ -138,10 +138,10 @@ def build_train_dataset(config: DistillationConfig, tokenizer):
 def run(config: DistillationConfig, callbacks=None):
     """Build everything from `config`, train, save. Returns the trainer (tests read its state).
     `callbacks`: extra `TrainerCallback`s (benchmarks measure their own held-out metrics with them)."""
-    from .data import PaddingCollator, build_dataset
-    from .push import finish_run, prepare_push
-    from .teachers import build_teacher_source
-    from .trainer import DistillationTrainer, check_teacher_student
+    from training.data.shards import PaddingCollator, build_dataset
+    from training.hub.push import finish_run, prepare_push
+    from training.teachers import build_teacher_source
+    from training.trainers.distillation_trainer import DistillationTrainer, check_teacher_student
 
     push_plan = prepare_push(config)  # --push_to_hub without a token fails here, before anything loads
     tokenizer = build_tokenizer(config)
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     if _wants_expandable_segments(config_path, overrides):
-        from .callbacks import configure_cuda_allocator
+        from training.trainers.callbacks import configure_cuda_allocator
 
         # Before the config is built: TrainingArguments' bf16 check already initialises CUDA.
         configure_cuda_allocator(expandable_segments=True)

@@ -51,7 +51,7 @@ def sha256_hex(data: bytes | str) -> str:
 def tokenizer_fingerprint(tokenizer) -> str:
     """The data pipeline's tokenizer fingerprint (`training.data.tokenizer_fingerprint`: vocabulary, merges,
     normalization, special tokens, chat template), so a cache and the shards it was made from agree."""
-    from training.data import tokenizer_fingerprint as data_tokenizer_fingerprint
+    from training.data.shards import tokenizer_fingerprint as data_tokenizer_fingerprint
 
     return data_tokenizer_fingerprint(tokenizer)
 
@@ -62,7 +62,7 @@ def data_fingerprint(spec: str) -> str:
     producer when it writes the manifest, by `CachedTeacher` when it checks train_data / eval_data)."""
     import glob
 
-    from training.data import sha256_file
+    from training.data.shards import sha256_file
 
     spec = os.path.expanduser(spec)
     if os.path.isdir(spec):

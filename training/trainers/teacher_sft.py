@@ -35,8 +35,8 @@ try:
 except ImportError as err:  # pragma: no cover - trl ships with the dev and trl extras
     raise ImportError("teacher finetuning needs TRL: pip install 'hf-retnet[trl]' (or pip install 'trl>=1.16')") from err
 
-from .config import config_parser, load_config
-from .teachers.direct import looks_like_local_path
+from training.trainers.distillation_config import config_parser, load_config
+from training.utils.paths import looks_like_local_path
 
 QUANTIZATION = ("auto", "4bit", "none")
 RESULT_FILE = "teacher_ft.json"
@@ -166,7 +166,7 @@ class TeacherFinetuneConfig(SFTConfig):
 
 def load_records(spec: str) -> list:
     """(where, record) pairs of a local file or folder of files, in file order (the student's reader)."""
-    from . import preprocess
+    from training.data import preprocess
 
     records = []
     for src in preprocess.discover_sources([os.path.expanduser(spec)], recursive=False):
@@ -181,7 +181,7 @@ def tokenize_records(records: list, tokenizer, max_length: int | None):
     """A `datasets.Dataset` of {input_ids, labels}, each record encoded as training.train encodes it."""
     from datasets import Dataset
 
-    from .preprocess import encode_record, normalize_record
+    from training.data.preprocess import encode_record, normalize_record
 
     rows = {"input_ids": [], "labels": []}
     for where, obj in records:
@@ -204,12 +204,12 @@ def load_examples(spec: str, tokenizer, max_length: int | None):
     """{input_ids, labels} rows of `spec`: a shard folder from `training.preprocess` (memory-mapped, checked against
     the tokenizer) or a text / JSONL / Parquet file or folder of records (encoded as the student's reader does)."""
     spec = os.path.expanduser(spec)
-    from .data import MANIFEST_NAME
+    from training.data.shards import MANIFEST_NAME
 
     if os.path.isfile(os.path.join(spec, MANIFEST_NAME)):
         import datasets
 
-        from .data import PretokenizedShardDataset
+        from training.data.shards import PretokenizedShardDataset
 
         shards = PretokenizedShardDataset(spec, max_length, shuffle=False, tokenizer=tokenizer)
         paths = [os.path.join(spec, entry["file"]) for entry in shards.manifest["shards"]]
@@ -255,7 +255,7 @@ def _atomic_folder(final: str, write) -> None:
 def save_merged(base_model: str, adapter_dir: str, tokenizer, out_dir: str, dtype: str = "auto") -> None:
     """base + adapter merged through the teachers' own loader (so consumers of the merged folder see the very weights
     `teacher_model` + `teacher_adapter` gives them), saved as safetensors with the tokenizer."""
-    from .teachers.direct import load_teacher_model
+    from training.teachers.direct import load_teacher_model
 
     merged = load_teacher_model(base_model, adapter=adapter_dir, dtype=dtype)
 
@@ -271,7 +271,7 @@ def run(config: TeacherFinetuneConfig) -> dict:
     from transformers import AutoTokenizer
     from trl import SFTTrainer
 
-    from .teachers.adapter import write_adapter_base
+    from training.teachers.adapter import write_adapter_base
 
     tokenizer = AutoTokenizer.from_pretrained(config.teacher_model)
     if tokenizer.pad_token_id is None:

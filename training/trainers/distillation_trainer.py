@@ -20,10 +20,10 @@ from collections import deque
 import torch
 from transformers import Trainer
 
-from .callbacks import SaddleEscapeCallback, attach_callbacks, default_callbacks, report_step_loss
-from .config import DistillationConfig
-from .optim import build_muon_optimizer
-from .teachers import build_teacher_source
+from training.trainers.callbacks import SaddleEscapeCallback, attach_callbacks, default_callbacks, report_step_loss
+from training.trainers.distillation_config import DistillationConfig
+from training.trainers.optim import build_muon_optimizer
+from training.teachers import build_teacher_source
 
 # Window slots. train: sums over the micro-batches since the last log; eval: token sums over one evaluation.
 _TRAIN = ("ce", "kd", "diversity", "teacher_seconds", "teacher_wait", "teacher_batches", "steps", "empty_batches")
@@ -215,7 +215,7 @@ class DistillationTrainer(Trainer):
         return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        from .losses import distillation_loss
+        from training.trainers.losses import distillation_loss
 
         if "labels" not in inputs:
             raise ValueError("distillation batches need 'labels' (-100 where no loss is taken); use PaddingCollator")
@@ -291,7 +291,7 @@ class DistillationTrainer(Trainer):
         KL is the forward KL on the buckets the loss uses (the teacher's top-k + tail, or the full vocabulary
         in full-vocab mode) at the run's temperature, without the T^2 factor of the KD term; top-1 agreement
         compares the student's argmax over its whole vocabulary with the teacher's most likely token."""
-        from .losses import distillation_loss
+        from training.trainers.losses import distillation_loss
 
         n = float(target.shape[0])
         if kind == "forward_kl":

@@ -17,7 +17,7 @@ from typing import Any
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.training_args import OptimizerNames
 
-from .paths import looks_like_local_path
+from training.utils.paths import looks_like_local_path
 
 TEACHER_SOURCES = ("direct", "cached", "network")
 KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")
@@ -234,7 +234,7 @@ class DistillationConfig(TrainingArguments):
             except json.JSONDecodeError as err:
                 raise bad("saddle_escape_config", f"not a JSON mapping ({err})") from None
         if self.saddle_escape_config is not None:
-            from .callbacks import SaddleEscapeConfig
+            from training.trainers.callbacks import SaddleEscapeConfig
 
             try:
                 SaddleEscapeConfig.from_dict(dict(self.saddle_escape_config))

@@ -79,7 +79,7 @@ def build_hub_folder(run_dir: str, dest: str, repo_id: str | None = None, base_m
     """Build `dest` (new, or an empty folder) holding what is published for the run in `run_dir`; returns the
     relative paths written. Built in a staging folder and renamed into place, so a failure leaves no half-built
     folder. No network."""
-    from model_cards import build_card
+    from training.hub.model_card import build_card
 
     run_dir, dest = os.fspath(run_dir), os.fspath(dest)
     config = check_run_dir(run_dir)
@@ -144,7 +144,7 @@ def push(run_dir: str, repo_id: str, token: str | None = None, private: bool = F
 
     token = resolve_token(token)  # first: a push that cannot succeed writes nothing
     check_run_dir(run_dir)
-    from model_cards import write_card
+    from training.hub.model_card import write_card
 
     write_card(run_dir, repo_id=repo_id, base_model=base_model, license=license)  # the run folder's own README.md
     api = HfApi(token=token)

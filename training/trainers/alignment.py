@@ -224,7 +224,7 @@ def run(config: AlignConfig) -> dict:
 
     from hf_retnet import RetNetForCausalLM, retnet_from_llama
 
-    from .data import PaddingCollator, build_dataset
+    from training.data.shards import PaddingCollator, build_dataset
 
     set_seed(config.seed)
     device = torch.device(config.device)

@@ -22,7 +22,7 @@ import sys
 import numpy as np
 import torch
 
-from training.cache_format import (
+from training.teachers.cache.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
     KEY_SCHEME,
@@ -40,7 +40,7 @@ from training.cache_format import (
     write_atomic,
     write_manifest,
 )
-from training.data import sha256_file
+from training.data.shards import sha256_file
 
 # ----------------------------------------------------------------------------------------------------------
 # Input sequences
@@ -98,7 +98,7 @@ def open_sequences(spec: str, tokenizer=None, max_seq_length: int | None = None)
     if direct is not None:
         return _read_pretokenized(direct, path, max_seq_length)
     try:
-        from training.data import build_dataset
+        from training.data.shards import build_dataset
     except ImportError as err:
         raise ValueError(f"--data {spec!r}: reading it needs training.data ({err}); give Parquet/JSONL files "
                          "with an 'input_ids' column instead") from None

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from training.data import (
+from training.data.shards import (
     ARROW_CACHE_DIRNAME,
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -39,7 +39,7 @@ from training.data import (
     read_manifest,
     sha256_file,
 )
-from training.records import (  # noqa: F401  (normalize_record, encode_record, ...: also public here)
+from training.data.records import (  # noqa: F401  (normalize_record, encode_record, ...: also public here)
     _ROLE_ALIASES,
     EXTENSIONS,
     IGNORE_INDEX,
