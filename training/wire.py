@@ -1,0 +1,5 @@
+"""Deprecated: `training.wire` moved to `training.teachers.server.wire`; this alias goes in the next release."""
+
+from training.utils.deprecation import moved
+
+__getattr__, __dir__ = moved(__name__, "training.teachers.server.wire")
