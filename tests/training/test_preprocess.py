@@ -11,7 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from training.data.shards import IGNORE_INDEX, PaddingCollator, PretokenizedShardDataset, sha256_file
+from training.data.records import IGNORE_INDEX
+from training.data.shards import PaddingCollator, PretokenizedShardDataset
+from training.utils.io import sha256_file
 from training.data.preprocess import encode_record, main, normalize_record, preprocess
 from training.data.synthetic import synthetic_corpus, write_jsonl
 from tests.tiny_models import CHAT_TEMPLATE, EOT, build_tiny_tokenizer

@@ -10,16 +10,16 @@ import importlib
 
 _EXPORTS = {
     "IGNORE_INDEX": ".records",
-    "MANIFEST_NAME": ".shards",
+    "MANIFEST_NAME": ".format",
     "PaddingCollator": ".shards",
     "PretokenizedShardDataset": ".shards",
     "TokenizedRecordsDataset": ".shards",
     "build_dataset": ".shards",
-    "read_manifest": ".shards",
-    "tokenizer_fingerprint": ".shards",
-    "describe_tokenizer": ".shards",
-    "check_tokenizer_matches": ".shards",
-    "sha256_file": ".shards",
+    "read_manifest": ".format",
+    "tokenizer_fingerprint": ".format",
+    "describe_tokenizer": ".format",
+    "check_tokenizer_matches": ".format",
+    "sha256_file": "training.utils.io",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -28,4 +28,4 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    return getattr(importlib.import_module(_EXPORTS[name], __package__), name)

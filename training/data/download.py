@@ -17,11 +17,11 @@ network, unknown id) the command stops at once with a message naming each one.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
+
+from training.utils.io import atomic_write_jsonl
 
 _TRUE = ("1", "ON", "YES", "TRUE")
 
@@ -166,11 +166,12 @@ def open_source(source: CurriculumSource, local_root: str | None, offline: bool)
 def _write_jsonl_atomic(rows, path: str, source: CurriculumSource, limit: int) -> tuple[int, int]:
     from tqdm.auto import tqdm
 
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(path))
-    written = skipped = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f, tqdm(total=limit, desc=source.name, unit="rec") as bar:
+    skipped = 0
+
+    def records():
+        nonlocal skipped
+        with tqdm(total=limit, desc=source.name, unit="rec") as bar:
+            written = 0
             for row in rows:
                 if written >= limit:
                     break
@@ -178,14 +179,11 @@ def _write_jsonl_atomic(rows, path: str, source: CurriculumSource, limit: int) -
                 if record is None:
                     skipped += 1
                     continue
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                yield record
                 written += 1
                 bar.update(1)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    written = atomic_write_jsonl(path, records())
     return written, skipped
 
 

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from training.data.shards import (
+from training.data.format import (
     ARROW_CACHE_DIRNAME,
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -37,7 +37,6 @@ from training.data.shards import (
     SHARD_TEMPLATE,
     describe_tokenizer,
     read_manifest,
-    sha256_file,
 )
 from training.data.records import (  # noqa: F401  (normalize_record, encode_record, ...: also public here)
     _ROLE_ALIASES,
@@ -54,6 +53,7 @@ from training.data.records import (  # noqa: F401  (normalize_record, encode_rec
     parse_json_line,
     records_from_lines,
 )
+from training.utils.io import atomic_path, atomic_write_json, sha256_file
 
 SHARD_METADATA_KEY = b"hf_retnet"
 ROW_GROUP_SIZE = 1024
@@ -62,15 +62,6 @@ _TMP_RE = re.compile(r"^\.(shard-\d{5,}\.parquet|manifest\.json)\.tmp-\d+$")
 
 
 # ----------------------------------------------------------------------------- shard files
-
-
-def _atomic_replace(tmp: str, path: str) -> None:
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 def write_shard(path: str, input_ids: np.ndarray, labels: np.ndarray, lengths: np.ndarray, metadata: dict) -> None:
@@ -91,16 +82,9 @@ def write_shard(path: str, input_ids: np.ndarray, labels: np.ndarray, lengths: n
         metadata={SHARD_METADATA_KEY: json.dumps(metadata, sort_keys=True).encode("utf-8")},
     )
     table = pa.Table.from_arrays([ids_col, lab_col, pa.array(lengths.astype(np.int32))], schema=schema)
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path, fsync=True) as tmp:  # `.<name>.tmp-<pid>`: what _TMP_RE recognises after a crash
         # token ids gain little from dictionary encoding and it triples the write time
         pq.write_table(table, tmp, compression="zstd", use_dictionary=False, row_group_size=ROW_GROUP_SIZE)
-        _atomic_replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def read_shard_metadata(path: str) -> dict | None:
@@ -143,12 +127,7 @@ def write_manifest(output: str, tokenizer_info: dict, options: dict, inputs: lis
         "shards": shards,
         "totals": totals,
     }
-    path = os.path.join(output, MANIFEST_NAME)
-    tmp = os.path.join(output, f".{MANIFEST_NAME}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2, sort_keys=True)
-        f.write("\n")
-    _atomic_replace(tmp, path)
+    atomic_write_json(os.path.join(output, MANIFEST_NAME), manifest, fsync=True, newline=True, sort_keys=True)
     return manifest
 
 

@@ -14,12 +14,12 @@ Records have the JSON-lines shapes `training.preprocess` reads: `{"text": str}` 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
-import tempfile
 from collections.abc import Iterable
 from functools import lru_cache
+
+from training.utils.io import atomic_write_jsonl
 
 KINDS = ("text", "chat", "mixed")
 _WORLD_SEED = 20240917  # fixed: the facts must not change with the sample seed
@@ -144,20 +144,8 @@ def corpus_texts(records: Iterable[dict]) -> list[str]:
 
 def write_jsonl(records: Iterable[dict], path: str | os.PathLike) -> str:
     """Write records as JSON lines atomically (temp file in the same folder, then os.replace)."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jsonl", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for rec in records:
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    atomic_write_jsonl(path, records)
+    return os.fspath(path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,7 @@ import time
 from dataclasses import asdict
 
 from training.demo.config import DemoConfig, StudentRecipe, load_demo_config
+from training.utils.io import atomic_write_json, atomic_write_jsonl
 
 BANNER_WIDTH = 78
 
@@ -57,11 +58,7 @@ def _fingerprint(obj) -> str:
 
 
 def _write_json(path: str, obj) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(obj, handle, indent=2, default=str)
-    os.replace(tmp, path)
+    atomic_write_json(path, obj, default=str)
 
 
 def distilled_teacher(ctx: dict) -> str:
@@ -100,11 +97,7 @@ def stage_teacher(cfg: DemoConfig, ctx: dict) -> dict:
     paths = {}
     for name, part in (("train", train), ("heldout", heldout)):
         paths[name] = os.path.join(data, f"{name}.jsonl")
-        os.makedirs(data, exist_ok=True)
-        with open(paths[name] + ".tmp", "w", encoding="utf-8") as handle:
-            for text in part:
-                handle.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-        os.replace(paths[name] + ".tmp", paths[name])
+        atomic_write_jsonl(paths[name], ({"text": text} for text in part))
     _say(f"stories: {len(train)} train, {len(heldout)} held out -> {data}")
     return {
         "teacher": os.path.abspath(teacher) if os.path.isdir(teacher) else teacher,

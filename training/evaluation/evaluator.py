@@ -175,7 +175,9 @@ def evaluate(model, teacher=None, data=None, output_dir: str | None = None, sect
         "config": {f.name: getattr(config, f.name) for f in fields(EvalConfig)},
     }
     final = os.path.join(out_root, "eval")
-    from .report import render_markdown, staged_folder, write_json
+    from training.utils.io import staged_folder
+
+    from .report import render_markdown, write_json
 
     with staged_folder(final) as stage:
         if "heldout" in chosen:

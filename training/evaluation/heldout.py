@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from training.data.shards import IGNORE_INDEX, MANIFEST_NAME
+from training.data.format import MANIFEST_NAME
+from training.data.records import IGNORE_INDEX
 
 
 @dataclass

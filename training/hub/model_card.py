@@ -17,6 +17,7 @@ import string
 import yaml
 
 from training.evaluation.report import markdown_table
+from training.utils.io import atomic_write_text
 
 
 def _table(header, rows) -> str:
@@ -290,12 +291,7 @@ def build_card(run_dir: str, repo_id: str | None = None, base_model: str | None 
 def write_card(run_dir: str, path: str | None = None, **kwargs) -> str:
     """Write the card to `path` (default `<run_dir>/README.md`) atomically and return the path."""
     card = build_card(run_dir, **kwargs)
-    path = path or os.path.join(run_dir, CARD_NAME)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(card)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path or os.path.join(run_dir, CARD_NAME), card)
 
 
 def main(argv=None) -> int:

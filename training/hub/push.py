@@ -22,6 +22,8 @@ import shutil
 import sys
 import tempfile
 
+from training.utils.io import atomic_write_json, staged_folder
+
 WEIGHT_SUFFIXES = (".safetensors",)
 WEIGHT_INDEX = "model.safetensors.index.json"
 CODE_FILES = ("modeling_retnet.py", "configuration_retnet.py")
@@ -86,17 +88,8 @@ def build_hub_folder(run_dir: str, dest: str, repo_id: str | None = None, base_m
     if os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
         raise FileExistsError(f"{dest}: exists and is not an empty folder; the Hub folder is built into a new one")
     card = build_card(run_dir, repo_id=repo_id, base_model=base_model, license=license)  # fails before any copy
-    parent = os.path.dirname(os.path.abspath(dest))
-    os.makedirs(parent, exist_ok=True)
-    stage = tempfile.mkdtemp(prefix=".hub-folder-staging-", dir=parent)
-    try:
+    with staged_folder(dest, prefix=".hub-folder-") as stage:  # an empty `dest` is replaced only when complete
         written = _fill(run_dir, stage, config, card)
-        if os.path.isdir(dest):
-            os.rmdir(dest)
-        os.replace(stage, dest)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     return written
 
 
@@ -162,13 +155,8 @@ def push(run_dir: str, repo_id: str, token: str | None = None, private: bool = F
 def save_training_config(config, output_dir: str) -> str:
     """The run's DistillationConfig as JSON beside the weights (secrets dropped), for the card and for the record."""
     values = {k: v for k, v in config.to_dict().items() if not _SECRET_KEY_RE.search(k)}
-    path = os.path.join(output_dir, TRAINING_CONFIG)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(values, handle, indent=2, sort_keys=True, default=str)
-        handle.write("\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_json(os.path.join(output_dir, TRAINING_CONFIG), values, newline=True, sort_keys=True,
+                             default=str)
 
 
 def prepare_push(config) -> dict | None:

@@ -26,7 +26,7 @@ from training.teachers.cache.format import (
     sha256_hex,
     tokenizer_fingerprint,
 )
-from training.data.shards import sha256_file
+from training.utils.io import sha256_file
 
 from .base import TeacherOutput
 

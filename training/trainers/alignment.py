@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from training.utils.io import save_figure, staged_files, staged_folder
+
 TRAINABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "g_proj", "group_norm", "decays")
 CHECKPOINT_DIR = ".align-checkpoint"
 
@@ -194,10 +196,7 @@ def plot_alignment(history: list[dict], path: str) -> None:
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=120)
 
 
 def _write_decays(student) -> None:
@@ -206,15 +205,12 @@ def _write_decays(student) -> None:
 
 
 def _save_checkpoint(folder, student, optimizer, state) -> None:
-    staging = folder + ".tmp"
-    shutil.rmtree(staging, ignore_errors=True)
     _write_decays(student)
-    student.save_pretrained(staging, safe_serialization=True)
-    torch.save(optimizer.state_dict(), os.path.join(staging, "optimizer.pt"))
-    with open(os.path.join(staging, "align_state.json"), "w", encoding="utf-8") as handle:
-        json.dump(state, handle)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(staging, folder)
+    with staged_folder(folder) as staging:
+        student.save_pretrained(staging, safe_serialization=True)
+        torch.save(optimizer.state_dict(), os.path.join(staging, "optimizer.pt"))
+        with open(os.path.join(staging, "align_state.json"), "w", encoding="utf-8") as handle:
+            json.dump(state, handle)
 
 
 def run(config: AlignConfig) -> dict:
@@ -337,16 +333,12 @@ def run(config: AlignConfig) -> dict:
 
 def _write_outputs(folder: str, student, tokenizer, report: dict) -> None:
     """Everything goes to a staging folder first, then each file is moved in (atomic per file)."""
-    staging = os.path.join(folder, ".final-staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    student.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    with open(os.path.join(staging, "align_report.json"), "w", encoding="utf-8") as handle:
-        json.dump(report, handle, indent=1)
-    plot_alignment(report["history"], os.path.join(staging, "align_error.png"))
-    for name in os.listdir(staging):
-        os.replace(os.path.join(staging, name), os.path.join(folder, name))
-    shutil.rmtree(staging, ignore_errors=True)
+    with staged_files(folder) as staging:
+        student.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        with open(os.path.join(staging, "align_report.json"), "w", encoding="utf-8") as handle:
+            json.dump(report, handle, indent=1)
+        plot_alignment(report["history"], os.path.join(staging, "align_error.png"))
 
 
 def parse_args(argv: list[str] | None = None) -> AlignConfig:

@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import sys
 
 from training.trainers.distillation_config import DistillationConfig, config_parser, load_config
+from training.utils.io import staged_files
 from training.utils.plots import plot_loss_curves
 
 logger = logging.getLogger(__name__)
@@ -114,15 +114,13 @@ def build_student(config: DistillationConfig, student_config):
 
 def save_final(trainer, tokenizer, output_dir: str) -> None:
     """Write the student, tokenizer, trainer_state.json and loss_curves.png to a hidden folder next to the results, then move the files in (atomic each)."""
-    staging = os.path.join(output_dir, ".final-staging")
-    trainer.save_model(staging)
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(staging)
-        trainer.state.save_to_json(os.path.join(staging, "trainer_state.json"))  # log_history of the whole run
-        plot_loss_curves(trainer.state.log_history, os.path.join(staging, "loss_curves.png"))
-        for name in os.listdir(staging):
-            os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
-        shutil.rmtree(staging, ignore_errors=True)
+    main_process = trainer.is_world_process_zero()
+    with staged_files(output_dir, owner=main_process) as staging:
+        trainer.save_model(staging)
+        if main_process:
+            tokenizer.save_pretrained(staging)
+            trainer.state.save_to_json(os.path.join(staging, "trainer_state.json"))  # log_history of the whole run
+            plot_loss_curves(trainer.state.log_history, os.path.join(staging, "loss_curves.png"))
     trainer.accelerator.wait_for_everyone()
 
 

@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import math
 import os
-import shutil
 import sys
 from dataclasses import dataclass, field
 
@@ -36,6 +34,7 @@ except ImportError as err:  # pragma: no cover - trl ships with the dev and trl 
     raise ImportError("teacher finetuning needs TRL: pip install 'hf-retnet[trl]' (or pip install 'trl>=1.16')") from err
 
 from training.trainers.distillation_config import config_parser, load_config
+from training.utils.io import atomic_write_json, staged_folder
 from training.utils.paths import looks_like_local_path
 
 QUANTIZATION = ("auto", "4bit", "none")
@@ -166,14 +165,14 @@ class TeacherFinetuneConfig(SFTConfig):
 
 def load_records(spec: str) -> list:
     """(where, record) pairs of a local file or folder of files, in file order (the student's reader)."""
-    from training.data import preprocess
+    from training.data import records as raw_records
 
     records = []
-    for src in preprocess.discover_sources([os.path.expanduser(spec)], recursive=False):
+    for src in raw_records.discover_sources([os.path.expanduser(spec)], recursive=False):
         if src.kind == "hub":
-            records.extend((f"{src.path} row {i}", row) for i, row in enumerate(preprocess.load_hub_split(src)))
+            records.extend((f"{src.path} row {i}", row) for i, row in enumerate(raw_records.load_hub_split(src)))
         else:
-            records.extend(preprocess.iter_source_records(src))
+            records.extend(raw_records.iter_source_records(src))
     return records
 
 
@@ -181,7 +180,7 @@ def tokenize_records(records: list, tokenizer, max_length: int | None):
     """A `datasets.Dataset` of {input_ids, labels}, each record encoded as training.train encodes it."""
     from datasets import Dataset
 
-    from training.data.preprocess import encode_record, normalize_record
+    from training.data.records import encode_record, normalize_record
 
     rows = {"input_ids": [], "labels": []}
     for where, obj in records:
@@ -204,7 +203,7 @@ def load_examples(spec: str, tokenizer, max_length: int | None):
     """{input_ids, labels} rows of `spec`: a shard folder from `training.preprocess` (memory-mapped, checked against
     the tokenizer) or a text / JSONL / Parquet file or folder of records (encoded as the student's reader does)."""
     spec = os.path.expanduser(spec)
-    from training.data.shards import MANIFEST_NAME
+    from training.data.format import MANIFEST_NAME
 
     if os.path.isfile(os.path.join(spec, MANIFEST_NAME)):
         import datasets
@@ -238,20 +237,6 @@ def _dtype(name: str):
     return "auto" if name == "auto" else getattr(torch, name)
 
 
-def _atomic_folder(final: str, write) -> None:
-    """Write a folder with `write(tmp)` next to `final`, then swap it in, so a crash never leaves half a folder."""
-    tmp = f"{final}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    write(tmp)
-    old = f"{final}.old"
-    if os.path.exists(final):
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def save_merged(base_model: str, adapter_dir: str, tokenizer, out_dir: str, dtype: str = "auto") -> None:
     """base + adapter merged through the teachers' own loader (so consumers of the merged folder see the very weights
     `teacher_model` + `teacher_adapter` gives them), saved as safetensors with the tokenizer."""
@@ -259,11 +244,9 @@ def save_merged(base_model: str, adapter_dir: str, tokenizer, out_dir: str, dtyp
 
     merged = load_teacher_model(base_model, adapter=adapter_dir, dtype=dtype)
 
-    def write(tmp):
-        merged.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-
-    _atomic_folder(out_dir, write)
+    with staged_folder(out_dir) as staging:
+        merged.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
 
 
 def run(config: TeacherFinetuneConfig) -> dict:
@@ -319,19 +302,14 @@ def run(config: TeacherFinetuneConfig) -> dict:
         "global_step": trainer.state.global_step,
     }
 
-    def write_adapter(tmp):
-        trainer.model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        write_adapter_base(tmp, config.teacher_model)
-
     if trainer.is_world_process_zero():
-        _atomic_folder(adapter_dir, write_adapter)
+        with staged_folder(adapter_dir) as staging:
+            trainer.model.save_pretrained(staging, safe_serialization=True)
+            tokenizer.save_pretrained(staging)
+            write_adapter_base(staging, config.teacher_model)
         if config.save_merged:
             save_merged(config.teacher_model, adapter_dir, tokenizer, result["merged"], dtype=config.teacher_dtype)
-        path = os.path.join(config.output_dir, RESULT_FILE)
-        with open(f"{path}.tmp", "w", encoding="utf-8") as handle:
-            json.dump(result, handle, indent=2)
-        os.replace(f"{path}.tmp", path)
+        atomic_write_json(os.path.join(config.output_dir, RESULT_FILE), result)
         print(
             f"teacher held-out loss: before {before:.4f} -> after {after:.4f} "
             f"({len(eval_dataset)} held-out records); adapter: {adapter_dir}"

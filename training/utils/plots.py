@@ -7,8 +7,6 @@ fraction, not nats.
 
 from __future__ import annotations
 
-import os
-
 CURVES = ("loss", "loss/ce", "loss/kd", "loss/diversity", "eval_loss", "eval_ce", "eval_kd", "eval_kl")
 AGREEMENT = ("eval_top1",)
 FIGSIZE, DPI = (7, 4), 120  # the PNG is 840 x 480 pixels (one panel) or 840 x 720 (two)
@@ -53,7 +51,6 @@ def plot_loss_curves(log_history: list[dict], path: str) -> str | None:
     fig = loss_curves_figure(log_history)
     if fig is None:
         return None
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=DPI)
-    os.replace(tmp, path)
-    return path
+    from .io import save_figure
+
+    return save_figure(fig, path, dpi=DPI)

@@ -37,10 +37,9 @@ from training.teachers.cache.format import (
     shard_bytes,
     shard_name,
     tokenizer_fingerprint,
-    write_atomic,
     write_manifest,
 )
-from training.data.shards import sha256_file
+from training.utils.io import atomic_write_bytes, sha256_file
 
 # ----------------------------------------------------------------------------------------------------------
 # Input sequences
@@ -398,7 +397,7 @@ def main(argv=None) -> int:
             metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "shard_index": str(s),
                         "settings_fingerprint": settings_fp, "keys_digest": _keys_digest(keys),
                         "encoding": canonical_json(encoding.spec), "topk": str(args.topk)}
-            write_atomic(os.path.join(args.output, shard_name(s)), shard_bytes(arrays, metadata))
+            atomic_write_bytes(os.path.join(args.output, shard_name(s)), shard_bytes(arrays, metadata))
     state.wait_for_everyone()
     if state.is_main_process:
         manifest = build_manifest(args.output, plan, settings, settings_fp, sequences)

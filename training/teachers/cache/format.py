@@ -18,6 +18,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+# The data pipeline's tokenizer fingerprint (vocabulary, merges, normalization, special tokens, chat template), so a
+# cache and the shards it was made from agree; sha256 of a file's bytes names the data the cache was made from.
+from training.data.format import tokenizer_fingerprint  # noqa: F401  (part of the cache format: public here)
+from training.utils.io import atomic_write_bytes, sha256_file
+
 FORMAT_NAME = "hf-retnet-teacher-cache"
 FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
@@ -48,21 +53,11 @@ def sha256_hex(data: bytes | str) -> str:
     return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
-    """The data pipeline's tokenizer fingerprint (`training.data.tokenizer_fingerprint`: vocabulary, merges,
-    normalization, special tokens, chat template), so a cache and the shards it was made from agree."""
-    from training.data.shards import tokenizer_fingerprint as data_tokenizer_fingerprint
-
-    return data_tokenizer_fingerprint(tokenizer)
-
-
 def data_fingerprint(spec: str) -> str:
     """sha256 naming the dataset: of its manifest when the folder has one (written by `training.preprocess`),
     else of the names and contents of its data files. Used to tell caches of different data apart (by the
     producer when it writes the manifest, by `CachedTeacher` when it checks train_data / eval_data)."""
     import glob
-
-    from training.data.shards import sha256_file
 
     spec = os.path.expanduser(spec)
     if os.path.isdir(spec):
@@ -494,17 +489,6 @@ def shard_bytes(arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> byte
     return struct.pack("<Q", len(text)) + text + b"".join(blobs)
 
 
-def write_atomic(path: str, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then os.replace: readers see all or nothing."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 
 
 def read_shard_header(path: str) -> tuple[dict, dict[str, str], int]:
@@ -570,4 +554,4 @@ def read_manifest(cache_dir: str) -> dict:
 
 def write_manifest(cache_dir: str, manifest: dict) -> None:
     text = json.dumps(manifest, sort_keys=True, indent=2) + "\n"
-    write_atomic(os.path.join(cache_dir, MANIFEST_NAME), text.encode())
+    atomic_write_bytes(os.path.join(cache_dir, MANIFEST_NAME), text.encode())  # fsync'd; readers see all or nothing

@@ -30,15 +30,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import struct
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from training.utils.io import staged_folder
 
 __all__ = [
     "Llama2cFormatError",
@@ -373,9 +373,8 @@ def convert_llama2c(
         tok = build_tokenizer(pieces, model_max_length=header.seq_len)
     model = to_llama(header, arrays)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with staged_folder(output) as staging:  # replaces an older `output` only once the new one is complete
+        tmp = Path(staging)
         model.save_pretrained(tmp)
         if tok is not None:
             tok.save_pretrained(tmp)
@@ -390,12 +389,6 @@ def convert_llama2c(
                 indent=2,
             )
         )
-        if output.exists():
-            shutil.rmtree(output) if output.is_dir() else output.unlink()
-        os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output
 
 
