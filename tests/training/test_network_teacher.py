@@ -403,7 +403,8 @@ def test_teacher_gone_for_longer_than_the_retry_budget_stops_the_run_with_checkp
     from safetensors.torch import load_file
     from transformers import TrainerCallback
 
-    from training.teachers.server.app import HFEngine, create_app
+    from training.teachers.server.app import create_app
+    from training.teachers.server.hf_engine import HFEngine
 
     # The real server app on a uvicorn thread (no subprocess start-up); stopping it closes the port.
     peer = ThreadServer(create_app(HFEngine(direct), model_name="tiny")).__enter__()

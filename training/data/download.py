@@ -87,7 +87,7 @@ def _get(row, path: str):
 
 def to_record(row: dict, source: CurriculumSource) -> dict | None:
     """A dataset row -> {"messages": [...]} / {"text": ...} (+ "source"), or None when unusable."""
-    from training.data.preprocess import _ROLE_ALIASES
+    from training.data.records import _ROLE_ALIASES
 
     if source.format in ("messages", "sharegpt"):
         turns = _get(row, source.fields[0])
