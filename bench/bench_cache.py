@@ -8,7 +8,7 @@ student's training consumption, all measured side by side in one run.
    (shard files as the producer writes them), decoded, and the sparse forward-KL loss of two students
    (random init, and CE-trained for a while) is computed from the decoded answer and from the exact one:
    relative loss error and cosine similarity of the student's parameter gradients. The project's loss
-   (`training.losses.distillation_loss`) counts -inf slots as their own (empty) buckets; the "tail-merged"
+   (`training.trainers.losses.distillation_loss`) counts -inf slots as their own (empty) buckets; the "tail-merged"
    column is the same divergence with those slots moved into the tail bucket, which is what the compact
    encoding means (they are part of the tail mass it stores).
    Goals: compact <= 0.2x naive bytes/token, loss within 1%, gradient cosine >= 0.99.

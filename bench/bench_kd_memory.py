@@ -9,7 +9,7 @@ machine the same numbers come from torch.cuda.max_memory_allocated instead.
 Variants:
   ce_naive       F.cross_entropy on the full [N, V] logits (what an unchunked model forward does), reference
   ce_checkpoint  CE over chunks of rows, each chunk under torch.utils.checkpoint: the usual chunked CE
-  ce_fused       training.losses.distillation_loss with alpha = 1 and no teacher: CE in the same kernel as KD
+  ce_fused       training.trainers.losses.distillation_loss with alpha = 1 and no teacher: CE in the same kernel as KD
   sparse_<kind>  distillation_loss, alpha 0.5, teacher top-k ids + log-probs (tail bucket)
   full_<kind>    distillation_loss, alpha 0.5, teacher full logits [N, V] (direct mode)
 

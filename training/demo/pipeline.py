@@ -10,7 +10,7 @@ Stages (each a function below, each calling the project's own module for its job
   3. finetune   training.finetune_teacher (LoRA), optional; the adapter is kept only if it helps
   4. cache      training.cache_teacher_logits: the teacher's top-k over the shards, once
   5. student:*  one stage per student: teacher-initialized (training.align, then distillation), random-init
-                KD, CE only, ... all through training.train.run on the same data and token budget
+                KD, CE only, ... all through training.trainers.distillation.run on the same data and token budget
   6. evaluate   training.evaluate on every student against the teacher, and each student's model card
   7. report     <output_dir>/report.md: table, plots, stories, model card; a summary table in the terminal
 

@@ -5,7 +5,7 @@
 
 `build_hub_folder` is the one place that decides what is published: weights (safetensors), config.json with
 `auto_map`, both modeling files, tokenizer files, generation_config.json, the model card (README.md, generated
-by `model_cards` from the run's metadata and eval/report.json), loss curves and the evaluation report and plots.
+by `training.hub.model_card` from the run's metadata and eval/report.json), loss curves and the evaluation report and plots.
 `push` checks the token first (argument, HF_TOKEN, or `hf auth login`'s stored token), so a push that cannot
 succeed fails before anything is written; then it writes the card into the run folder, builds the upload folder
 in a temporary directory and uploads it with `huggingface_hub.upload_folder`.

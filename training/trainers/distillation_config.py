@@ -30,7 +30,7 @@ MUON_ADJUST_LR = ("original", "match_rms_adamw")
 class DistillationConfig(TrainingArguments):
     """`TrainingArguments` plus what distilling a teacher into a RetNet student needs (README: "Real-teacher workflow")."""
 
-    # Redeclared Trainer fields: `optim` also accepts "muon" (see training/optim.py); evaluation only needs the loss.
+    # Redeclared Trainer fields: `optim` also accepts "muon" (see training/trainers/optim.py); evaluation only needs the loss.
     optim: str = field(
         default="adamw_torch",
         metadata={

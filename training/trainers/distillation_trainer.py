@@ -1,6 +1,6 @@
 """`DistillationTrainer`: a `transformers.Trainer` whose loss is alpha * CE + (1 - alpha) * KD against a teacher.
 
-Only a few hooks are overridden: `compute_loss` (student hidden states -> `training.losses.distillation_loss`),
+Only a few hooks are overridden: `compute_loss` (student hidden states -> `training.trainers.losses.distillation_loss`),
 `get_batch_samples` (exact token counts for gradient accumulation / multi-process, and one-batch-ahead teacher
 prefetch), `training_step` (no optimizer update for a step without a trained token), `create_optimizer`
 (optim=muon) and `log` (adds the distillation metrics to the Trainer's own logs).

@@ -6,7 +6,7 @@
 Why: a teacher that was never trained on the student's data teaches the student its own idea of that data; a short
 LoRA finetune on the same records (NVIDIA Minitron's "teacher correction") gives a teacher whose distributions fit
 them, and the student converges faster. The records are tokenized exactly as the student's trainer tokenizes them
-(`training.preprocess.encode_record`: text = BOS + text + EOS with every token trained; chat = the chat template with
+(`training.data.records.encode_record`: text = BOS + text + EOS with every token trained; chat = the chat template with
 loss on assistant turns only), so the teacher is corrected on the very sequences it will later score.
 
 The run evaluates the held-out split before and after training (printed and written to

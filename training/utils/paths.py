@@ -1,6 +1,6 @@
 """Telling local folders from Hub ids, for the config's checks and the model loaders alike.
 
-A module of its own (no imports from the package) so that `training.config` can validate paths without importing
+A module of its own (no imports from the package) so that the distillation config can validate paths without importing
 a teacher source, and the teacher sources can use the same rule without importing the config.
 """
 
