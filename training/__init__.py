@@ -9,7 +9,7 @@ The public names load lazily, so `python -m training.preprocess` and its worker 
 Trainer stack they never use.
 """
 
-import importlib
+from training.utils.exports import lazy
 
 _EXPORTS = {
     "DistillationConfig": ".trainers.distillation_config",
@@ -32,13 +32,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'training' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy(__name__, _EXPORTS)

@@ -3,7 +3,7 @@
 import sys
 
 from training.evaluation.evaluator import main
-from training.utils.deprecation import moved
+from training.utils.exports import moved
 
 # The names this module held before the code moved keep working for one release (with a DeprecationWarning).
 __getattr__, __dir__ = moved(__name__, "training.evaluation.evaluator")

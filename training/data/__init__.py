@@ -6,7 +6,7 @@ The names below load lazily, so `python -m training.preprocess` and its workers 
 nor anything they do not use: `from training.data import PaddingCollator, build_dataset`.
 """
 
-import importlib
+from training.utils.exports import lazy
 
 _EXPORTS = {
     "IGNORE_INDEX": ".records",
@@ -23,9 +23,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name], __package__), name)
+__getattr__, __dir__ = lazy(__name__, _EXPORTS)

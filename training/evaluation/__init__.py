@@ -6,12 +6,7 @@ Nothing here is imported by the trainer: evaluation stays out of the training im
 `EvalConfig` load on first use: `from training.evaluation import evaluate`.
 """
 
-import importlib
+from training.utils.exports import lazy
 
 __all__ = ["EvalConfig", "evaluate"]
-
-
-def __getattr__(name: str):
-    if name not in __all__:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(".evaluator", __name__), name)
+__getattr__, __dir__ = lazy(__name__, {"EvalConfig": ".evaluator", "evaluate": ".evaluator"})
