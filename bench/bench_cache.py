@@ -8,7 +8,7 @@ student's training consumption, all measured side by side in one run.
    (shard files as the producer writes them), decoded, and the sparse forward-KL loss of two students
    (random init, and CE-trained for a while) is computed from the decoded answer and from the exact one:
    relative loss error and cosine similarity of the student's parameter gradients. The project's loss
-   (`training.losses.distillation_loss`) counts -inf slots as their own (empty) buckets; the "tail-merged"
+   (`training.trainers.losses.distillation_loss`) counts -inf slots as their own (empty) buckets; the "tail-merged"
    column is the same divergence with those slots moved into the tail bucket, which is what the compact
    encoding means (they are part of the tail mass it stores).
    Goals: compact <= 0.2x naive bytes/token, loss within 1%, gradient cosine >= 0.99.
@@ -40,8 +40,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from training.cache_format import make_encoding, shard_bytes  # noqa: E402
-from training.losses import distillation_loss  # noqa: E402
+from training.teachers.cache.format import make_encoding, shard_bytes  # noqa: E402
+from training.trainers.losses import distillation_loss  # noqa: E402
 
 ENCODINGS = ("naive", "compact", "compact:bits=5", "compact:mass=0.995", "compact:mass=0.999,bits=8",
              "compact:mass=1.0,bits=8")
@@ -222,7 +222,7 @@ def spread_vocab_bytes(teacher, heldout, vocab: int, ks, big_vocab: int) -> dict
 
 
 def build_cache(teacher_dir: str, data_path: str, out: str, k: int, encoding: str) -> float:
-    from training.cache_teacher_logits import main
+    from training.teachers.cache.build import main
 
     start = time.perf_counter()
     main(["--teacher", teacher_dir, "--data", data_path, "--output", out, "--topk", str(k), "--encoding", encoding,
@@ -297,7 +297,7 @@ def main(argv=None) -> int:
     teacher_steps = 200 if q else 600
     student_ce_steps = 40 if q else 150
     from hf_retnet import RetNetConfig, RetNetForCausalLM
-    from training.tiny_models import build_tiny_llama
+    from tests.tiny_models import build_tiny_llama
 
     t0 = time.perf_counter()
     print(f"== 1. trained teacher on a synthetic language (V={V})", flush=True)

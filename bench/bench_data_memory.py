@@ -49,7 +49,7 @@ def memory() -> dict[str, float]:
 def write_synthetic_shards(folder: str, gib: float, seq_len: int, seqs_per_shard: int, seed: int = 0) -> dict:
     """Shards + manifest holding `gib` GiB of int32 input_ids (labels are a copy, with the first
     quarter of each sequence masked as if it were a prompt)."""
-    from training.preprocess import write_manifest, write_shard
+    from training.data.preprocess import write_manifest, write_shard
 
     total_tokens = int(gib * (1 << 30)) // 4
     num_seqs = -(-total_tokens // seq_len)
@@ -76,7 +76,7 @@ def iterate(ds, batch_size: int, limit: int | None, samples: list) -> tuple[floa
     """One pass in dataset order through a DataLoader; returns (seconds, tokens, peak RSS MiB)."""
     import torch
 
-    from training.data import PaddingCollator
+    from training.data.shards import PaddingCollator
 
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=PaddingCollator(0), num_workers=0)
     start, tokens, peak = time.perf_counter(), 0, memory()["VmRSS"]
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     gib = args.gib or 1.0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from training.data import PretokenizedShardDataset
+    from training.data.shards import PretokenizedShardDataset
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench-data-memory-")
     folder = os.path.join(workdir, "shards")

@@ -9,7 +9,7 @@ machine the same numbers come from torch.cuda.max_memory_allocated instead.
 Variants:
   ce_naive       F.cross_entropy on the full [N, V] logits (what an unchunked model forward does), reference
   ce_checkpoint  CE over chunks of rows, each chunk under torch.utils.checkpoint: the usual chunked CE
-  ce_fused       training.losses.distillation_loss with alpha = 1 and no teacher: CE in the same kernel as KD
+  ce_fused       training.trainers.losses.distillation_loss with alpha = 1 and no teacher: CE in the same kernel as KD
   sparse_<kind>  distillation_loss, alpha 0.5, teacher top-k ids + log-probs (tail bucket)
   full_<kind>    distillation_loss, alpha 0.5, teacher full logits [N, V] (direct mode)
 
@@ -81,7 +81,7 @@ def run_variant(name: str, args) -> dict:
     from torch.utils.checkpoint import checkpoint
 
     sys.path.insert(0, ROOT)
-    from training.losses import distillation_loss
+    from training.trainers.losses import distillation_loss
 
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -35,7 +35,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 from tests.servers import ServerProcess  # noqa: E402
 from training.teachers.network import NetworkTeacher, parse_vllm_completion  # noqa: E402
-from training.wire import BINARY_MEDIA_TYPE, decode_binary  # noqa: E402
+from training.teachers.server.wire import BINARY_MEDIA_TYPE, decode_binary  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -168,11 +168,11 @@ def trainer_section(args, workdir: str) -> None:
     from transformers import PrinterCallback, TrainerCallback
 
     from hf_retnet import RetNetConfig, RetNetForCausalLM
-    from training.config import DistillationConfig
-    from training.data import PaddingCollator
+    from training.trainers.distillation_config import DistillationConfig
+    from training.data.shards import PaddingCollator
     from training.teachers.direct import DirectTeacher
-    from training.tiny_models import default_texts, save_tiny_teacher
-    from training.trainer import DistillationTrainer
+    from tests.tiny_models import default_texts, save_tiny_teacher
+    from training.trainers.distillation_trainer import DistillationTrainer
 
     steps = args.trainer_steps or (8 if args.quick else 30)
     seq_len, batch, k = 256, 8, 64
@@ -232,7 +232,7 @@ def main(argv=None):
     args = parse_args(argv)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir:
-        from training.tiny_models import build_tiny_llama
+        from tests.tiny_models import build_tiny_llama
 
         teacher_dir = os.path.join(workdir, "wire-teacher")
         build_tiny_llama(args.vocab_size, hidden_size=args.hidden_size, num_layers=args.layers).save_pretrained(

@@ -43,7 +43,7 @@ def held_out_loss(model, tokenizer, texts: list[str], max_length: int, with_eos:
     """Token-mean next-token loss over `texts`, each encoded as the trainer encodes a text record (BOS + text + EOS);
     `with_eos=False` drops the final EOS (llama2.c trained its stories without one, so the base teacher never
     learned to predict it: that token alone is part of what a finetune on EOS-terminated records fixes)."""
-    from training.preprocess import encode_record
+    from training.data.preprocess import encode_record
 
     total, count = 0.0, 0
     model.eval()
@@ -60,8 +60,8 @@ def held_out_loss(model, tokenizer, texts: list[str], max_length: int, with_eos:
 
 
 def distil(args, teacher: str, adapter: str | None, train_file: str, out: str):
-    from training.config import DistillationConfig
-    from training.train import run
+    from training.trainers.distillation_config import DistillationConfig
+    from training.trainers.distillation import run
 
     config = DistillationConfig(
         student="350M",
@@ -99,9 +99,9 @@ def main(argv=None) -> int:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from training.convert_llama2c import convert_llama2c
-    from training.finetune_teacher import TeacherFinetuneConfig, load_records
-    from training.finetune_teacher import run as finetune
+    from training.teachers.converters.llama2c import convert_llama2c
+    from training.trainers.teacher_sft import TeacherFinetuneConfig, load_records
+    from training.trainers.teacher_sft import run as finetune
     from training.teachers.direct import load_teacher_model
 
     os.makedirs(args.out, exist_ok=True)

@@ -122,8 +122,8 @@ def heldout_curve_callback(paragraphs, tokenizer, points: list, offset_tokens: i
 
 
 def run_arm(args) -> None:
-    from training.config import load_config
-    from training.train import run
+    from training.trainers.distillation_config import load_config
+    from training.trainers.distillation import run
 
     w = args.work
     arm_dir = os.path.join(w, args.tag or args.arm)
@@ -135,8 +135,8 @@ def run_arm(args) -> None:
         with open(os.path.join(args.aligned, "align_report.json"), encoding="utf-8") as handle:
             align_tokens, student = json.load(handle)["tokens"], args.aligned
     elif args.arm == "teacher_init":
-        from training.align import AlignConfig
-        from training.align import run as align
+        from training.trainers.alignment import AlignConfig
+        from training.trainers.alignment import run as align
 
         aligned = os.path.join(arm_dir, "aligned")
         os.makedirs(aligned, exist_ok=True)
@@ -179,8 +179,8 @@ def ablate(args) -> None:
     from transformers import AutoTokenizer
 
     from hf_retnet import RetNetForCausalLM
-    from training.align import AlignConfig
-    from training.align import run as align
+    from training.trainers.alignment import AlignConfig
+    from training.trainers.alignment import run as align
 
     w = args.work
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(w, "teacher"))

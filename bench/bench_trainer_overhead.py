@@ -103,9 +103,9 @@ def build(size: dict, device: str, workdir: str):
 
 def one_run(kind: str, teacher, student_config, items, teacher_dir, size, steps, device, workdir):
     from hf_retnet import RetNetForCausalLM
-    from training.config import DistillationConfig
-    from training.data import PaddingCollator
-    from training.trainer import DistillationTrainer
+    from training.trainers.distillation_config import DistillationConfig
+    from training.data.shards import PaddingCollator
+    from training.trainers.distillation_trainer import DistillationTrainer
 
     torch.manual_seed(0)
     student = RetNetForCausalLM(student_config)
@@ -130,8 +130,8 @@ def one_run(kind: str, teacher, student_config, items, teacher_dir, size, steps,
 def breakdown(teacher, student_config, items, size, device, repeats: int = 5) -> dict[str, float]:
     """Median seconds of the pieces, outside the Trainer: where the difference between the two runs comes from."""
     from hf_retnet import RetNetForCausalLM
-    from training.data import PaddingCollator
-    from training.losses import distillation_loss
+    from training.data.shards import PaddingCollator
+    from training.trainers.losses import distillation_loss
 
     torch.manual_seed(0)
     student = RetNetForCausalLM(student_config).to(device)

@@ -37,7 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from tests.servers import VLLM_PYTHON_ENV, ServerProcess, VLLMServerProcess  # noqa: E402
 from training.teachers.direct import DirectTeacher  # noqa: E402
 from training.teachers.network import NetworkTeacher  # noqa: E402
-from training.tiny_models import save_tiny_teacher  # noqa: E402
+from tests.tiny_models import save_tiny_teacher  # noqa: E402
 
 VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
 

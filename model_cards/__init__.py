@@ -1,5 +1,4 @@
-"""Model cards for distilled RetNet students, generated from a run's metadata (see card.py)."""
+"""The model-card template of distilled RetNet students (`retnet_student.md`): data only, no code.
 
-from .card import build_card, find_placeholders, write_card
-
-__all__ = ["build_card", "find_placeholders", "write_card"]
+`training.hub.model_card` fills it from a run's metadata; `python -m training.model_card RUN_DIR` writes the card.
+"""

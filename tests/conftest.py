@@ -16,7 +16,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def tiny_teacher_dir(tmp_path_factory):
     """A folder with the layout of a Hub Llama checkpoint: config, safetensors weights, tokenizer, chat template."""
-    from training.tiny_models import save_tiny_teacher
+    from tests.tiny_models import save_tiny_teacher
 
     return save_tiny_teacher(tmp_path_factory.mktemp("tiny-llama-teacher"))
 

@@ -1,26 +1,35 @@
-"""Distillation of a Transformer teacher into a RetNet student: config, trainer, losses, teacher sources.
+"""Distillation of a Transformer teacher into a RetNet student: config, trainer, losses, teacher sources, callbacks.
+
+Layout (one concept a subpackage): `trainers/` (distillation, alignment, teacher SFT, losses, optim, callbacks),
+`data/` (records, preprocess, shards, download, synthetic), `teachers/` (direct, cached, network; `cache/`,
+`server/`, `converters/`), `evaluation/`, `hub/` (push, model card), `demo/`, `utils/`. The modules left at this
+level are the commands (`python -m training.<command>`) and, for one release, aliases of moved modules.
 
 The public names load lazily, so `python -m training.preprocess` and its worker processes do not import the
 Trainer stack they never use.
 """
 
-import importlib
+from training.utils.exports import lazy
 
 _EXPORTS = {
-    "DistillationConfig": ".config",
-    "load_config": ".config",
-    "DistillationTrainer": ".trainer",
-    "distillation_loss": ".losses",
+    "DistillationConfig": ".trainers.distillation_config",
+    "load_config": ".trainers.distillation_config",
+    "DistillationTrainer": ".trainers.distillation_trainer",
+    "distillation_loss": ".trainers.losses",
     "TeacherOutput": ".teachers",
     "TeacherSource": ".teachers",
     "DirectTeacher": ".teachers",
+    "CachedTeacher": ".teachers",
+    "NetworkTeacher": ".teachers",
     "build_teacher_source": ".teachers",
+    "SaddleEscapeCallback": ".trainers.callbacks",
+    "SaddleEscapeConfig": ".trainers.callbacks",
+    "NonFiniteGuardCallback": ".trainers.callbacks",
+    "MemoryCallback": ".trainers.callbacks",
+    "ThroughputCallback": ".trainers.callbacks",
+    "attach_callbacks": ".trainers.callbacks",
+    "default_callbacks": ".trainers.callbacks",
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'training' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+__getattr__, __dir__ = lazy(__name__, _EXPORTS)

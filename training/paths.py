@@ -1,14 +1,5 @@
-"""Telling local folders from Hub ids, for the config's checks and the model loaders alike.
+"""Deprecated: `training.paths` moved to `training.utils.paths`; this alias goes in the next release."""
 
-A module of its own (no imports from the package) so that `training.config` can validate paths without importing
-a teacher source, and the teacher sources can use the same rule without importing the config.
-"""
+from training.utils.exports import moved
 
-from __future__ import annotations
-
-import os
-
-
-def looks_like_local_path(value: str) -> bool:
-    """A Hub id is `org/name`; anything starting with '/', '.', '~' or with more than one '/' is a local path."""
-    return value.startswith(("/", ".", "~")) or value.count("/") > 1 or (os.path.sep == "\\" and "\\" in value)
+__getattr__, __dir__ = moved(__name__, "training.utils.paths")

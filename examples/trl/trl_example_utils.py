@@ -93,8 +93,8 @@ def load_teacher(name: str, adapter: str | None = None, dtype: str = "auto"):
 def read_records(path: str) -> list[tuple[str, object]]:
     """(kind, payload) of every record of the file, normalized as the student's own reader does it:
     ("text", str) or ("chat", messages)."""
-    from training.finetune_teacher import load_records
-    from training.preprocess import normalize_record
+    from training.trainers.teacher_sft import load_records
+    from training.data.records import normalize_record
 
     out = [normalize_record(obj, where) for where, obj in load_records(path)]
     return [r for r in out if r is not None]

@@ -1,5 +1,5 @@
 """A tiny distilled student for the evaluation and publishing tests: a tiny Llama teacher, JSONL text, and a RetNet
-trained from it for a few steps by `training.train.run` (the project's real trainer), built once per session."""
+trained from it for a few steps by `training.trainers.distillation.run` (the project's real trainer), built once per session."""
 
 import json
 import os
@@ -18,7 +18,7 @@ def write_jsonl(path, texts):
 
 def distilled_run(tmp_path_factory) -> dict:
     """{"teacher", "run", "train", "heldout"} paths; trains on first use in this session, then reuses."""
-    from training.tiny_models import default_texts, save_tiny_teacher
+    from tests.tiny_models import default_texts, save_tiny_teacher
 
     base = tmp_path_factory.getbasetemp() / "distilled-student"
     paths = {"teacher": str(base / "teacher"), "run": str(base / "run"), "train": str(base / "train.jsonl"),
@@ -30,8 +30,8 @@ def distilled_run(tmp_path_factory) -> dict:
     texts = default_texts(240)
     write_jsonl(paths["train"], texts[:200])
     write_jsonl(paths["heldout"], texts[200:212])
-    from training.config import load_config
-    from training.train import run
+    from training.trainers.distillation_config import load_config
+    from training.trainers.distillation import run
 
     config = load_config(TINY_CONFIG, ["--teacher_model", paths["teacher"], "--train_data", paths["train"],
                                        "--output_dir", paths["run"], "--max_steps", "6", "--report_to", "none"])

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def train_file(tmp_path_factory):
-    from training.synthetic import synthetic_corpus
+    from training.data.synthetic import synthetic_corpus
 
     path = tmp_path_factory.mktemp("data") / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in synthetic_corpus(64, seed=0, kind="mixed")))

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from training.align import AlignConfig, evaluate_alignment, parse_args, run
-from training.tiny_models import default_texts
+from training.trainers.alignment import AlignConfig, evaluate_alignment, parse_args, run
+from tests.tiny_models import default_texts
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_resume_continues_from_the_checkpoint(tiny_teacher_dir, text_file, tmp_p
     from transformers import AutoModelForCausalLM as Auto
 
     from hf_retnet import retnet_from_llama
-    from training.align import CHECKPOINT_DIR, _save_checkpoint, _trainable
+    from training.trainers.alignment import CHECKPOINT_DIR, _save_checkpoint, _trainable
 
     out = tmp_path / "aligned"
     student = retnet_from_llama(Auto.from_pretrained(tiny_teacher_dir), gate="constant")

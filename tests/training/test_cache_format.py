@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from training.cache_format import (
+from training.teachers.cache.format import (
     CompactEncoding,
     decode_scale,
     encode_scale,
@@ -19,8 +19,8 @@ from training.cache_format import (
     sequence_key,
     shard_bytes,
     unpack_bits,
-    write_atomic,
 )
+from training.utils.io import atomic_write_bytes
 
 
 def topk_answer(n: int, vocab: int, k: int, sharpness: float, seed: int = 0):
@@ -226,7 +226,7 @@ def test_shard_file_round_trip_is_memory_mapped_and_detects_truncation(tmp_path)
     arrays = {"keys": np.arange(32, dtype=np.uint8).reshape(2, 16), "lengths": np.array([3, 4], "<i4"),
               "logprobs": np.linspace(-3, 0, 14, dtype="<f2").reshape(7, 2)}
     path = str(tmp_path / "shard-00000.safetensors")
-    write_atomic(path, shard_bytes(arrays, {"hello": "world"}))
+    atomic_write_bytes(path, shard_bytes(arrays, {"hello": "world"}))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-00000.safetensors"]  # no temp file left
     mapped, metadata = open_shard(path)
     assert metadata == {"hello": "world"}

@@ -14,11 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from training.cache_format import MANIFEST_NAME, open_shard, read_manifest, sequence_key, shard_name
-from training.cache_teacher_logits import main, plan_shards
+from training.teachers.cache.format import MANIFEST_NAME, open_shard, read_manifest, sequence_key, shard_name
+from training.teachers.cache.build import main, plan_shards
 from training.teachers.cached import CachedTeacher
 from training.teachers.direct import DirectTeacher
-from training.tiny_models import default_texts
+from tests.tiny_models import default_texts
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENV = dict(os.environ, WANDB_MODE="offline", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",

@@ -10,11 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from training.cache_format import MANIFEST_NAME, shard_name
-from training.cache_teacher_logits import main as cache_main
+from training.teachers.cache.format import MANIFEST_NAME, shard_name
+from training.teachers.cache.build import main as cache_main
 from training.teachers import TeacherSource
 from training.teachers.cached import CachedTeacher
-from training.tiny_models import build_tiny_tokenizer, default_texts
+from tests.tiny_models import build_tiny_tokenizer, default_texts
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY_CONFIG = os.path.join(REPO, "examples", "configs", "train_tiny.yaml")
@@ -153,7 +153,7 @@ def text_data(tmp_path_factory):
 
 
 def train_losses(out, teacher_dir, data, *extra):
-    from training.train import main as train_main
+    from training.trainers.distillation import main as train_main
 
     args = ["--config", TINY_CONFIG, "--teacher_model", teacher_dir, "--tokenizer", teacher_dir,
             "--train_data", data, "--output_dir", str(out), "--max_steps", "4", "--teacher_topk", "32",
@@ -166,7 +166,7 @@ def train_losses(out, teacher_dir, data, *extra):
 @pytest.fixture(scope="module")
 def sharp_teacher_dir(tmp_path_factory):
     """A tiny Llama with a peaked next-token distribution, so the KD term is large enough to compare."""
-    from training.tiny_models import save_tiny_teacher
+    from tests.tiny_models import save_tiny_teacher
 
     return save_tiny_teacher(tmp_path_factory.mktemp("sharp-teacher"), initializer_range=0.2)
 
@@ -196,8 +196,8 @@ def test_training_from_the_cache_matches_direct_mode(tmp_path, sharp_teacher_dir
 
 def test_a_cache_of_preprocessed_shards_answers_the_shard_dataset(tmp_path, tiny_teacher_dir, text_data):
     """The data pipeline's own folder format: preprocess -> cache -> every dataset item is found."""
-    from training.data import PaddingCollator, PretokenizedShardDataset
-    from training.preprocess import main as preprocess_main
+    from training.data.shards import PaddingCollator, PretokenizedShardDataset
+    from training.data.preprocess import main as preprocess_main
 
     shards = tmp_path / "shards"
     preprocess_main(["--input", text_data, "--output", str(shards), "--tokenizer", tiny_teacher_dir,
@@ -221,8 +221,8 @@ def test_a_cache_of_preprocessed_shards_answers_the_shard_dataset(tmp_path, tiny
 
 def test_train_cached_yaml_trains_without_a_teacher_model(tmp_path, sharp_teacher_dir, text_data):
     """examples/configs/train_cached.yaml (tiny overrides): no teacher_model is configured, none is loaded."""
-    from training.config import load_config
-    from training.train import main as train_main
+    from training.trainers.distillation_config import load_config
+    from training.trainers.distillation import main as train_main
 
     cache = tmp_path / "cache"
     assert cache_main(["--teacher", sharp_teacher_dir, "--data", text_data, "--output", str(cache), "--topk", "32",
@@ -258,7 +258,7 @@ def test_reverse_kl_from_a_cache_that_dropped_entries_is_refused(tmp_path, tiny_
 def test_verify_modes_check_what_they_promise(cache_copy):
     """full hashes the shards (finds a flipped byte); manifest checks sizes only (does not read the data, so the
     flipped byte passes, a truncated shard does not); the config key reaches the source."""
-    from training.config import DistillationConfig
+    from training.trainers.distillation_config import DistillationConfig
     from training.teachers import build_teacher_source
 
     path = os.path.join(cache_copy, shard_name(1))

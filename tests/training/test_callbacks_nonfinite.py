@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from training.callbacks import NonFiniteGuardCallback, NonFiniteTrainingError, report_step_loss
-from training.tiny_models import build_tiny_llama
+from training.trainers.callbacks import NonFiniteGuardCallback, NonFiniteTrainingError, report_step_loss
+from tests.tiny_models import build_tiny_llama
 
 from .random_tokens import VOCAB, RandomTokens
 
@@ -94,7 +94,7 @@ def test_a_bad_step_is_skipped_and_training_continues(tmp_path, kind, accumulati
 
 
 def test_muon_family_is_skipped_too(tmp_path):
-    from training.optim import build_muon_optimizer
+    from training.trainers.optim import build_muon_optimizer
 
     model = build_tiny_llama(VOCAB, hidden_size=32, num_layers=2, seed=0)
     Corruptor(model, "embeddings", calls=[2])

@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from training.callbacks import SaddleDetector, SaddleEscapeCallback, SaddleEscapeConfig
-from training.callbacks.saddle import window_trend
-from training.tiny_models import build_tiny_llama
+from training.trainers.callbacks import SaddleDetector, SaddleEscapeCallback, SaddleEscapeConfig
+from training.trainers.callbacks.saddle import window_trend
+from tests.tiny_models import build_tiny_llama
 
 from .random_tokens import VOCAB, RandomTokens
 
@@ -184,7 +184,7 @@ def tiny_args(tmp_path, name, **kw):
 
 def make_optimizer(model, kind):
     if kind == "muon+adamw":  # two families, Muon groups then AdamW groups, with different learning rates
-        from training.optim import build_muon_optimizer
+        from training.trainers.optim import build_muon_optimizer
 
         return build_muon_optimizer(model, muon_lr=2e-4, adamw_lr=1e-5, weight_decay=0.01)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]

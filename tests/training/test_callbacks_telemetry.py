@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from training.callbacks import (
+from training.trainers.callbacks import (
     MemoryCallback,
     NonFiniteGuardCallback,
     SaddleEscapeCallback,
@@ -23,7 +23,7 @@ from training.callbacks import (
     attach_callbacks,
     configure_cuda_allocator,
 )
-from training.tiny_models import build_tiny_llama
+from tests.tiny_models import build_tiny_llama
 
 VOCAB, SEQ = 256, 16
 SADDLE_FAST = dict(window=4, min_steps=4, min_relative_improvement=0.05, grad_norm_threshold=None, boost_steps=2,
@@ -284,7 +284,7 @@ def test_a_loss_watcher_that_sees_no_loss_says_so(tmp_path, caplog):
     saddle = SaddleEscapeCallback(SADDLE_FAST)
     trainer = HiddenStateTrainer(model=build_tiny_llama(VOCAB, hidden_size=32, seed=0),
                                  args=tiny_args(tmp_path, max_steps=4), train_dataset=Padded(), callbacks=[saddle])
-    with caplog.at_level("WARNING", logger="training.callbacks.telemetry"):
+    with caplog.at_level("WARNING", logger="training.trainers.callbacks.telemetry"):
         trainer.train()
     assert "SaddleEscapeCallback sees no training loss" in caplog.text and "report_step_loss" in caplog.text
     assert saddle.detector.detections == 0 and len(saddle.detector.losses) == 0

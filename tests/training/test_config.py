@@ -6,8 +6,8 @@ import os
 import pytest
 import yaml
 
-from training.config import DistillationConfig, distillation_field_names, load_config
-from training.train import main
+from training.trainers.distillation_config import DistillationConfig, distillation_field_names, load_config
+from training.trainers.distillation import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(REPO, "examples", "configs", "train_tiny.yaml")
@@ -125,7 +125,7 @@ def test_schedules():
     (["--cuda-expandable-segments=true"], True), (["--cuda_expandable_segments", "--max_steps", "3"], True),
 ])
 def test_allocator_flag_is_read_before_the_config_is_built(overrides, expected):
-    from training.train import _wants_expandable_segments
+    from training.trainers.distillation import _wants_expandable_segments
 
     assert _wants_expandable_segments(TINY, overrides) is expected
 
@@ -148,10 +148,10 @@ def test_variant_student_takes_the_teacher_vocabulary(tmp_path, tiny_teacher_dir
     import logging
 
     from hf_retnet import VARIANTS
-    from training.train import build_student_config, teacher_vocab_size
+    from training.trainers.distillation import build_student_config, teacher_vocab_size
 
     config = DistillationConfig(**base(tmp_path, tiny_teacher_dir, student="350M"))
-    with caplog.at_level(logging.INFO, logger="training.train"):
+    with caplog.at_level(logging.INFO, logger="training.trainers.distillation"):
         student = build_student_config(config, tiny_tokenizer, teacher_vocab_size(config))
     assert student.vocab_size == len(tiny_tokenizer) != VARIANTS["350M"].get("vocab_size", 128256)
     assert (student.bos_token_id, student.eos_token_id, student.pad_token_id) == (
@@ -165,7 +165,7 @@ def test_variant_student_takes_the_teacher_vocabulary(tmp_path, tiny_teacher_dir
 
 def test_variant_without_vocab_size_trains(tmp_path, tiny_teacher_dir):
     data = tmp_path / "train.jsonl"
-    from training.tiny_models import default_texts
+    from tests.tiny_models import default_texts
 
     data.write_text("".join(f'{{"text": "{t}"}}\n' for t in default_texts(16)))
     out = tmp_path / "out"

@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from training.data import (
+from training.data.shards import (
     IGNORE_INDEX,
     PaddingCollator,
     PretokenizedShardDataset,
     TokenizedRecordsDataset,
     build_dataset,
 )
-from training.preprocess import preprocess
-from training.synthetic import synthetic_corpus, write_jsonl
-from training.tiny_models import build_tiny_llama, build_tiny_tokenizer
+from training.data.preprocess import preprocess
+from training.data.synthetic import synthetic_corpus, write_jsonl
+from tests.tiny_models import build_tiny_llama, build_tiny_tokenizer
 
 N_RECORDS = 40
 
@@ -222,7 +222,7 @@ def test_build_dataset_reports_bad_records_and_unreachable_ids(tmp_path, tiny_to
 
 
 def test_download_from_a_local_mirror_feeds_preprocess(tmp_path, tiny_tokenizer):
-    from training.download_datasets import main as download_main
+    from training.data.download import main as download_main
 
     mirror = tmp_path / "mirror" / "openai" / "gsm8k"
     mirror.mkdir(parents=True)
@@ -243,7 +243,7 @@ def test_download_from_a_local_mirror_feeds_preprocess(tmp_path, tiny_tokenizer)
 def test_download_offline_fails_fast_naming_what_is_unreachable(tmp_path, capsys, monkeypatch):
     import time
 
-    from training.download_datasets import CATEGORIES, main as download_main
+    from training.data.download import CATEGORIES, main as download_main
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.time()

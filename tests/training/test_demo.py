@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from training.demo import main, plan, read_stories, run_demo
-from training.demo_config import load_demo_config
+from training.demo.pipeline import main, plan, read_stories, run_demo
+from training.demo.config import load_demo_config
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "examples" / "configs" / "demo_tiny.yaml"
@@ -50,7 +50,7 @@ def test_tiny_demo_report(demo_run):
     random_curve = trained["ce_only"]["heldout_curve"]
     assert random_curve[-1]["loss"] < random_curve[0]["loss"]  # a random init learns from its first steps
     # One sequence per story, BOS first and no EOS (the llama2.c teacher never saw one).
-    from training.data import PretokenizedShardDataset
+    from training.data.shards import PretokenizedShardDataset
 
     shards = PretokenizedShardDataset(ctx["shards"]["shards"], shuffle=False)
     assert len(shards) == ctx["teacher"]["num_train"]
@@ -109,7 +109,7 @@ def test_config_errors_name_the_key(tmp_path, capsys):
 
 
 def test_embedded_card_links_point_into_the_student_folder():
-    from training.demo_report import _embed_card
+    from training.demo.report import _embed_card
 
     card = "---\nlibrary_name: transformers\n---\n# s\n\n## Eval\n![lat](eval/latency.png) [hub](https://x.y/z)\n"
     out = _embed_card(card, "students/s")
@@ -123,8 +123,8 @@ def test_shipped_demo_configs_name_only_real_keys(name):
     `align` key an AlignConfig field: a misspelt key in a 10-minute run must not wait until its stage to fail."""
     from dataclasses import fields
 
-    from training.align import AlignConfig
-    from training.config import DistillationConfig
+    from training.trainers.alignment import AlignConfig
+    from training.trainers.distillation_config import DistillationConfig
 
     cfg = load_demo_config(str(ROOT / "examples" / "configs" / name))
     train_keys, align_keys = {f.name for f in fields(DistillationConfig)}, {f.name for f in fields(AlignConfig)}

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from training import DirectTeacher
-from training.paths import looks_like_local_path
+from training.utils.paths import looks_like_local_path
 from training.teachers.direct import load_teacher_model, topk_logprobs
 
 

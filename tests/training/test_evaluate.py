@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from tests.training.distilled_student import LM_EVAL_TASK, REPO, distilled_run, write_jsonl
-from training.data import IGNORE_INDEX
-from training.evaluate import EvalConfig, evaluate
+from training.data.shards import IGNORE_INDEX
+from training.evaluation.evaluator import EvalConfig, evaluate
 from training.evaluation.heldout import load_documents, make_windows
 from training.evaluation.passkey import build_prompt
 
@@ -149,7 +149,7 @@ def test_shard_folder_gives_the_same_numbers_as_its_jsonl(paths, report, tmp_pat
     """Data read through the project's shard reader (training.preprocess output) scores the same tokens."""
     from transformers import AutoTokenizer
 
-    from training.preprocess import preprocess
+    from training.data.preprocess import preprocess
 
     preprocess([paths["heldout"]], tmp_path / "shards", AutoTokenizer.from_pretrained(paths["run"]), progress=False)
     rep = evaluate(paths["run"], teacher=paths["teacher"], data=str(tmp_path / "shards"), output_dir=str(tmp_path),
@@ -248,7 +248,7 @@ def test_folder_that_is_not_a_causal_lm(paths, tmp_path):
 
 
 def test_teacher_with_another_tokenizer(paths, tmp_path):
-    from training.tiny_models import save_tiny_teacher
+    from tests.tiny_models import save_tiny_teacher
 
     other = save_tiny_teacher(tmp_path / "other", texts=[f"completely different words {i} zebra" for i in range(50)])
     out = tmp_path / "out"
@@ -289,8 +289,10 @@ def test_config_and_section_errors_name_the_fix():
 
 
 def test_evaluation_stays_out_of_the_training_import_path(tmp_path):
-    code = ("import sys, training.train, training.trainer, training.push\n"
-            "bad = [m for m in sys.modules if m.startswith(('training.evaluat', 'lm_eval', 'model_cards'))]\n"
+    code = ("import sys, training.train, training.trainers.distillation, training.trainers.distillation_trainer\n"
+            "import training.push, training.hub.push\n"
+            "bad = [m for m in sys.modules\n"
+            "       if m.startswith(('training.evaluat', 'lm_eval', 'model_cards', 'training.hub.model_card'))]\n"
             "assert not bad, bad\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "PYTHONPATH": REPO},
                           capture_output=True, text=True, timeout=300)

@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from training.finetune_teacher import RESULT_FILE, TeacherFinetuneConfig, main, tokenize_records, train_eval_datasets
+from training.trainers.teacher_sft import RESULT_FILE, TeacherFinetuneConfig, main, tokenize_records, train_eval_datasets
 from training.teachers.direct import DirectTeacher, load_teacher_model
-from training.tiny_models import default_texts, save_tiny_teacher
+from tests.tiny_models import default_texts, save_tiny_teacher
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENV = dict(os.environ, PYTHONPATH=REPO, WANDB_MODE="offline", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
@@ -103,7 +103,7 @@ def test_base_plus_adapter_equals_merged_model(finetuned, tiny_teacher_dir, tiny
 def test_adapter_is_served_identically_by_direct_cached_and_network_teachers(
     finetuned, tiny_teacher_dir, tiny_tokenizer, tmp_path
 ):
-    from training.cache_teacher_logits import main as cache_main
+    from training.teachers.cache.build import main as cache_main
     from tests.servers import ServerProcess
     from training.teachers.cached import CachedTeacher
     from training.teachers.network import NetworkTeacher
@@ -175,7 +175,7 @@ def test_missing_or_non_adapter_folders_are_clear_errors(tiny_teacher_dir, tmp_p
 
 
 def test_example_config_loads_and_bad_keys_fail(tiny_teacher_dir, tmp_path):
-    from training.config import load_config
+    from training.trainers.distillation_config import load_config
 
     data = story_file(str(tmp_path), 10)
     example = os.path.join(REPO, "examples", "configs", "teacher_ft.yaml")
@@ -225,7 +225,7 @@ def test_accelerate_launch_with_trl_gpu_defaults_on_cpu(tiny_teacher_dir, tmp_pa
 
 def test_shard_folder_gives_the_same_rows_as_the_file_it_was_made_from(tiny_teacher_dir, tiny_tokenizer, tmp_path):
     """The teacher can be corrected on the student's preprocessed shards: same rows, same held-out split."""
-    from training.preprocess import main as preprocess
+    from training.data.preprocess import main as preprocess
 
     data = story_file(str(tmp_path), 30)
     shards = tmp_path / "shards"

@@ -1,4 +1,4 @@
-"""training.losses.distillation_loss against plain full-logits reference implementations (values and gradients)."""
+"""training.trainers.losses.distillation_loss against plain full-logits reference implementations (values and gradients)."""
 
 import math
 import zlib
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.losses import KINDS, distillation_loss
+from training.trainers.losses import KINDS, distillation_loss
 
 FP32_EPS = torch.finfo(torch.float32).eps
 
@@ -326,7 +326,7 @@ def test_diversity_penalises_only_a_student_sharper_than_the_teacher():
 
 
 def test_real_tiny_llama_student_tied_embeddings():
-    from training.tiny_models import build_tiny_llama
+    from tests.tiny_models import build_tiny_llama
 
     model = build_tiny_llama(vocab_size=97, hidden_size=32, num_layers=2)
     input_ids = torch.randint(0, 97, (2, 12))

@@ -23,7 +23,7 @@ from training.teachers.network import (
     TeacherRequestError,
     TeacherUnavailableError,
 )
-from training.wire import BINARY_MEDIA_TYPE, TopKAnswer, encode_binary, encode_json, input_checksum
+from training.teachers.server.wire import BINARY_MEDIA_TYPE, TopKAnswer, encode_binary, encode_json, input_checksum
 
 KEY = "network-test-key"
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # a tiny teacher gains nothing from threads; they only contend with pytest
@@ -356,10 +356,10 @@ def test_openai_fallback_refuses_what_it_cannot_do_exactly(vllm_peer, direct):
 def distill(tmp_path, teacher_dir, tokenizer, name: str, teacher=None, callbacks=None, **overrides):
     """A few DistillationTrainer steps of a tiny RetNet student on variable-length, right-padded batches."""
     from hf_retnet import RetNetConfig, RetNetForCausalLM
-    from training.config import DistillationConfig
-    from training.data import PaddingCollator
-    from training.tiny_models import default_texts
-    from training.trainer import DistillationTrainer
+    from training.trainers.distillation_config import DistillationConfig
+    from training.data.shards import PaddingCollator
+    from tests.tiny_models import default_texts
+    from training.trainers.distillation_trainer import DistillationTrainer
 
     items = []
     for i, text in enumerate(default_texts(24)):
@@ -403,7 +403,8 @@ def test_teacher_gone_for_longer_than_the_retry_budget_stops_the_run_with_checkp
     from safetensors.torch import load_file
     from transformers import TrainerCallback
 
-    from training.serve_teacher import HFEngine, create_app
+    from training.teachers.server.app import create_app
+    from training.teachers.server.hf_engine import HFEngine
 
     # The real server app on a uvicorn thread (no subprocess start-up); stopping it closes the port.
     peer = ThreadServer(create_app(HFEngine(direct), model_name="tiny")).__enter__()
@@ -430,7 +431,7 @@ def test_teacher_gone_for_longer_than_the_retry_budget_stops_the_run_with_checkp
 def test_example_config_builds_a_network_teacher(monkeypatch):
     import os
 
-    from training.config import load_config
+    from training.trainers.distillation_config import load_config
     from training.teachers import build_teacher_source
 
     monkeypatch.setenv("TEACHER_API_KEY", "from-env")

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from hf_retnet import RetNetConfig, RetNetForCausalLM
-from training.optim import MuonWithAdamW, build_muon_optimizer, split_muon_params
-from training.tiny_models import build_tiny_llama
+from training.trainers.optim import MuonWithAdamW, build_muon_optimizer, split_muon_params
+from tests.tiny_models import build_tiny_llama
 
 
 def tiny_retnet(tie=True, seed=0):
@@ -98,8 +98,8 @@ def test_loading_an_adamw_checkpoint_is_a_clear_error():
 
 
 def test_trainer_builds_muon_and_clips(tmp_path, tiny_teacher_dir, tiny_tokenizer):
-    from training.config import DistillationConfig
-    from training.trainer import DistillationTrainer
+    from training.trainers.distillation_config import DistillationConfig
+    from training.trainers.distillation_trainer import DistillationTrainer
 
     model = RetNetForCausalLM(RetNetConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, num_hidden_layers=1,
                                            num_heads=4, intermediate_size=64))

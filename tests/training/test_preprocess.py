@@ -11,10 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from training.data import IGNORE_INDEX, PaddingCollator, PretokenizedShardDataset, sha256_file
-from training.preprocess import encode_record, main, normalize_record, preprocess
-from training.synthetic import synthetic_corpus, write_jsonl
-from training.tiny_models import CHAT_TEMPLATE, EOT, build_tiny_tokenizer
+from training.data.records import IGNORE_INDEX
+from training.data.shards import PaddingCollator, PretokenizedShardDataset
+from training.utils.io import sha256_file
+from training.data.preprocess import encode_record, main, normalize_record, preprocess
+from training.data.synthetic import synthetic_corpus, write_jsonl
+from tests.tiny_models import CHAT_TEMPLATE, EOT, build_tiny_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MULTI_TURN = {

@@ -10,10 +10,10 @@ import textwrap
 import pytest
 import torch
 
-from model_cards import build_card, find_placeholders
+from training.hub.model_card import build_card, find_placeholders
 from tests.training.distilled_student import REPO, TINY_CONFIG, distilled_run
-from training.evaluate import evaluate
-from training.push import build_hub_folder
+from training.evaluation.evaluator import evaluate
+from training.hub.push import build_hub_folder
 
 EXPECTED = {"README.md", "config.json", "model.safetensors", "modeling_retnet.py", "configuration_retnet.py",
             "tokenizer.json", "tokenizer_config.json", "generation_config.json", "loss_curves.png",

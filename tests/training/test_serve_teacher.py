@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from tests.servers import ServerProcess
-from training.serve_teacher import main
+from training.teachers.server.app import main
 from training.teachers.direct import DirectTeacher
 from training.teachers.network import NetworkTeacher
-from training.wire import BINARY_MEDIA_TYPE, decode_binary, decode_json, input_checksum
+from training.teachers.server.wire import BINARY_MEDIA_TYPE, decode_binary, decode_json, input_checksum
 
 KEY = "test-key-123"
 MAX_TOKENS, MAX_K = 2048, 64

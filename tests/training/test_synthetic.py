@@ -5,8 +5,8 @@ import re
 
 import pytest
 
-from training.preprocess import normalize_record
-from training.synthetic import corpus_texts, main, synthetic_corpus
+from training.data.preprocess import normalize_record
+from training.data.synthetic import corpus_texts, main, synthetic_corpus
 
 
 @pytest.mark.parametrize("kind", ["text", "chat", "mixed"])

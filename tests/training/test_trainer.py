@@ -13,12 +13,12 @@ from packaging.version import Version
 import torch
 
 from hf_retnet import RetNetConfig, RetNetForCausalLM
-from training.config import DistillationConfig
-from training.data import PaddingCollator
-from training.callbacks import SaddleEscapeCallback
+from training.trainers.distillation_config import DistillationConfig
+from training.data.shards import PaddingCollator
+from training.trainers.callbacks import SaddleEscapeCallback
 from training.teachers import DirectTeacher
-from training.tiny_models import default_texts, save_tiny_teacher
-from training.trainer import DistillationTrainer
+from tests.tiny_models import default_texts, save_tiny_teacher
+from training.trainers.distillation_trainer import DistillationTrainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -232,7 +232,7 @@ KILLED_RUN = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {tests!r})
     from transformers import AutoTokenizer, TrainerCallback
-    from training.tiny_models import default_texts
+    from tests.tiny_models import default_texts
     import test_trainer as t
 
     class KillAfter(TrainerCallback):
@@ -301,7 +301,7 @@ def test_resumed_run_logs_the_same_distillation_terms(tmp_path, sharp_teacher_di
 def test_eval_metrics_are_token_means_over_the_set(tmp_path, sharp_teacher_dir, tok):
     """Batches of very different token counts: every eval metric is a token mean over the whole set, so
     eval_loss = alpha * eval_ce + (1 - alpha) * eval_kd, and each equals the same mean computed by hand."""
-    from training.losses import distillation_loss
+    from training.trainers.losses import distillation_loss
 
     texts = default_texts(24)[16:]
     # batches of 2: three of two short rows, then one long row alone (unequal tokens and rows per batch)
@@ -391,9 +391,9 @@ def test_bad_saddle_escape_config_names_the_key(tmp_path, sharp_teacher_dir):
 def test_group_by_length_batches_neighbours_and_sees_every_sequence(tmp_path, sharp_teacher_dir, tok, accumulation):
     """`train_sampling_strategy: group_by_length` over a shard folder: every sequence once per epoch, with far less
     padding than random batches (the lengths come from the shards, not from reading every item)."""
-    from training.data import PretokenizedShardDataset
-    from training.preprocess import preprocess
-    from training.synthetic import write_jsonl
+    from training.data.shards import PretokenizedShardDataset
+    from training.data.preprocess import preprocess
+    from training.data.synthetic import write_jsonl
 
     texts = [" ".join(["word"] * (1 + (7 * i) % 60)) for i in range(96)]  # 2 .. 62 tokens, shuffled lengths
     write_jsonl([{"text": t} for t in texts], tmp_path / "in.jsonl")
@@ -421,9 +421,9 @@ def test_group_by_length_batches_neighbours_and_sees_every_sequence(tmp_path, sh
 def test_train_dataset_keeps_one_order_for_length_grouping(tmp_path, sharp_teacher_dir, tok, strategy):
     """train.py's dataset: reshuffled each epoch, except under group_by_length, whose sampler was given the lengths
     of the first order and must find them in every epoch."""
-    from training.preprocess import preprocess
-    from training.synthetic import write_jsonl
-    from training.train import build_train_dataset
+    from training.data.preprocess import preprocess
+    from training.data.synthetic import write_jsonl
+    from training.trainers.distillation import build_train_dataset
 
     write_jsonl([{"text": " ".join(["word"] * (1 + (7 * i) % 60))} for i in range(64)], tmp_path / "in.jsonl")
     preprocess([str(tmp_path / "in.jsonl")], tmp_path / "shards", tok, progress=False)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from training.teachers import DirectTeacher
-from training.tiny_models import default_texts
+from tests.tiny_models import default_texts
 
 from .test_trainer import make_config, make_items, make_trainer, sharp_teacher_dir, step_losses, tok  # noqa: F401
 

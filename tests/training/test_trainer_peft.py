@@ -6,7 +6,7 @@ import torch
 
 import hf_retnet
 from training.teachers import DirectTeacher
-from training.tiny_models import default_texts
+from tests.tiny_models import default_texts
 
 from .test_trainer import (  # noqa: F401
     make_config, make_items, make_trainer, sharp_teacher_dir, step_losses, tiny_student, tok,

@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from training.tiny_models import build_tiny_llama, build_tiny_tokenizer, default_texts
+from tests.tiny_models import build_tiny_llama, build_tiny_tokenizer, default_texts
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STUDENT = json.dumps({"hidden_size": 64, "num_hidden_layers": 2, "num_heads": 4, "intermediate_size": 128,
@@ -109,7 +109,7 @@ def test_teacher_with_another_vocabulary_is_refused(files, script, tmp_path):
 
 def test_onpolicy_route_consumes_a_teacher_adapter(files, tmp_path):
     """The TRL routes take base + adapter through the project's one teacher loader (merged once)."""
-    from training.finetune_teacher import main as finetune
+    from training.trainers.teacher_sft import main as finetune
 
     out = tmp_path / "ft"
     assert finetune(["--teacher_model", files["teacher"], "--train_data", files["text"], "--output_dir", str(out),

@@ -32,7 +32,7 @@ def vllm_python() -> str:
 @pytest.fixture(scope="session")
 def vllm_teacher_dir(tmp_path_factory) -> str:
     """The tiny Llama teacher with head_dim 32 (hidden 128, 4 heads): vLLM's CPU attention has no head_dim 16."""
-    from training.tiny_models import save_tiny_teacher
+    from tests.tiny_models import save_tiny_teacher
 
     return save_tiny_teacher(tmp_path_factory.mktemp("vllm-teacher"), hidden_size=128)
 

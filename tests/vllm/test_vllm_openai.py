@@ -95,7 +95,7 @@ def test_k_above_the_servers_max_logprobs_names_the_flag(vllm_server, vllm_direc
 
 
 def test_another_model_or_tokenizer_is_refused(vllm_server, vllm_direct, vllm_teacher_dir):
-    from training.tiny_models import build_tiny_tokenizer
+    from tests.tiny_models import build_tiny_tokenizer
 
     ids = torch.ones(1, 5, dtype=torch.long)
     vocab = vllm_direct.vocab_size

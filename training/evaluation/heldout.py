@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from training.data import IGNORE_INDEX, MANIFEST_NAME
+from training.data.format import MANIFEST_NAME
+from training.data.records import IGNORE_INDEX
 
 
 @dataclass
@@ -30,8 +31,8 @@ def load_documents(spec, tokenizer, max_documents: int | None = None, append_eos
     """[{"input_ids": [T], "labels": [T]}] from a shard folder or JSONL / Parquet / text files (or a folder of
     them), in file order; text encoded as `training.preprocess` does (`append_eos` as its option). Empty texts are
     skipped; no text at all is an error naming the input."""
-    from training import preprocess
-    from training.data import PretokenizedShardDataset
+    from training.data import preprocess
+    from training.data.shards import PretokenizedShardDataset
 
     specs = [os.fspath(s) for s in spec] if isinstance(spec, (list, tuple)) else [os.fspath(spec)]
     docs: list[dict] = []

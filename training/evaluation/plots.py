@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 
 def _plt():
     import matplotlib
@@ -15,11 +13,9 @@ def _plt():
 
 
 def _save(fig, path: str) -> str:
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=120)
-    _plt().close(fig)
-    os.replace(tmp, path)
-    return path
+    from training.utils.io import save_figure
+
+    return save_figure(fig, path, dpi=120)
 
 
 def plot_latency(latency: dict, path: str) -> str | None:

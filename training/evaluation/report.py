@@ -1,36 +1,11 @@
 """The report files: `report.json` (everything, machine-readable), `report.md` (tables people read) and the plots,
-written into a staging folder that replaces `eval/` in one rename, so a failed or interrupted evaluation never
-leaves a half-written report behind (the previous one stays until the new one is complete)."""
+written into a staging folder that replaces `eval/` in one rename (`training.utils.io.staged_folder`), so a failed
+or interrupted evaluation never leaves a half-written report behind (the previous one stays until the new one is
+complete)."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
-
-
-@contextmanager
-def staged_folder(final: str):
-    """Yield a fresh folder next to `final`; on success it becomes `final` (replacing an older one), on error it
-    is removed and `final` is untouched."""
-    parent = os.path.dirname(os.path.abspath(final)) or "."
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}-staging-", dir=parent)
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    old = None
-    if os.path.exists(final):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}-old-", dir=parent)
-        os.rmdir(old)
-        os.replace(final, old)
-    os.replace(staging, final)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _fmt(value, digits: int = 4) -> str:

@@ -7,27 +7,14 @@ trainer uses to build one from a `DistillationConfig`.
 
 from __future__ import annotations
 
-import importlib
+from training.utils.exports import lazy
 
 from .base import TeacherOutput, TeacherSource
 from .direct import DirectTeacher, load_teacher_model
 
-_LAZY = {"CachedTeacher": ".cached", "NetworkTeacher": ".network"}
-
 __all__ = ["CachedTeacher", "DirectTeacher", "NetworkTeacher", "TeacherOutput", "TeacherSource",
            "build_teacher_source", "load_teacher_model"]
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value  # later look-ups skip this function
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy(__name__, {"CachedTeacher": ".cached", "NetworkTeacher": ".network"})
 
 
 def build_teacher_source(config, device=None) -> TeacherSource:

@@ -20,6 +20,8 @@ import hashlib
 import json
 import os
 
+from training.utils.io import atomic_write_json
+
 ADAPTER_BASE_FILE = "teacher_base.json"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 
@@ -70,11 +72,7 @@ def base_fingerprint(model: str) -> str | None:
 def write_adapter_base(adapter_dir: str, base_model: str) -> None:
     """Record which base `adapter_dir` was made for (written atomically beside adapter_config.json)."""
     record = {"base_model": base_model, "fingerprint": base_fingerprint(base_model)}
-    path = os.path.join(adapter_dir, ADAPTER_BASE_FILE)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(record, handle, indent=2)
-    os.replace(tmp, path)
+    atomic_write_json(os.path.join(adapter_dir, ADAPTER_BASE_FILE), record)
 
 
 def check_adapter_folder(adapter: str, base_model: str | None = None) -> bool:

@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
-from training.cache_format import (
+from training.teachers.cache.format import (
     MANIFEST_NAME,
     data_fingerprint,
     make_encoding,
@@ -26,7 +26,7 @@ from training.cache_format import (
     sha256_hex,
     tokenizer_fingerprint,
 )
-from training.data import sha256_file
+from training.utils.io import sha256_file
 
 from .base import TeacherOutput
 

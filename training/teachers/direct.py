@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from ..paths import looks_like_local_path
+from training.utils.paths import looks_like_local_path
 from .base import TeacherOutput
 
 

@@ -25,7 +25,7 @@ import httpx
 import numpy as np
 import torch
 
-from training.wire import (
+from training.teachers.server.wire import (
     BINARY_MEDIA_TYPE,
     JSON_MEDIA_TYPE,
     TopKAnswer,

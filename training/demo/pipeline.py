@@ -10,7 +10,7 @@ Stages (each a function below, each calling the project's own module for its job
   3. finetune   training.finetune_teacher (LoRA), optional; the adapter is kept only if it helps
   4. cache      training.cache_teacher_logits: the teacher's top-k over the shards, once
   5. student:*  one stage per student: teacher-initialized (training.align, then distillation), random-init
-                KD, CE only, ... all through training.train.run on the same data and token budget
+                KD, CE only, ... all through training.trainers.distillation.run on the same data and token budget
   6. evaluate   training.evaluate on every student against the teacher, and each student's model card
   7. report     <output_dir>/report.md: table, plots, stories, model card; a summary table in the terminal
 
@@ -28,7 +28,8 @@ import sys
 import time
 from dataclasses import asdict
 
-from .demo_config import DemoConfig, StudentRecipe, load_demo_config
+from training.demo.config import DemoConfig, StudentRecipe, load_demo_config
+from training.utils.io import atomic_write_json, atomic_write_jsonl
 
 BANNER_WIDTH = 78
 
@@ -57,11 +58,7 @@ def _fingerprint(obj) -> str:
 
 
 def _write_json(path: str, obj) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(obj, handle, indent=2, default=str)
-    os.replace(tmp, path)
+    atomic_write_json(path, obj, default=str)
 
 
 def distilled_teacher(ctx: dict) -> str:
@@ -78,7 +75,7 @@ def stage_teacher(cfg: DemoConfig, ctx: dict) -> dict:
 
     out = cfg.output_dir
     if cfg.teacher_is_llama2c:
-        from .convert_llama2c import convert_llama2c
+        from training.teachers.converters.llama2c import convert_llama2c
 
         if not cfg.teacher_tokenizer:
             raise ValueError("demo config key 'teacher_tokenizer': a llama2.c teacher needs its tokenizer.bin")
@@ -100,11 +97,7 @@ def stage_teacher(cfg: DemoConfig, ctx: dict) -> dict:
     paths = {}
     for name, part in (("train", train), ("heldout", heldout)):
         paths[name] = os.path.join(data, f"{name}.jsonl")
-        os.makedirs(data, exist_ok=True)
-        with open(paths[name] + ".tmp", "w", encoding="utf-8") as handle:
-            for text in part:
-                handle.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-        os.replace(paths[name] + ".tmp", paths[name])
+        atomic_write_jsonl(paths[name], ({"text": text} for text in part))
     _say(f"stories: {len(train)} train, {len(heldout)} held out -> {data}")
     return {
         "teacher": os.path.abspath(teacher) if os.path.isdir(teacher) else teacher,
@@ -143,7 +136,7 @@ def read_stories(spec: str, limit: int | None = None) -> list[str]:
 
 
 def stage_shards(cfg: DemoConfig, ctx: dict) -> dict:
-    from .preprocess import preprocess
+    from training.data.preprocess import preprocess
 
     t = ctx["teacher"]
     out = os.path.join(cfg.output_dir, "data", "train_shards")
@@ -160,7 +153,7 @@ def stage_finetune(cfg: DemoConfig, ctx: dict) -> dict:
     if not cfg.finetune_teacher:
         _say("skipped: finetune_teacher is false in the config (set it true to try a LoRA teacher correction)")
         return {"adapter": None, "skipped": "disabled"}
-    from .finetune_teacher import TeacherFinetuneConfig, run
+    from training.trainers.teacher_sft import TeacherFinetuneConfig, run
 
     t = ctx["teacher"]
     settings = dict(
@@ -181,7 +174,7 @@ def stage_finetune(cfg: DemoConfig, ctx: dict) -> dict:
 def stage_cache(cfg: DemoConfig, ctx: dict) -> dict:
     import torch
 
-    from .cache_teacher_logits import main as cache_main
+    from training.teachers.cache.build import main as cache_main
 
     t, out = ctx["teacher"], os.path.join(cfg.output_dir, "cache")
     argv = ["--teacher", distilled_teacher(ctx), "--data", ctx["shards"]["shards"], "--output", out,
@@ -227,7 +220,7 @@ def heldout_curve(cfg: DemoConfig, ctx: dict, offset_tokens: int):
     optimizer steps (and before the first): the report's loss-against-tokens curve, on text no student trains on."""
     from transformers import AutoTokenizer, TrainerCallback
 
-    from .evaluation.heldout import load_documents, make_windows, score
+    from training.evaluation.heldout import load_documents, make_windows, score
 
     tokenizer = AutoTokenizer.from_pretrained(ctx["teacher"]["teacher"])
     docs = load_documents(ctx["teacher"]["heldout_data"], tokenizer, cfg.curve_stories, append_eos=cfg.append_eos)
@@ -258,15 +251,15 @@ def heldout_curve(cfg: DemoConfig, ctx: dict, offset_tokens: int):
 
 
 def stage_student(cfg: DemoConfig, ctx: dict, recipe: StudentRecipe) -> dict:
-    from .config import DistillationConfig
-    from .train import run as train_run
+    from training.trainers.distillation_config import DistillationConfig
+    from training.trainers.distillation import run as train_run
 
     out = os.path.join(cfg.output_dir, "students", recipe.name)
     settings = distillation_settings(cfg, ctx, recipe, out)
     align_tokens, align_error = 0, None
     if recipe.init == "teacher":
-        from .align import AlignConfig
-        from .align import run as align_run
+        from training.trainers.alignment import AlignConfig
+        from training.trainers.alignment import run as align_run
 
         t = ctx["teacher"]
         aligned = os.path.join(out, "aligned")
@@ -294,9 +287,9 @@ def stage_student(cfg: DemoConfig, ctx: dict, recipe: StudentRecipe) -> dict:
 def stage_evaluate(cfg: DemoConfig, ctx: dict) -> dict:
     """`training.evaluate` on every student against the teacher (same held-out tokens), then each student's model
     card."""
-    from model_cards.card import write_card
+    from training.hub.model_card import write_card
 
-    from .evaluate import evaluate as run_evaluate
+    from training.evaluation.evaluator import evaluate as run_evaluate
 
     t = ctx["teacher"]
     students = ctx["students"]
@@ -328,7 +321,7 @@ def stage_evaluate(cfg: DemoConfig, ctx: dict) -> dict:
 
 
 def stage_report(cfg: DemoConfig, ctx: dict) -> dict:
-    from .demo_report import write_report
+    from training.demo.report import write_report
 
     return write_report(cfg, ctx)
 
@@ -405,7 +398,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         else:
             ctx[key] = result
     ctx["total_seconds"] = time.perf_counter() - started
-    from .demo_report import print_summary
+    from training.demo.report import print_summary
 
     print_summary(cfg, ctx)
     return ctx
@@ -417,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     import dataclasses
 
-    from .demo_config import StudentRecipe
+    from training.demo.config import StudentRecipe
 
     keys = "\n".join(f"  --{f.name}: {f.metadata.get('help', '')}" for f in dataclasses.fields(DemoConfig))
     recipe = "\n".join(f"  {f.name}: {f.metadata.get('help', '')}" for f in dataclasses.fields(StudentRecipe))

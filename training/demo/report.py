@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+from training.utils.io import atomic_write_text, save_figure
+
 REPORT_NAME = "report.md"
 
 
@@ -70,11 +72,7 @@ def plot_loss_vs_tokens(students: dict, scores: dict, path: str) -> str | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def _fmt_tokens(n) -> str:
@@ -205,10 +203,7 @@ def write_report(cfg, ctx: dict) -> dict:
     cpu = ctx.get("cpu_seconds", {})
     lines += [f"| {k} | {v:.1f} | {cpu.get(k, 0.0):.1f} |" for k, v in ctx.get("timings", {}).items()]
     lines.append("")
-    path = os.path.join(out, REPORT_NAME)
-    with open(path + ".tmp", "w", encoding="utf-8") as handle:
-        handle.write("\n".join(lines))
-    os.replace(path + ".tmp", path)
+    path = atomic_write_text(os.path.join(out, REPORT_NAME), "\n".join(lines))
     return {"report": os.path.abspath(path), "files": files, "best": best, "samples": samples}
 
 

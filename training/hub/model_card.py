@@ -1,9 +1,10 @@
 """The student's model card, generated from what a run leaves behind: config.json (architecture), the weights
 (parameter count), trainer_state.json (steps, losses, tokens), training_config.json (the recipe, when the run
 saved it) and eval/report.json (the evaluation table and latency plot). The template is `retnet_student.md`
-beside this file; every `${...}` in it is filled, and the result is checked for leftover placeholders.
+in the `model_cards` folder (data only, no code); every `${...}` in it is filled, and the result is checked for
+leftover placeholders.
 
-    python -m model_cards <run dir> [--repo_id user/name] [--base_model meta-llama/...] [--license ...]
+    python -m training.model_card <run dir> [--repo_id user/name] [--base_model meta-llama/...] [--license ...]
 """
 
 from __future__ import annotations
@@ -16,12 +17,15 @@ import string
 import yaml
 
 from training.evaluation.report import markdown_table
+from training.utils.io import atomic_write_text
 
 
 def _table(header, rows) -> str:
     return "\n".join(markdown_table(header, rows))
 
-TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "retnet_student.md")
+# The template ships as package data of `model_cards` (installed beside `training`); found by path, not imported.
+TEMPLATE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "model_cards",
+                        "retnet_student.md")
 PROJECT_URL = "https://github.com/hf-retnet/hf-retnet"
 CARD_NAME = "README.md"
 # What reads as an unfilled placeholder on a published card.
@@ -287,9 +291,18 @@ def build_card(run_dir: str, repo_id: str | None = None, base_model: str | None 
 def write_card(run_dir: str, path: str | None = None, **kwargs) -> str:
     """Write the card to `path` (default `<run_dir>/README.md`) atomically and return the path."""
     card = build_card(run_dir, **kwargs)
-    path = path or os.path.join(run_dir, CARD_NAME)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(card)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path or os.path.join(run_dir, CARD_NAME), card)
+
+
+def main(argv=None) -> int:
+    """python -m training.model_card RUN_DIR [--repo_id ...]: write RUN_DIR/README.md, the student's model card."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m training.model_card", description=main.__doc__)
+    parser.add_argument("run_dir", help="a finished training.train output_dir")
+    parser.add_argument("--repo_id", default=None, help="Hub id used in the card's code (default: the folder name)")
+    parser.add_argument("--base_model", default=None, help="Hub id of the teacher (default: from the run's config)")
+    parser.add_argument("--license", default=None, help="license identifier for the YAML header")
+    args = parser.parse_args(argv)
+    print(write_card(args.run_dir, repo_id=args.repo_id, base_model=args.base_model, license=args.license))
+    return 0

@@ -19,7 +19,7 @@ except ImportError as err:  # pragma: no cover - depends on the machine
         "the CPU build in its own venv (docs/vllm.md), or serve with `--engine hf` (transformers, CPU or GPU)"
     ) from err
 
-from training.wire import topk_from_logprob_dicts
+from training.teachers.server.wire import topk_from_logprob_dicts
 
 
 class VLLMEngine:

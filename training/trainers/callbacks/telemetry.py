@@ -106,7 +106,7 @@ class StepTap:
             if self._missing == 3 and owner:
                 logger.warning(
                     f"{owner} sees no training loss: the model's forward returns no `.loss` (no labels?) and the "
-                    "trainer does not call training.callbacks.report_step_loss(trainer, loss); it cannot use the loss"
+                    "trainer does not call training.trainers.callbacks.report_step_loss(trainer, loss); it cannot use the loss"
                 )
             return None
         device = values[0].device

@@ -1,0 +1,199 @@
+"""Distil a teacher into a RetNet student.
+
+    python -m training.train --config examples/configs/train_direct.yaml [--key value ...]
+    accelerate launch --config_file examples/accelerate/ddp.yaml -m training.train --config ... [--key value ...]
+
+Resume with `--resume_from_checkpoint <checkpoint folder>` or `--resume_from_checkpoint last` (newest in output_dir).
+Everything that can be checked cheaply (config keys and ranges, folders, vocabularies, top-k) is checked before
+any weights load or anything is written; the final student and tokenizer land in `output_dir` at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from training.trainers.distillation_config import DistillationConfig, config_parser, load_config
+from training.utils.io import staged_files
+from training.utils.plots import plot_loss_curves
+
+logger = logging.getLogger(__name__)
+
+
+def _split_argv(argv: list[str]) -> tuple[str | None, list[str], bool]:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    pre.add_argument("-h", "--help", action="store_true")
+    known, rest = pre.parse_known_args(argv)
+    return known.config, rest, known.help
+
+
+def _wants_expandable_segments(config_path: str | None, overrides: list[str]) -> bool:
+    """`cuda_expandable_segments` from the YAML / command line, read before anything can touch CUDA."""
+    from transformers.hf_argparser import string_to_bool
+
+    value = False
+    if config_path and os.path.isfile(config_path):
+        import yaml
+
+        with open(config_path, encoding="utf-8") as handle:
+            loaded = yaml.safe_load(handle)
+        if isinstance(loaded, dict):
+            value = loaded.get("cuda_expandable_segments", False)
+    for i, arg in enumerate(overrides):
+        key, _, inline = arg.partition("=")
+        if key.startswith("--") and key[2:].replace("-", "_") == "cuda_expandable_segments":
+            nxt = overrides[i + 1] if i + 1 < len(overrides) else ""
+            value = inline or (nxt if nxt and not nxt.startswith("--") else True)
+    try:
+        return bool(string_to_bool(value)) if isinstance(value, str) else bool(value)
+    except Exception:
+        return False  # load_config reports the bad value, naming the key
+
+
+def build_tokenizer(config: DistillationConfig):
+    from transformers import AutoTokenizer
+
+    if not config.tokenizer:
+        raise ValueError("config key 'tokenizer': required unless teacher_source=direct (then the teacher's is used)")
+    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # Llama-3 base tokenizers ship without a pad token
+    return tokenizer
+
+
+def teacher_vocab_size(config: DistillationConfig, source=None) -> int:
+    """The teacher's vocabulary from its config (direct) or from the source (cached/network): no weights load."""
+    if source is not None:
+        return int(source.vocab_size)
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(config.teacher_model).vocab_size)
+
+
+def build_student_config(config: DistillationConfig, tokenizer, teacher_vocab: int | None = None):
+    """`RetNetConfig.from_variant(student, **student_overrides)` or the folder's config plus the overrides.
+
+    A variant's own vocabulary is Llama-3's; unless `student_overrides` sets `vocab_size`, the student takes the
+    teacher's (`teacher_vocab`), as distillation compares distributions id by id. bos/eos/pad ids default to the
+    tokenizer's. A folder's vocabulary, or an explicit override, is kept as it is (a mismatch is then an error).
+    """
+    from hf_retnet import RetNetConfig
+
+    overrides = dict(config.student_overrides or {})
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        overrides.setdefault(key, getattr(tokenizer, key))
+    if os.path.isdir(config.student):
+        student_config = RetNetConfig.from_pretrained(config.student)
+        for key, value in overrides.items():
+            setattr(student_config, key, value)
+        return student_config
+    if teacher_vocab is not None and "vocab_size" not in overrides:
+        overrides["vocab_size"] = int(teacher_vocab)
+        logger.info(f"student {config.student!r}: vocab_size {teacher_vocab} taken from the teacher (set "
+                    "student_overrides.vocab_size to choose another)")
+    return RetNetConfig.from_variant(config.student, **overrides)
+
+
+def build_student(config: DistillationConfig, student_config):
+    """Weights from the folder when it holds a checkpoint, otherwise a fresh init seeded by `config.seed`."""
+    from transformers import set_seed
+
+    from hf_retnet import RetNetForCausalLM
+
+    set_seed(config.seed)
+    has_weights = os.path.isdir(config.student) and any(
+        name.endswith(".safetensors") for name in os.listdir(config.student)
+    )
+    if has_weights:
+        return RetNetForCausalLM.from_pretrained(config.student, config=student_config, use_safetensors=True)
+    return RetNetForCausalLM(student_config)
+
+
+def save_final(trainer, tokenizer, output_dir: str) -> None:
+    """Write the student, tokenizer, trainer_state.json and loss_curves.png to a hidden folder next to the results, then move the files in (atomic each)."""
+    main_process = trainer.is_world_process_zero()
+    with staged_files(output_dir, owner=main_process) as staging:
+        trainer.save_model(staging)
+        if main_process:
+            tokenizer.save_pretrained(staging)
+            trainer.state.save_to_json(os.path.join(staging, "trainer_state.json"))  # log_history of the whole run
+            plot_loss_curves(trainer.state.log_history, os.path.join(staging, "loss_curves.png"))
+    trainer.accelerator.wait_for_everyone()
+
+
+def build_train_dataset(config: DistillationConfig, tokenizer):
+    """The training set, shuffled by epoch; with `train_sampling_strategy: group_by_length` the Trainer's
+    LengthGroupedSampler shuffles instead, so the dataset keeps one order and its lengths hold in every epoch."""
+    from training.data.shards import build_dataset
+
+    shuffle = config.train_sampling_strategy != "group_by_length"
+    return build_dataset(config.train_data, tokenizer, config.max_seq_length, seed=config.seed, shuffle=shuffle)
+
+
+def run(config: DistillationConfig, callbacks=None):
+    """Build everything from `config`, train, save. Returns the trainer (tests read its state).
+    `callbacks`: extra `TrainerCallback`s (benchmarks measure their own held-out metrics with them)."""
+    from training.data.shards import PaddingCollator, build_dataset
+    from training.hub.push import finish_run, prepare_push
+    from training.teachers import build_teacher_source
+    from training.trainers.distillation_trainer import DistillationTrainer, check_teacher_student
+
+    push_plan = prepare_push(config)  # --push_to_hub without a token fails here, before anything loads
+    tokenizer = build_tokenizer(config)
+    source = None if config.teacher_source == "direct" else build_teacher_source(config, device=config.device)
+    vocab = teacher_vocab_size(config, source)
+    student_config = build_student_config(config, tokenizer, vocab)
+    check_teacher_student(vocab, student_config.vocab_size, config.teacher_topk)
+    if not config.train_data:
+        raise ValueError("config key 'train_data': required (a shard folder, a JSONL/Parquet/text file or a dataset id)")
+    train_dataset = build_train_dataset(config, tokenizer)
+    eval_dataset = (
+        build_dataset(config.eval_data, tokenizer, config.max_seq_length, seed=config.seed)
+        if config.eval_data else None
+    )
+
+    student = build_student(config, student_config)
+    if source is None:
+        source = build_teacher_source(config, device=config.device)
+    trainer = DistillationTrainer(
+        model=student,
+        args=config,
+        teacher=source,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=PaddingCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    resume = config.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "last", "latest"):
+        resume = True
+    trainer.train(resume_from_checkpoint=resume)
+    save_final(trainer, tokenizer, config.output_dir)
+    finish_run(trainer, config, push_plan)  # training_config.json beside the weights; the Hub upload when asked
+    return trainer
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    config_path, overrides, want_help = _split_argv(argv)
+    if want_help:
+        parser = config_parser(DistillationConfig)
+        parser.prog = "python -m training.train --config CONFIG.yaml"
+        parser.print_help()
+        return 0
+    if _wants_expandable_segments(config_path, overrides):
+        from training.trainers.callbacks import configure_cuda_allocator
+
+        # Before the config is built: TrainingArguments' bf16 check already initialises CUDA.
+        configure_cuda_allocator(expandable_segments=True)
+    config = load_config(config_path, overrides)
+    run(config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

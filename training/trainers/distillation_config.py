@@ -1,0 +1,395 @@
+"""`DistillationConfig`: the Trainer's arguments plus the distillation fields, loadable from YAML + `--key value`.
+
+Every distillation field is documented once, in its `help` metadata (shown by `python -m training.train --help`),
+and validated in `__post_init__`, so a bad value fails with the key's name before any model or folder is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import HfArgumentParser, TrainingArguments
+from transformers.training_args import OptimizerNames
+
+from training.utils.paths import looks_like_local_path
+
+TEACHER_SOURCES = ("direct", "cached", "network")
+KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")
+TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
+CACHE_VERIFY = ("full", "manifest", "none")
+MUON_ADJUST_LR = ("original", "match_rms_adamw")
+
+
+@dataclass
+class DistillationConfig(TrainingArguments):
+    """`TrainingArguments` plus what distilling a teacher into a RetNet student needs (README: "Real-teacher workflow")."""
+
+    # Redeclared Trainer fields: `optim` also accepts "muon" (see training/trainers/optim.py); evaluation only needs the loss.
+    optim: str = field(
+        default="adamw_torch",
+        metadata={
+            "help": "Optimizer: any Trainer `optim` name, or 'muon' = torch.optim.Muon on the 2-D hidden matrices "
+            "(lr `muon_learning_rate`) + AdamW on embeddings, lm_head, norms and 1-D params (lr `learning_rate`)."
+        },
+    )
+    prediction_loss_only: bool = field(
+        default=True,
+        metadata={"help": "Evaluation returns only the distillation loss (no [B,T,V] logits are gathered)."},
+    )
+
+    # ---- student ----
+    student: str = field(
+        default="500M",
+        metadata={"help": "RetNet student: a variant name ('350M', '500M') or a folder with a RetNet config/checkpoint."},
+    )
+    student_overrides: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Mapping (YAML mapping or JSON string) applied on top of the student config, e.g. "
+            '\'{"hidden_size": 64, "num_hidden_layers": 2}\' for a tiny student.'
+        },
+    )
+
+    # ---- teacher ----
+    teacher_source: str = field(
+        default="direct",
+        metadata={"help": "Where teacher distributions come from: 'direct' (in process), 'cached' (disk), 'network'."},
+    )
+    teacher_model: str | None = field(
+        default=None,
+        metadata={"help": "Teacher Hub id or folder (direct mode); its tokenizer is the default `tokenizer`. With "
+                          "teacher_protocol=openai, the model id the vLLM server must serve (when set)."},
+    )
+    teacher_adapter: str | None = field(
+        default=None, metadata={"help": "Optional peft adapter folder merged into the teacher's weights."}
+    )
+    teacher_cache: str | None = field(
+        default=None, metadata={"help": "Folder written by `python -m training.cache_teacher_logits` (cached mode)."}
+    )
+    teacher_cache_verify: str = field(
+        default="full",
+        metadata={"help": f"How the teacher cache is checked at start (cached mode), one of {CACHE_VERIFY}: 'full' "
+                  "(default) hashes every shard against the manifest's sha256 (reads the whole cache, on every "
+                  "process, at every start); 'manifest' checks shard sizes and headers against the manifest "
+                  "(no data read: use it for large caches); 'none' skips the size check. Every row is still "
+                  "checked against the hash of its token ids when it is read."},
+    )
+    teacher_url: str | None = field(
+        default=None, metadata={"help": "Base URL of `python -m training.serve_teacher` (network mode)."}
+    )
+    teacher_api_key: str | None = field(
+        default=None,
+        metadata={"help": "Bearer key for the teacher server; defaults to the TEACHER_API_KEY environment variable."},
+    )
+    teacher_protocol: str = field(
+        default="topk",
+        metadata={"help": "Network mode: 'topk' (our /v1/topk, binary) or 'openai' (a stock vLLM server's "
+                  "/v1/completions with prompt_logprobs; temperature 1 only)."},
+    )
+    teacher_vocab_size: int | None = field(
+        default=None,
+        metadata={"help": "Network mode with teacher_protocol=openai: the teacher's vocabulary size (vLLM does "
+                  "not report it); our /v1/topk server reports its own."},
+    )
+    teacher_retries: int = field(
+        default=5,
+        metadata={"help": "Network mode: retries of a failed teacher request, waiting 0.5 s, 1 s, 2 s, ... (at most "
+                  "30 s) between them; 10 outlasts a teacher server restart of about 2.5 minutes (vLLM: 1-5 min)."},
+    )
+    teacher_dtype: str = field(
+        default="auto", metadata={"help": f"Teacher weights dtype, one of {TEACHER_DTYPES} ('auto' = checkpoint's)."}
+    )
+    teacher_device: str | None = field(
+        default=None, metadata={"help": "Device of the direct teacher (e.g. 'cuda:1'); default: the student's device."}
+    )
+
+    # ---- loss ----
+    teacher_topk: int = field(
+        default=512, metadata={"help": "k of the teacher's top-k distribution; must be <= the vocabulary size."}
+    )
+    full_vocab_kd: bool = field(
+        default=False,
+        metadata={"help": "Direct mode only: use full-vocabulary KL from the teacher's logits instead of sparse top-k."},
+    )
+    temperature: float = field(
+        default=1.0, metadata={"help": "Softening temperature (> 0) of teacher and student; KD is scaled by T^2."}
+    )
+    temperature_start: float | None = field(
+        default=None,
+        metadata={"help": "If set, temperature moves linearly from this value to `temperature` over "
+                  "`temperature_schedule_steps` optimizer steps."},
+    )
+    temperature_schedule_steps: int = field(
+        default=0, metadata={"help": "Length in optimizer steps of the linear temperature schedule."}
+    )
+    distill_alpha: float = field(
+        default=0.5, metadata={"help": "CE weight in [0, 1]: loss = alpha * CE + (1 - alpha) * KD (+ diversity)."}
+    )
+    distill_alpha_start: float | None = field(
+        default=None,
+        metadata={"help": "If set, alpha moves linearly from this value to `distill_alpha` over "
+                  "`alpha_schedule_steps` optimizer steps."},
+    )
+    alpha_schedule_steps: int = field(
+        default=0, metadata={"help": "Length in optimizer steps of the linear alpha schedule."}
+    )
+    kd_loss: str = field(
+        default="forward_kl", metadata={"help": f"KD divergence, one of {KD_LOSSES}."}
+    )
+    jsd_beta: float = field(
+        default=0.5, metadata={"help": "Interpolation beta in [0, 1] of the generalized JSD (GKD) when kd_loss=jsd."}
+    )
+    reverse_kl_warmup_steps: int = field(
+        default=0, metadata={"help": "Use reverse KL for the first N optimizer steps, then `kd_loss`."}
+    )
+    diversity_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight (>= 0) of the entropy-gap regulariser that keeps the student's distribution spread."},
+    )
+    loss_chunk_size: int = field(
+        default=1024, metadata={"help": "Token rows per lm_head chunk in the loss (bounds the [rows, V] fp32 memory)."}
+    )
+
+    # ---- Muon ----
+    muon_learning_rate: float = field(
+        default=0.02, metadata={"help": "Learning rate of the Muon part when optim=muon (AdamW uses learning_rate)."}
+    )
+    muon_momentum: float = field(default=0.95, metadata={"help": "Muon momentum in [0, 1)."})
+    muon_adjust_lr_fn: str = field(
+        default="original", metadata={"help": f"torch.optim.Muon `adjust_lr_fn`, one of {MUON_ADJUST_LR}."}
+    )
+
+    # ---- data ----
+    train_data: str | None = field(
+        default=None,
+        metadata={"help": "Training data: a shard folder from training.preprocess, a JSONL/Parquet/text file, or a "
+                  "datasets id (tokenized on the fly)."},
+    )
+    eval_data: str | None = field(default=None, metadata={"help": "Held-out data, same forms as `train_data`."})
+    tokenizer: str | None = field(
+        default=None, metadata={"help": "Tokenizer folder or Hub id; defaults to `teacher_model` (required in cached/network "
+                  "mode without one)."}
+    )
+    max_seq_length: int = field(default=1024, metadata={"help": "Tokens per training sequence (>= 2)."})
+
+    # ---- telemetry ----
+    default_callbacks: bool = field(
+        default=True, metadata={"help": "Attach the NaN guard, memory and throughput callbacks."}
+    )
+    saddle_escape: bool = field(
+        default=False,
+        metadata={"help": "Attach SaddleEscapeCallback: on a loss plateau with small gradients, boost the learning "
+                  "rate for a while, then restore the scheduler's value exactly (docs/stability.md)."},
+    )
+    saddle_escape_config: dict | str | None = field(
+        default=None,
+        metadata={"help": "Mapping (YAML mapping or JSON string) of SaddleEscapeConfig thresholds overriding its "
+                  "documented defaults, e.g. '{\"window\": 50, \"boost_factor\": 2.0}'."},
+    )
+    cuda_expandable_segments: bool = field(
+        default=False,
+        metadata={"help": "Configure the CUDA caching allocator with expandable segments before CUDA starts."},
+    )
+
+    def __post_init__(self):
+        self._validate_distillation()
+        # TrainingArguments turns `optim` into an OptimizerNames enum, which has no "muon": validate the rest with a
+        # stand-in and put the name back (DistillationTrainer.create_optimizer handles it).
+        use_muon = str(self.optim).lower() == "muon"
+        if use_muon:
+            self.optim = "adamw_torch"
+        elif str(self.optim) not in {name.value for name in OptimizerNames}:
+            raise ValueError(
+                f"config key 'optim': {str(self.optim)!r} is not 'muon' nor one of "
+                f"{sorted(name.value for name in OptimizerNames)}"
+            )
+        super().__post_init__()
+        if use_muon:
+            self.optim = "muon"
+
+    @property
+    def use_muon(self) -> bool:
+        return str(self.optim) == "muon"
+
+    def _validate_distillation(self) -> None:
+        def bad(key: str, why: str) -> ValueError:
+            return ValueError(f"config key '{key}': {why}")
+
+        if isinstance(self.student_overrides, str):
+            try:
+                self.student_overrides = json.loads(self.student_overrides) if self.student_overrides else None
+            except json.JSONDecodeError as err:
+                raise bad("student_overrides", f"not a JSON mapping ({err})") from None
+        if self.student_overrides is not None and not isinstance(self.student_overrides, dict):
+            raise bad("student_overrides", f"must be a mapping, got {type(self.student_overrides).__name__}")
+        if isinstance(self.saddle_escape_config, str):
+            try:
+                self.saddle_escape_config = json.loads(self.saddle_escape_config) if self.saddle_escape_config else None
+            except json.JSONDecodeError as err:
+                raise bad("saddle_escape_config", f"not a JSON mapping ({err})") from None
+        if self.saddle_escape_config is not None:
+            from training.trainers.callbacks import SaddleEscapeConfig
+
+            try:
+                SaddleEscapeConfig.from_dict(dict(self.saddle_escape_config))
+            except (TypeError, ValueError) as err:
+                raise bad("saddle_escape_config", str(err)) from None
+        if not self.student:
+            raise bad("student", "empty; give a variant name ('350M', '500M') or a folder")
+        if not os.path.isdir(os.path.expanduser(self.student)):
+            from hf_retnet import VARIANTS
+
+            if self.student not in VARIANTS:
+                if looks_like_local_path(self.student):
+                    raise FileNotFoundError(f"config key 'student': folder {self.student!r} does not exist")
+                raise bad("student", f"{self.student!r} is neither a variant {sorted(VARIANTS)} nor an existing folder")
+
+        if self.teacher_source not in TEACHER_SOURCES:
+            raise bad("teacher_source", f"{self.teacher_source!r} is not one of {TEACHER_SOURCES}")
+        if self.teacher_source == "direct":
+            if not self.teacher_model:
+                raise bad("teacher_model", "required when teacher_source=direct (a Hub id or a folder)")
+            if looks_like_local_path(self.teacher_model) and not os.path.isdir(os.path.expanduser(self.teacher_model)):
+                raise FileNotFoundError(
+                    f"config key 'teacher_model': folder {self.teacher_model!r} does not exist; pass an existing "
+                    "folder or a Hub id such as 'meta-llama/Llama-3.2-1B-Instruct'"
+                )
+        if self.teacher_adapter is not None and not os.path.isdir(os.path.expanduser(self.teacher_adapter)):
+            raise FileNotFoundError(f"config key 'teacher_adapter': folder {self.teacher_adapter!r} does not exist")
+        if self.teacher_source == "cached":
+            if not self.teacher_cache:
+                raise bad("teacher_cache", "required when teacher_source=cached")
+            if not os.path.isdir(os.path.expanduser(self.teacher_cache)):
+                raise FileNotFoundError(f"config key 'teacher_cache': folder {self.teacher_cache!r} does not exist")
+        if self.teacher_cache_verify not in CACHE_VERIFY:
+            raise bad("teacher_cache_verify", f"{self.teacher_cache_verify!r} is not one of {CACHE_VERIFY}")
+        if self.teacher_protocol not in ("topk", "openai"):
+            raise bad("teacher_protocol", "must be 'topk' or 'openai'")
+        if self.teacher_protocol == "openai" and self.teacher_source == "network" and not self.teacher_vocab_size:
+            raise bad("teacher_vocab_size", "required with teacher_protocol=openai (a vLLM server does not report it)")
+        if not isinstance(self.teacher_retries, int) or self.teacher_retries < 0:
+            raise bad("teacher_retries", f"must be an integer >= 0, got {self.teacher_retries!r}")
+        if self.teacher_source == "network" and not self.teacher_url:
+            raise bad("teacher_url", "required when teacher_source=network (e.g. http://127.0.0.1:8000)")
+        if self.full_vocab_kd and self.teacher_source != "direct":
+            raise bad("full_vocab_kd", "needs teacher_source=direct (only the direct teacher has full logits)")
+        if self.teacher_dtype not in TEACHER_DTYPES:
+            raise bad("teacher_dtype", f"{self.teacher_dtype!r} is not one of {TEACHER_DTYPES}")
+        if self.tokenizer is None and self.teacher_model:
+            self.tokenizer = self.teacher_model
+        if self.teacher_source == "cached" and self.temperature_start is not None:
+            raise bad("temperature_start", "a cache holds log-probs at one temperature; no schedule in cached mode")
+
+        if not isinstance(self.teacher_topk, int) or self.teacher_topk < 1:
+            raise bad("teacher_topk", f"must be a positive integer, got {self.teacher_topk!r}")
+        for key in ("temperature", "temperature_start"):
+            value = getattr(self, key)
+            if value is not None and not value > 0:
+                raise bad(key, f"must be > 0, got {value}")
+        for key in ("distill_alpha", "distill_alpha_start", "jsd_beta"):
+            value = getattr(self, key)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise bad(key, f"must be in [0, 1], got {value}")
+        if self.kd_loss not in KD_LOSSES:
+            raise bad("kd_loss", f"{self.kd_loss!r} is not one of {KD_LOSSES}")
+        for key in ("temperature_schedule_steps", "alpha_schedule_steps", "reverse_kl_warmup_steps"):
+            if getattr(self, key) < 0:
+                raise bad(key, f"must be >= 0, got {getattr(self, key)}")
+        if not self.diversity_weight >= 0:
+            raise bad("diversity_weight", f"must be >= 0, got {self.diversity_weight}")
+        if self.loss_chunk_size < 1:
+            raise bad("loss_chunk_size", f"must be >= 1, got {self.loss_chunk_size}")
+        if not self.muon_learning_rate > 0:
+            raise bad("muon_learning_rate", f"must be > 0, got {self.muon_learning_rate}")
+        if not 0.0 <= self.muon_momentum < 1.0:
+            raise bad("muon_momentum", f"must be in [0, 1), got {self.muon_momentum}")
+        if self.muon_adjust_lr_fn not in MUON_ADJUST_LR:
+            raise bad("muon_adjust_lr_fn", f"{self.muon_adjust_lr_fn!r} is not one of {MUON_ADJUST_LR}")
+        if self.max_seq_length < 2:
+            raise bad("max_seq_length", f"must be >= 2 (one input and one next token), got {self.max_seq_length}")
+
+    def alpha_at(self, step: int) -> float:
+        """CE weight at optimizer step `step` (linear schedule from distill_alpha_start, then constant)."""
+        return _linear(self.distill_alpha_start, self.distill_alpha, step, self.alpha_schedule_steps)
+
+    def temperature_at(self, step: int) -> float:
+        """Softening temperature at optimizer step `step`."""
+        return _linear(self.temperature_start, self.temperature, step, self.temperature_schedule_steps)
+
+    def kd_loss_at(self, step: int) -> str:
+        """KD kind at optimizer step `step` (reverse KL during the warm-up)."""
+        return "reverse_kl" if step < self.reverse_kl_warmup_steps else self.kd_loss
+
+
+def _linear(start: float | None, end: float, step: int, steps: int) -> float:
+    if start is None or steps <= 0 or step >= steps:
+        return float(end)
+    return float(start + (end - start) * step / steps)
+
+
+def distillation_field_names() -> list[str]:
+    """The fields DistillationConfig adds to TrainingArguments (for docs and tests)."""
+    base = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return [f.name for f in dataclasses.fields(DistillationConfig) if f.name not in base]
+
+
+def config_parser(config_class, **kwargs) -> HfArgumentParser:
+    """HfArgumentParser over `config_class`, with literal `%` in help texts escaped: transformers 5.2
+    ships TrainingArguments help such as "~20% slower", which makes argparse's `--help` raise."""
+    parser = HfArgumentParser(config_class, **kwargs)
+    for action in parser._actions:
+        if action.help:
+            action.help = re.sub(r"(?<!%)%(?![(%])", "%%", action.help)
+    return parser
+
+
+def load_config(
+    yaml_path: str | os.PathLike | None = None, overrides: list[str] | None = None, config_class: type | None = None
+):
+    """YAML file, then `--key value` overrides (HfArgumentParser semantics) -> a validated DistillationConfig
+    (or `config_class`, any `TrainingArguments` dataclass, e.g. the teacher finetuning config).
+
+    Raises ValueError naming the key for an unknown key, a malformed override or an out-of-range value, and
+    FileNotFoundError for a missing config file or teacher/student folder. Nothing is loaded or written.
+    """
+    import yaml
+
+    values: dict[str, Any] = {}
+    if yaml_path is not None:
+        if not os.path.isfile(yaml_path):
+            raise FileNotFoundError(f"config file {str(yaml_path)!r} does not exist")
+        with open(yaml_path, encoding="utf-8") as handle:
+            loaded = yaml.safe_load(handle)
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ValueError(f"config file {str(yaml_path)!r} must hold a mapping of keys to values")
+        values = dict(loaded or {})
+    config_class = config_class or DistillationConfig
+    known = {f.name for f in dataclasses.fields(config_class) if f.init}
+    _reject_unknown(values, known, where=f"config file {str(yaml_path)!r}")
+
+    parser = config_parser(config_class, exit_on_error=False)
+    parser.set_defaults(**values)
+    overrides = list(overrides or [])
+    flags = [a.split("=", 1)[0][2:].replace("-", "_") for a in overrides if a.startswith("--")]
+    _reject_unknown(dict.fromkeys(flags), known, where="command line")
+    try:
+        namespace, remaining = parser.parse_known_args(overrides)
+    except Exception as err:  # argparse.ArgumentError: a value of the wrong type
+        raise ValueError(f"bad command-line override: {err}") from None
+    if remaining:
+        raise ValueError(f"unused command-line arguments {remaining}; pass overrides as --key value")
+    return config_class(**{k: v for k, v in vars(namespace).items() if k in known})
+
+
+def _reject_unknown(values: dict, known: set[str], where: str) -> None:
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else "; see `python -m training.train --help`"
+            raise ValueError(f"unknown config key '{key}' in {where}{hint}")
