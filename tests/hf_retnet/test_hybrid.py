@@ -405,3 +405,41 @@ def test_gradients_parallel_vs_chunkwise():
     for name, g in grads["parallel"].items():
         assert not math.isnan(g.abs().sum().item()), name
         torch.testing.assert_close(grads["chunkwise"][name], g, atol=TOL, rtol=1e-3, msg=name)
+
+
+def test_hybrid_checkpoint_loads_as_remote_code_without_the_package(tmp_path):
+    """The hybrid path lives in the self-contained modeling file: a saved checkpoint runs where hf_retnet is not
+    importable (as from the Hub with trust_remote_code) and gives the same logits in every mode."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    torch.manual_seed(0)
+    model = RetNetForCausalLM(tiny_config(attention_window=3, num_kv_heads=2)).eval()
+    model.save_pretrained(tmp_path / "hybrid")
+    ids = torch.randint(0, 97, (2, 10))
+    torch.save(ids, tmp_path / "ids.pt")
+    torch.save(model(ids).logits, tmp_path / "expected.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == "hf_retnet" or name.startswith("hf_retnet."):
+                    raise ImportError("hf_retnet is blocked in this process")
+        sys.meta_path.insert(0, Block())
+        sys.path = [p for p in sys.path if p not in ("", {os.getcwd()!r})]
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "hybrid")!r}, trust_remote_code=True).eval()
+        ids, expected = torch.load({str(tmp_path / "ids.pt")!r}), torch.load({str(tmp_path / "expected.pt")!r})
+        for mode in ("parallel", "chunkwise", "recurrent"):
+            torch.testing.assert_close(model(ids, retention_mode=mode).logits, expected, atol=1e-4, rtol=1e-4)
+        print("HYBRID-REMOTE-OK", model.config.attention_window)
+        """
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "HYBRID-REMOTE-OK 3" in result.stdout
