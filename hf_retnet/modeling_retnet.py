@@ -17,6 +17,7 @@ left-padded sequence is computed exactly as if it stood alone.
 
 from __future__ import annotations
 
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +52,10 @@ def _pick_cache(cache: RetNetCache | None, past_key_values: RetNetCache | None) 
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# Why not transformers' own recurrent-state layers (`LinearAttentionLayer` in cache_utils, used by Qwen3-Next and
+# other linear-attention models): they first appear after 5.2, the oldest release this file supports (5.2's
+# cache_utils has only Dynamic/Static/Quantized key-value layers), and they hold conv and recurrent states per layer
+# without the per-row token count that padding-aware positions need. So the state keeps its own Cache subclass.
 class RetNetCache(Cache):
     """Recurrent state of a RetNet: one fp32 matrix per layer and head, whatever the context length.
 
@@ -104,11 +109,29 @@ class RetNetCache(Cache):
         tensors = [*self.states, *self.window_keys, *self.window_values, self.window_valid]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
-    def advance(self, attention_mask: torch.Tensor) -> None:
-        """Account for a forward over `attention_mask` [B, T] (called once per forward, after all layers)."""
-        real = attention_mask.sum(dim=-1).to(torch.long)
-        self.seen_tokens = real if self.seen_tokens is None else self.seen_tokens + real
-        self._length += attention_mask.shape[-1]
+    def advance(
+        self,
+        attention_mask: torch.Tensor | None,
+        next_positions: torch.Tensor | None = None,
+        num_tokens: int | None = None,
+        batch_size: int | None = None,
+        device: torch.device | None = None,
+    ) -> None:
+        """Account for one forward (called once, after all layers). attention_mask: [B, T], or None when all
+        `num_tokens` tokens of the `batch_size` rows are real. next_positions: [B], the position after each row's
+        last real token when the forward had position_ids (a packed row continues its last document)."""
+        if attention_mask is not None:
+            num_tokens = attention_mask.shape[-1]
+            real = attention_mask.sum(dim=-1).to(torch.long)  # [B]
+        elif self.seen_tokens is not None:
+            real = num_tokens
+        else:
+            real = torch.full((batch_size,), num_tokens, dtype=torch.long, device=device)
+        seen = real if self.seen_tokens is None else self.seen_tokens + real
+        if next_positions is not None:
+            seen = next_positions if attention_mask is None else torch.where(real > 0, next_positions, seen)
+        self.seen_tokens = seen
+        self._length += num_tokens
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self._length
@@ -180,13 +203,17 @@ def fp32_log_decays(num_heads: int) -> torch.Tensor:
     return torch.log(1 - 2 ** (-5 - torch.arange(num_heads, dtype=torch.float)))
 
 
-def _decay_matrix(time: torch.Tensor, log_decay: torch.Tensor) -> torch.Tensor:
-    """D[..., n, m] = gamma^(c_n - c_m) for m <= n, else 0.  time: [B, *, T] -> [B, H, *, T, T]."""
+def _decay_matrix(time: torch.Tensor, log_decay: torch.Tensor, same: torch.Tensor | None = None) -> torch.Tensor:
+    """D[..., n, m] = gamma^(c_n - c_m) for m <= n (and, given `same` [B, *, T, T], m and n in one document), else 0.
+    time: [B, *, T] -> [B, H, *, T, T]."""
     t = time.shape[-1]
     diff = time.unsqueeze(-1) - time.unsqueeze(-2)  # [B, *, T, T]
-    causal = torch.ones(t, t, dtype=torch.bool, device=time.device).tril()
+    keep = torch.ones(t, t, dtype=torch.bool, device=time.device).tril()
+    if same is not None:
+        keep = keep & same
+        keep = keep.unsqueeze(1)  # [B, 1, *, T, T]
     exponent = diff.unsqueeze(1) * log_decay.view(1, -1, *([1] * (diff.dim() - 1)))  # [B, H, *, T, T]
-    return exponent.masked_fill(~causal, float("-inf")).exp()
+    return exponent.masked_fill(~keep, float("-inf")).exp()
 
 
 def _decay_pow(exponent_time: torch.Tensor, log_decay: torch.Tensor) -> torch.Tensor:
@@ -195,26 +222,42 @@ def _decay_pow(exponent_time: torch.Tensor, log_decay: torch.Tensor) -> torch.Te
     return (x * log_decay.view(1, -1, *([1] * (x.dim() - 2)))).exp()
 
 
-def retention_parallel(q, k, v, log_decay, time, state=None):
+# Packed rows. `segments` [B, T] int64 counts the documents started so far in this call (0: the document the incoming
+# state belongs to). The decay between m <= n is zero unless segments[m] == segments[n]: a document start kills the
+# state that enters it, in every mode. None (the hot path) means one document per row.
+
+
+def retention_parallel(q, k, v, log_decay, time, state=None, segments=None):
     """O(T^2): (Q K^T * D) V plus the decayed contribution of an initial state."""
-    decay = _decay_matrix(time, log_decay)  # [B, H, T, T]
+    same = None if segments is None else segments.unsqueeze(-1) == segments.unsqueeze(-2)  # [B, T, T]
+    decay = _decay_matrix(time, log_decay, same)  # [B, H, T, T]
     out = (q @ k.transpose(-1, -2) * decay) @ v  # [B, H, T, d_v]
     last = time[:, -1:]  # [B, 1]
     to_end = _decay_pow(last - time, log_decay)  # [B, H, T]
+    if segments is not None:  # only the last document reaches the final state
+        to_end = to_end * (segments == segments[:, -1:]).unsqueeze(1)
     final = torch.einsum("bhtk,bhtv->bhkv", k * to_end.unsqueeze(-1), v)
     if state is not None:
-        out = out + _decay_pow(time, log_decay).unsqueeze(-1) * (q @ state)
-        final = final + _decay_pow(last, log_decay).unsqueeze(-1) * state
+        from_state = _decay_pow(time, log_decay)  # [B, H, T]
+        carry = _decay_pow(last, log_decay)  # [B, H, 1]
+        if segments is not None:
+            from_state = from_state * (segments == 0).unsqueeze(1)
+            carry = carry * (segments[:, -1:] == 0).unsqueeze(1)
+        out = out + from_state.unsqueeze(-1) * (q @ state)
+        final = final + carry.unsqueeze(-1) * state
     return out, final
 
 
-def retention_recurrent(q, k, v, log_decay, time, state=None):
-    """O(1) per token: S_n = gamma^(m_n) S_{n-1} + k_n^T v_n, o_n = q_n S_n."""
+def retention_recurrent(q, k, v, log_decay, time, state=None, segments=None):
+    """O(1) per token: S_n = gamma^(m_n) S_{n-1} + k_n^T v_n, o_n = q_n S_n (S_{n-1} dropped at a document start)."""
     b, h, t, dk = q.shape
     if state is None:
         state = q.new_zeros(b, h, dk, v.shape[-1])
     step = torch.diff(time, dim=-1, prepend=torch.zeros_like(time[:, :1]))  # [B, T], 1 for real tokens, 0 for padding
     step_decay = _decay_pow(step, log_decay)  # [B, H, T]
+    if segments is not None:
+        starts = torch.diff(segments, dim=-1, prepend=torch.zeros_like(segments[:, :1])) > 0  # [B, T]
+        step_decay = step_decay.masked_fill(starts.unsqueeze(1), 0.0)
     outs = []
     for i in range(t):
         state = step_decay[:, :, i, None, None] * state + k[:, :, i, :, None] * v[:, :, i, None, :]
@@ -222,25 +265,38 @@ def retention_recurrent(q, k, v, log_decay, time, state=None):
     return torch.cat(outs, dim=2), state
 
 
-def retention_chunkwise(q, k, v, log_decay, time, state=None, chunk_size: int = 128):
+def retention_chunkwise(q, k, v, log_decay, time, state=None, chunk_size: int = 128, segments=None):
     """O(T): parallel inside chunks of `chunk_size`, a recurrence over per-chunk states across them."""
     b, h, t, dk = q.shape
     dv = v.shape[-1]
     c = min(chunk_size, t)
     pad = (-t) % c
-    if pad:  # padded tail: zero q/k/v and constant time, so it changes nothing
+    if pad:  # padded tail: zero q/k/v and constant time (and document), so it changes nothing
         q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
         time = torch.cat([time, time[:, -1:].expand(b, pad)], dim=-1)
+        if segments is not None:
+            segments = torch.cat([segments, segments[:, -1:].expand(b, pad)], dim=-1)
     n = (t + pad) // c
     q, k, v = (x.reshape(b, h, n, c, -1) for x in (q, k, v))  # [B, H, N, C, d]
     time = time.reshape(b, n, c)  # [B, N, C]
     chunk_end = time[:, :, -1]  # [B, N]
     chunk_start = torch.cat([torch.zeros_like(chunk_end[:, :1]), chunk_end[:, :-1]], dim=1)  # [B, N]
+    same = None
+    if segments is not None:
+        seg = segments.reshape(b, n, c)  # [B, N, C]
+        seg_end = seg[:, :, -1]  # [B, N]: the document a chunk's final state belongs to
+        seg_start = torch.cat([torch.zeros_like(seg_end[:, :1]), seg_end[:, :-1]], dim=1)  # [B, N]: entering state's
+        same = seg.unsqueeze(-1) == seg.unsqueeze(-2)  # [B, N, C, C]
 
-    inner = (q @ k.transpose(-1, -2) * _decay_matrix(time, log_decay)) @ v  # [B, H, N, C, d_v]
+    inner = (q @ k.transpose(-1, -2) * _decay_matrix(time, log_decay, same)) @ v  # [B, H, N, C, d_v]
     to_end = _decay_pow(chunk_end.unsqueeze(-1) - time, log_decay)  # [B, H, N, C]
-    chunk_kv = torch.einsum("bhnck,bhncv->bhnkv", k * to_end.unsqueeze(-1), v)  # [B, H, N, d_k, d_v]
     chunk_decay = _decay_pow(chunk_end - chunk_start, log_decay)  # [B, H, N]
+    from_start = _decay_pow(time - chunk_start.unsqueeze(-1), log_decay)  # [B, H, N, C]
+    if segments is not None:
+        to_end = to_end * (seg == seg_end.unsqueeze(-1)).unsqueeze(1)  # tokens before a reset miss the chunk's state
+        chunk_decay = chunk_decay * (seg_end == seg_start).unsqueeze(1)  # a reset in the chunk kills the carried state
+        from_start = from_start * (seg == seg_start.unsqueeze(-1)).unsqueeze(1)  # ... and hides it from later tokens
+    chunk_kv = torch.einsum("bhnck,bhncv->bhnkv", k * to_end.unsqueeze(-1), v)  # [B, H, N, d_k, d_v]
 
     s = q.new_zeros(b, h, dk, dv) if state is None else state
     before = []  # state entering each chunk
@@ -248,9 +304,37 @@ def retention_chunkwise(q, k, v, log_decay, time, state=None, chunk_size: int = 
         before.append(s)
         s = chunk_decay[:, :, i, None, None] * s + chunk_kv[:, :, i]
     before = torch.stack(before, dim=2)  # [B, H, N, d_k, d_v]
-    from_start = _decay_pow(time - chunk_start.unsqueeze(-1), log_decay)  # [B, H, N, C]
     out = inner + from_start.unsqueeze(-1) * (q @ before)
     return out.reshape(b, h, n * c, dv)[:, :, :t], s
+
+
+def document_starts(position_ids: torch.Tensor, mask: torch.Tensor, has_state: bool) -> torch.Tensor:
+    """[B, T] bool: real tokens that start a new document of a packed row, where position_ids restart (0, or not
+    above the previous token's). A start before any real token of the call changes nothing (the state is still
+    empty) and is left out unless a state comes in, so generate()'s left-padded position ids find no start."""
+    starts = torch.cat([position_ids[:, :1] == 0, position_ids[:, 1:] <= position_ids[:, :-1]], dim=-1)
+    starts = starts | (position_ids == 0)
+    starts = starts & mask.bool()
+    if not has_state:
+        starts = starts & ((mask.cumsum(-1) - mask) > 0)  # some real token comes before
+    return starts
+
+
+def next_positions(position_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """[B]: one past the position of each row's last real token (what a cache continues from)."""
+    if mask is None:
+        return position_ids[:, -1] + 1
+    last = (mask * torch.arange(1, mask.shape[-1] + 1, device=mask.device)).argmax(-1, keepdim=True)  # [B, 1]
+    return position_ids.gather(1, last).squeeze(1) + 1
+
+
+def mask_document_starts(labels: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+    """labels [B, T] with -100 at the first token of every document after the first in each packed row, so the loss
+    never predicts a document's first token from the one before it (DataCollatorWithFlattening's convention)."""
+    b, t = labels.shape
+    position_ids = position_ids[..., -t:].to(labels.device).expand(b, t)
+    mask = torch.ones_like(labels) if attention_mask is None else attention_mask[:, -t:].to(labels.device)
+    return labels.masked_fill(document_starts(position_ids, mask, has_state=False), -100)
 
 
 def retention_score_scale(qz: torch.Tensor, positions: torch.Tensor, log_decay: torch.Tensor) -> torch.Tensor:
@@ -279,11 +363,14 @@ class WindowLayout:
 
     valid: [B, W + T] bool, real tokens (cached window slots, then this call's tokens), compacted (invalid first).
     time: [B, W + T] fp32 real tokens counted from the start of the extended row (0 on the leading invalid entries).
+    segments: [B, W + T] int64 documents started so far in a packed row (0: the carried window's and state's
+    document; 0 on the invalid entries too, so the row stays non-decreasing), or None for one document per row.
     order / restore: [B, W + T] int64 gather indices extended -> compacted and back, or None when already compact
     (decoding and unpadded training: no reordering at all).
     """
 
-    def __init__(self, mask: torch.Tensor, window_valid: torch.Tensor | None, window: int):
+    def __init__(self, mask: torch.Tensor, window_valid: torch.Tensor | None, window: int,
+                 segments: torch.Tensor | None = None):
         b = mask.shape[0]
         if window_valid is None:  # nothing carried over: W empty slots
             window_valid = torch.zeros(b, window, dtype=torch.bool, device=mask.device)
@@ -296,11 +383,21 @@ class WindowLayout:
             valid = valid.gather(1, self.order)
         self.valid = valid
         self.time = valid.float().cumsum(1)
+        self.segments = None
+        if segments is not None:
+            segments = torch.cat([segments.new_zeros(b, window), segments.to(mask.device)], dim=1)  # [B, W + T]
+            if self.order is not None:
+                segments = segments.gather(1, self.order)
+            self.segments = segments.masked_fill(~valid, 0)
 
     @property
     def next_window_valid(self) -> torch.Tensor:
-        """[B, W]: which of the last W compacted entries (the window carried to the next call) are real."""
-        return self.valid[:, -self.window :]
+        """[B, W]: which of the last W compacted entries (the window carried to the next call) are real tokens of
+        the row's last document (a packed row's earlier documents are never read again)."""
+        valid = self.valid[:, -self.window :]
+        if self.segments is not None:
+            valid = valid & (self.segments[:, -self.window :] == self.segments[:, -1:])
+        return valid
 
     def compact(self, x: torch.Tensor) -> torch.Tensor:
         """[B, H, W + T, d] in extended order -> compacted order."""
@@ -328,15 +425,18 @@ def _softmax_attend(scores: torch.Tensor, allowed: torch.Tensor, v: torch.Tensor
     return (weights @ v) / torch.where(total > 0, total, torch.ones_like(total))
 
 
-def window_attention_parallel(q, k, v, valid, window: int):
-    """q: [B, H, T, d_k] at compacted positions W..W+T-1; k, v: [B, H, W + T, d]; valid: [B, W + T]. O(T (W + T))."""
+def window_attention_parallel(q, k, v, valid, window: int, segments=None):
+    """q: [B, H, T, d_k] at compacted positions W..W+T-1; k, v: [B, H, W + T, d]; valid (and segments, if any):
+    [B, W + T]. O(T (W + T))."""
     t, length = q.shape[2], k.shape[2]
     diff = torch.arange(length - t, length, device=q.device)[:, None] - torch.arange(length, device=q.device)  # [T, L]
     allowed = (diff >= 0) & (diff < window) & valid[:, None, None, :]  # [B, 1, T, W + T]
+    if segments is not None:  # a packed row's window never reaches into the previous document
+        allowed = allowed & (segments[:, None, -t:, None] == segments[:, None, None, :])
     return _softmax_attend(q @ k.transpose(-1, -2), allowed, v)
 
 
-def window_attention_chunkwise(q, k, v, valid, window: int, chunk_size: int):
+def window_attention_chunkwise(q, k, v, valid, window: int, chunk_size: int, segments=None):
     """Blocks of C queries, each against the W + C - 1 keys its band can reach: O(T (W + C)) time and memory."""
     b, h, t, dk = q.shape
     c = min(chunk_size, t)
@@ -351,19 +451,26 @@ def window_attention_chunkwise(q, k, v, valid, window: int, chunk_size: int):
     a = torch.arange(c, device=q.device)[:, None]
     j = torch.arange(span, device=q.device)
     band = (j >= a) & (j < a + window)  # [C, span]: key j of a block is within W of its query a
-    out = _softmax_attend(queries @ keys.transpose(-1, -2), band & ok[:, None, :, None, :], values)  # [B, H, N, C, d_v]
+    allowed = band & ok[:, None, :, None, :]  # [B, 1, N, C, span]
+    if segments is not None:
+        key_seg = torch.cat([segments[:, 1:], segments[:, -1:].expand(b, pad)], dim=1).unfold(1, span, c)  # [B, N, span]
+        query_seg = torch.cat([segments[:, -t:], segments[:, -1:].expand(b, pad)], dim=1).view(b, n, c)  # [B, N, C]
+        allowed = allowed & (query_seg[:, None, :, :, None] == key_seg[:, None, :, None, :])
+    out = _softmax_attend(queries @ keys.transpose(-1, -2), allowed, values)  # [B, H, N, C, d_v]
     return out.reshape(b, h, n * c, -1)[:, :, :t]
 
 
-def window_attention_recurrent(q, k, v, valid, window: int):
+def window_attention_recurrent(q, k, v, valid, window: int, segments=None):
     """One query at a time against the W slots ending at it: O(W) per token (decoding)."""
     t, length = q.shape[2], k.shape[2]
     outs = []
     for i in range(t):
         end = length - t + i + 1
         band = slice(end - window, end)
-        outs.append(_softmax_attend(q[:, :, i : i + 1] @ k[:, :, band].transpose(-1, -2), valid[:, None, None, band],
-                                    v[:, :, band]))
+        allowed = valid[:, None, None, band]  # [B, 1, 1, W]
+        if segments is not None:
+            allowed = allowed & (segments[:, None, None, band] == segments[:, None, None, end - 1 : end])
+        outs.append(_softmax_attend(q[:, :, i : i + 1] @ k[:, :, band].transpose(-1, -2), allowed, v[:, :, band]))
     return torch.cat(outs, dim=2)
 
 
@@ -386,23 +493,32 @@ def hybrid_window_retention(q, k, v, log_decay, layout: WindowLayout, state=None
     keys = layout.compact(torch.cat([window_keys, k], dim=2))  # [B, H, W + T, d_k]
     values = layout.compact(torch.cat([window_values, v], dim=2))  # [B, H, W + T, d_v]
     queries = layout.compact(torch.cat([q.new_zeros(b, h, w, dk), q], dim=2))[:, :, w:]  # [B, H, T, d_k]
+    seg = layout.segments  # [B, W + T] or None
     if mode == "parallel":
-        window_out = window_attention_parallel(queries, keys, values, layout.valid, w)
+        window_out = window_attention_parallel(queries, keys, values, layout.valid, w, seg)
     elif mode == "chunkwise":
-        window_out = window_attention_chunkwise(queries, keys, values, layout.valid, w, chunk_size)
+        window_out = window_attention_chunkwise(queries, keys, values, layout.valid, w, chunk_size, seg)
     else:
-        window_out = window_attention_recurrent(queries, keys, values, layout.valid, w)
+        window_out = window_attention_recurrent(queries, keys, values, layout.valid, w, seg)
     time = layout.time  # [B, W + T]
-    shifted = queries * _decay_pow(time[:, w:] - time[:, :t], log_decay).unsqueeze(-1)  # [B, H, T, d_k]
+    lag = _decay_pow(time[:, w:] - time[:, :t], log_decay)  # [B, H, T]
+    if seg is not None:  # the state after position j belongs to j's document: a query in a later one reads nothing
+        lag = lag * (seg[:, w:] == seg[:, :t]).unsqueeze(1)
+    shifted = queries * lag.unsqueeze(-1)  # [B, H, T, d_k]
     old = (keys[:, :, :t], values[:, :, :t], log_decay, time[:, :t], state)  # the entries that can leave the window
+    old_seg = None if seg is None else seg[:, :t]
     if mode == "parallel":
-        retention_out, state = retention_parallel(shifted, *old)
+        retention_out, state = retention_parallel(shifted, *old, segments=old_seg)
     elif mode == "chunkwise":
-        retention_out, state = retention_chunkwise(shifted, *old, chunk_size=chunk_size)
+        retention_out, state = retention_chunkwise(shifted, *old, chunk_size=chunk_size, segments=old_seg)
     else:
-        retention_out, state = retention_recurrent(shifted, *old)
-    return (layout.restore_new(window_out), layout.restore_new(retention_out), state, keys[:, :, t:],
-            values[:, :, t:])
+        retention_out, state = retention_recurrent(shifted, *old, segments=old_seg)
+    keys, values = keys[:, :, t:], values[:, :, t:]  # the window carried on
+    if seg is not None:  # only the row's last document is carried on: its state, its window (others zeroed)
+        state = state * (seg[:, t - 1] == seg[:, -1]).view(-1, 1, 1, 1)
+        carried = layout.next_window_valid[:, None, :, None]  # [B, 1, W, 1]
+        keys, values = keys * carried, values * carried
+    return layout.restore_new(window_out), layout.restore_new(retention_out), state, keys, values
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -421,10 +537,12 @@ class RetNetRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x = x.float().unflatten(-1, (self.groups, -1))
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        x = x.flatten(-2)
-        return (x if self.weight is None else x * self.weight.float()).to(dtype)
+        x = x.float()
+        weight = None if self.weight is None else self.weight.float()
+        if self.groups == 1:
+            return F.rms_norm(x, x.shape[-1:], weight, self.eps).to(dtype)
+        x = F.rms_norm(x.unflatten(-1, (self.groups, -1)), (x.shape[-1] // self.groups,), None, self.eps).flatten(-2)
+        return (x if weight is None else x * weight).to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -472,13 +590,35 @@ def retention_log_decays(config: RetNetConfig, layer_idx: int, default: torch.Te
     return torch.log(torch.tensor(row, dtype=torch.float64)).float()
 
 
-class RetNetRotaryEmbedding(nn.Module):
+class Fp32BuffersModule(nn.Module):
+    """A module whose buffers named in `fp32_buffers` stay fp32 through dtype casts. Module.to(bf16) casts every
+    floating buffer, and bf16 (8 significant bits) would round the log decays and the rotary frequencies (0.1 ->
+    0.10010, three quarters of a radian off by position 8000); a cast keeps the fp32 values and follows only the
+    device. Everything else applies as usual: device moves, and to_empty from the meta device (a meta tensor has no
+    values to keep; `_init_weights` fills them, e.g. through `init_weights()`)."""
+
+    fp32_buffers: tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse=True):
+        before = {name: getattr(self, name) for name in self.fp32_buffers}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = getattr(self, name)
+            if new.dtype != old.dtype:
+                setattr(self, name, old.to(device=new.device))
+        return self
+
+
+class RetNetRotaryEmbedding(Fp32BuffersModule):
     """Rotary relative position of queries and keys; with the per-head decay this is RetNet's xPos-style encoding."""
+
+    fp32_buffers = ("inv_freq",)
 
     def __init__(self, config: RetNetConfig):
         super().__init__()
         self.register_buffer("inv_freq", rotary_inv_freq(config), persistent=False)
         self.interleaved = config.rotary_style == "interleaved"
+        self._rotate_basis: dict[torch.device, torch.Tensor] = {}
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: [B, T] -> cos, sin: [B, 1, T, d_k] fp32."""
@@ -489,9 +629,22 @@ class RetNetRotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)
         return emb.cos(), emb.sin()
 
+    def rotation(self, positions: torch.Tensor) -> torch.Tensor:
+        """positions: [B, 1] -> R: [B, 1, d_k, d_k] fp32 with x @ R == x * cos + rotate(x) * sin, so a decoding step
+        rotates q and k with one matmul each instead of six elementwise ops (rotate is linear: rotate(x) = x @ P)."""
+        cos, sin = self(positions)  # [B, 1, 1, d_k]
+        d = cos.shape[-1]
+        basis = self._rotate_basis.get(cos.device)
+        if basis is None or basis.shape[-1] != d:  # P: row i is rotate(e_i); built once per device, not a buffer
+            eye = torch.eye(d, device=cos.device)
+            basis = self._rotate_basis[cos.device] = rotate_every_two(eye) if self.interleaved else rotate_half(eye)
+        return torch.diag_embed(cos.squeeze(2)) + basis * sin  # [B, 1, d_k, d_k]
 
-class RetNetMultiScaleRetention(nn.Module):
+
+class RetNetMultiScaleRetention(Fp32BuffersModule):
     """Multi-scale retention: per-head decay, rotary q/k, per-head RMS norm, swish output gate."""
+
+    fp32_buffers = ("log_decay",)
 
     def __init__(self, config: RetNetConfig, layer_idx: int):
         super().__init__()
@@ -516,22 +669,22 @@ class RetNetMultiScaleRetention(nn.Module):
         )
         self.rotate = rotate_every_two if config.rotary_style == "interleaved" else rotate_half
         self.score_normalization = config.retention_score_normalization
-        # gamma_h = 1 - 2^(-5-h) unless the config gives decays: a buffer so it follows .to(device), kept fp32 by _apply.
+        # gamma_h = 1 - 2^(-5-h) unless the config gives decays: a buffer so it follows .to(device), kept fp32 by _apply
+        # (Fp32BuffersModule), not saved (the config defines it), refilled by _init_weights after to_empty.
         default = fp32_log_decays if config.fp32_decays else retnet_log_decays
         log_decay = retention_log_decays(config, layer_idx, default(config.num_heads))  # [num_kv_heads]
         self.register_buffer("log_decay", log_decay, persistent=False)
 
-    def _apply(self, fn, recurse=True):
-        # Module.to(dtype) casts every floating buffer; bf16 would round the decays (0.984375 -> 0.98437...), so
-        # they follow the device only.
-        log_decay = self.log_decay
-        super()._apply(fn, recurse)
-        self.log_decay = log_decay.to(device=self.log_decay.device)
-        return self
-
-    def forward(self, hidden_states, cos, sin, mask, time, state=None, mode="chunkwise", positions=None):
-        """hidden_states: [B, T, d]; cos/sin: [B, 1, T, d_k]; mask, time: [B, T]; state: [B, H, d_k, d_v] fp32
-        (d_v + 1 with `retention_score_normalization`); positions: [B, T] absolute positions (that option only)."""
+    def forward(
+        self, hidden_states, cos, sin, mask, time, state=None, mode="chunkwise", positions=None, segments=None
+    ):
+        """hidden_states: [B, T, d]; cos/sin: [B, 1, T, d_k]; mask, time: [B, T]; state: [B, H_kv, d_k, d_v] fp32
+        (d_v + 1 with `retention_score_normalization`); positions: [B, T] absolute positions (that option only);
+        segments: [B, T] documents started so far in a packed row, or None. mode="step" is one token (T == 1):
+        then cos/sin are the rotations of q and k, mask is [B, 1, 1, 1] fp32 or None (all real), time is unused and
+        segments is a [B, 1] bool "a document starts here" (see `_step`)."""
+        if mode == "step":
+            return self._step(hidden_states, cos, sin, mask, state, positions, segments)
         b, t, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(b, t, self.num_heads, -1).transpose(1, 2).float()  # [B, H, T, d_k]
         k = self.k_proj(hidden_states).view(b, t, self.num_kv_heads, -1).transpose(1, 2).float()  # [B, H_kv, T, d_k]
@@ -549,20 +702,53 @@ class RetNetMultiScaleRetention(nn.Module):
         if self.score_normalization:  # a constant value column makes the retention also return q_n . sum_m D_nm k_m
             v = torch.cat([v, keep.expand(b, v.shape[1], t, 1)], dim=-1)
         if mode == "parallel":
-            out, state = retention_parallel(q, k, v, log_decay, time, state)
+            out, state = retention_parallel(q, k, v, log_decay, time, state, segments)
         elif mode == "chunkwise":
-            out, state = retention_chunkwise(q, k, v, log_decay, time, state, self.chunk_size)
+            out, state = retention_chunkwise(q, k, v, log_decay, time, state, self.chunk_size, segments)
         else:
-            out, state = retention_recurrent(q, k, v, log_decay, time, state)
+            out, state = retention_recurrent(q, k, v, log_decay, time, state, segments)
         if group > 1:
             state = state[:, ::group].contiguous()  # [B, H_kv, d_k, d_v]: group members hold identical states
         if self.score_normalization:
             out = out[..., :-1] / retention_score_scale(out[..., -1:], positions, log_decay)
         out = self.group_norm(out.transpose(1, 2).reshape(b, t, self.value_dim))  # [B, T, H * d_v], fp32
+        return self._output(hidden_states, out), state
+
+    def _step(self, hidden_states, rot_q, rot_k, keep, state, positions, starts):
+        """One token: S = gamma^m S + k^T v, o = q S, written out for T == 1 because decoding is bound by per-op
+        overhead: no chunk machinery, no decay matrix, no k/v head expansion (the g query heads that share a k/v
+        head read its state through a reshape of q to [B, H_kv, g, d_k]).
+        hidden_states: [B, 1, d]; rot_q, rot_k: [B, 1, d_k, d_k] rotations (rot_k with the 1/sqrt(d_k) key scale);
+        keep: [B, 1, 1, 1] fp32 (0 for padding) or None (all real); state: [B, H_kv, d_k, d_v] or None;
+        starts: [B, 1] bool (a packed document starts here: the state is dropped) or None."""
+        b = hidden_states.shape[0]
+        q = self.q_proj(hidden_states).view(b, self.num_kv_heads, -1, self.head_dim).float() @ rot_q  # [B, H_kv, g, d_k]
+        k = self.k_proj(hidden_states).view(b, self.num_kv_heads, 1, self.head_dim).float() @ rot_k  # [B, H_kv, 1, d_k]
+        v = self.v_proj(hidden_states).view(b, self.num_kv_heads, 1, -1).float()  # [B, H_kv, 1, d_v]
+        log_decay = self.log_decay.view(1, -1, 1, 1)  # [1, H_kv, 1, 1]
+        if keep is None:
+            decay = log_decay.exp()
+        else:  # padding neither adds to nor decays the state
+            v = v * keep
+            decay = (log_decay * keep).exp()  # [B, H_kv, 1, 1]
+        if starts is not None:
+            decay = decay * (~starts).view(b, 1, 1, 1)
+        if self.score_normalization:
+            ones = v.new_ones(b, self.num_kv_heads, 1, 1)
+            v = torch.cat([v, ones if keep is None else ones * keep], dim=-1)
+        update = k.transpose(-1, -2) * v  # [B, H_kv, d_k, d_v]
+        state = update if state is None else torch.addcmul(update, decay, state)
+        out = q @ state  # [B, H_kv, g, d_v]
+        if self.score_normalization:  # positions [B, 1] broadcast as T = 1, the g query heads of a k/v head as T = g
+            out = out[..., :-1] / retention_score_scale(out[..., -1:], positions, self.log_decay)
+        return self._output(hidden_states, self.group_norm(out.reshape(b, 1, self.value_dim))), state
+
+    def _output(self, hidden_states, out):
+        """Swish gate (if any) and output projection; out: [B, T, H * d_v] fp32 after the group norm."""
         if self.g_proj is None:
-            return self.o_proj(out.to(hidden_states.dtype)), state
+            return self.o_proj(out.to(hidden_states.dtype))
         gate = F.silu(self.g_proj(hidden_states))
-        return self.o_proj(gate * out.to(gate.dtype)), state
+        return self.o_proj(gate * out.to(gate.dtype))
 
 
 class RetNetHybridAttention(RetNetMultiScaleRetention):
@@ -581,7 +767,7 @@ class RetNetHybridAttention(RetNetMultiScaleRetention):
         self.window = config.attention_window
 
     def forward(self, hidden_states, cos, sin, mask, time, state=None, mode="chunkwise", positions=None,
-                window: WindowLayout | None = None):
+                segments=None, window: WindowLayout | None = None):
         """As RetNetMultiScaleRetention; state: None or (retention [B, H_kv, d_k, d_v], window keys
         [B, H_kv, W, d_k], window values [B, H_kv, W, d_v]) fp32; window: the forward's WindowLayout."""
         b, t, _ = hidden_states.shape
@@ -595,7 +781,7 @@ class RetNetHybridAttention(RetNetMultiScaleRetention):
         if window is None:
             if state is not None:
                 raise ValueError("a carried hybrid state needs the forward's WindowLayout (call the model, not the layer)")
-            window = WindowLayout(mask, None, self.window)
+            window = WindowLayout(mask, None, self.window, segments)
         carried = [None, None, None] if state is None else list(state)
         log_decay = self.log_decay.float()
         group = self.num_heads // self.num_kv_heads
@@ -639,9 +825,12 @@ class RetNetDecoderLayer(GradientCheckpointingLayer):
         self.ffn_norm = RetNetRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = RetNetMLP(config)
 
-    def forward(self, hidden_states, cos, sin, mask, time, state=None, mode="chunkwise", positions=None, **kwargs):
+    def forward(
+        self, hidden_states, cos, sin, mask, time, state=None, mode="chunkwise", positions=None, segments=None, **kwargs
+    ):
         retained, state = self.retention(
-            self.retention_norm(hidden_states), cos, sin, mask, time, state, mode, positions=positions, **kwargs
+            self.retention_norm(hidden_states), cos, sin, mask, time, state, mode, positions=positions,
+            segments=segments, **kwargs,
         )
         hidden_states = hidden_states + retained
         hidden_states = hidden_states + self.mlp(self.ffn_norm(hidden_states))
@@ -721,12 +910,16 @@ class RetNetModel(RetNetPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         past_key_values: RetNetCache | None = None,
+        position_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
         """
         input_ids: [B, T]. attention_mask: [B, T] or [B, past + T] (generation passes the whole mask); zeros are
         padding. cache (older name: past_key_values): a RetNetCache to start from and update. retention_mode:
-        parallel / chunkwise / recurrent, None for the config's default.
+        parallel / chunkwise / recurrent, None for the config's default (one-token steps always run the recurrence).
+        position_ids: [B, T] (or [1, T]) for packed rows: a document starts where they restart (0, or not above the
+        previous token's), and there the state is dropped and rotary positions restart; None: positions follow the
+        mask and the cache.
         """
         past_key_values = _pick_cache(cache, past_key_values)
         mode = retention_mode or self.config.retention_mode
@@ -742,40 +935,65 @@ class RetNetModel(RetNetPreTrainedModel):
         if self.gradient_checkpointing and self.training and use_cache:
             use_cache = False  # the state would be written twice on the recomputation
 
+        t = (input_ids if input_ids is not None else inputs_embeds).shape[1]
         if input_ids is not None:
-            if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
-                bad = input_ids[(input_ids < 0) | (input_ids >= self.config.vocab_size)][0].item()
-                raise ValueError(
-                    f"input id {bad} is outside the vocabulary [0, {self.config.vocab_size}); tokenize with the "
-                    "tokenizer this model was trained with, or resize the embeddings (resize_token_embeddings)"
-                )
-            inputs_embeds = self.embed_tokens(input_ids)
-        b, t = inputs_embeds.shape[:2]
-
+            inputs_embeds = self._embed(input_ids, check=t > 1)
+        b = inputs_embeds.shape[0]
+        device = inputs_embeds.device
         if use_cache and past_key_values is None:
             past_key_values = RetNetCache(self.config.num_hidden_layers)
-        mask = torch.ones(b, t, dtype=torch.long, device=inputs_embeds.device)
+        has_state = past_key_values is not None and past_key_values.is_initialized
+        mask = None
         if attention_mask is not None:
             if attention_mask.dim() != 2 or attention_mask.shape[0] != b or attention_mask.shape[1] < t:
                 raise ValueError(
                     f"attention_mask must be [batch, seq_len] (or [batch, past + seq_len]); got "
                     f"{tuple(attention_mask.shape)} for inputs of shape {(b, t)}"
                 )
-            mask = attention_mask[:, -t:].to(device=mask.device, dtype=torch.long)
-        time = mask.cumsum(-1).float()  # [B, T] effective time: real tokens read so far in this call
-        seen = None if past_key_values is None else past_key_values.seen_tokens
-        positions = (time - 1).clamp(min=0) + (0 if seen is None else seen.to(time.device).unsqueeze(-1))
-        cos, sin = self.rotary_emb(positions)
+            mask = attention_mask[:, -t:].to(device=device, dtype=torch.long)  # [B, T]
+        if position_ids is not None:
+            position_ids = position_ids[..., -t:].to(device=device, dtype=torch.long).expand(b, t)  # [B, T]
+        seen = past_key_values.seen_tokens if has_state else None  # [B] positions the cache has reached
+
+        hybrid = getattr(self.config, "attention_window", 0)
+        if t == 1 and not hybrid:  # decoding: the lean one-token recurrence (every mode computes the same thing)
+            mode, time, segments = "step", None, None
+            if position_ids is not None:
+                positions = position_ids
+                if has_state:  # a document starting at this token drops the state (position 0)
+                    segments = (position_ids == 0) if mask is None else (position_ids == 0) & mask.bool()
+            elif seen is not None:
+                positions = seen.to(device).unsqueeze(-1)
+            else:
+                positions = torch.zeros(b, 1, dtype=torch.long, device=device)
+            keep = None if mask is None else mask.view(b, 1, 1, 1).float()
+            rot = self.rotary_emb.rotation(positions)  # [B, 1, d_k, d_k]
+            cos, sin = rot, rot * (self.config.head_dim**-0.5)  # the layers' rotations for q and for k
+        else:
+            if mask is None:
+                mask = torch.ones(b, t, dtype=torch.long, device=device)
+            time = mask.cumsum(-1).float()  # [B, T] effective time: real tokens read so far in this call
+            segments = None
+            if position_ids is None:
+                positions = (time - 1).clamp(min=0) + (0 if seen is None else seen.to(device).unsqueeze(-1))
+            else:
+                positions = position_ids
+                starts = document_starts(position_ids, mask, has_state)
+                segments = starts.long().cumsum(-1) if bool(starts.any()) else None  # [B, T]
+            keep = mask
+            cos, sin = self.rotary_emb(positions)  # [B, 1, T, d_k]
         extra = {}
-        if getattr(self.config, "attention_window", 0):  # hybrid layers: where this call's tokens sit in the window
-            carried = None if past_key_values is None else past_key_values.window_valid
-            extra["window"] = WindowLayout(mask, carried, self.config.attention_window)
+        if hybrid:  # hybrid layers: where this call's tokens sit in the window (the general path, any T)
+            carried = past_key_values.window_valid if has_state else None
+            extra["window"] = WindowLayout(keep, carried, hybrid, segments)
 
         hidden_states = inputs_embeds
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         for i, layer in enumerate(self.layers):
             state = past_key_values.get_state(i) if past_key_values is not None else None
-            hidden_states, state = layer(hidden_states, cos, sin, mask, time, state, mode, positions=positions, **extra)
+            hidden_states, state = layer(
+                hidden_states, cos, sin, keep, time, state, mode, positions=positions, segments=segments, **extra
+            )
             if past_key_values is not None:
                 past_key_values.set_state(i, state)
             if output_hidden_states:
@@ -786,7 +1004,10 @@ class RetNetModel(RetNetPreTrainedModel):
         if past_key_values is not None:
             if extra:
                 past_key_values.window_valid = extra["window"].next_window_valid
-            past_key_values.advance(mask)
+            past_key_values.advance(
+                mask, None if position_ids is None else next_positions(position_ids, mask), num_tokens=t,
+                batch_size=b, device=device,
+            )
 
         cache = past_key_values if use_cache else None
         if not return_dict:
@@ -794,6 +1015,27 @@ class RetNetModel(RetNetPreTrainedModel):
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states, hidden_states=all_hidden_states, **{CACHE_FIELD: cache}
         )
+
+    def _embed(self, input_ids: torch.Tensor, check: bool) -> torch.Tensor:
+        """Embeddings with a clear error for ids outside the vocabulary. The explicit check costs a device sync, so
+        one-token steps skip it; there an out-of-range id still fails (IndexError on CPU, re-raised as ours)."""
+        if check and input_ids.numel():
+            outside = (input_ids < 0) | (input_ids >= self.config.vocab_size)
+            if bool(outside.any()):
+                self._bad_id(input_ids[outside][0].item())
+        try:
+            return self.embed_tokens(input_ids)
+        except IndexError as err:
+            outside = (input_ids < 0) | (input_ids >= self.config.vocab_size)
+            if not bool(outside.any()):
+                raise
+            self._bad_id(input_ids[outside][0].item(), err)
+
+    def _bad_id(self, bad, err=None):
+        raise ValueError(
+            f"input id {bad} is outside the vocabulary [0, {self.config.vocab_size}); tokenize with the "
+            "tokenizer this model was trained with, or resize the embeddings (resize_token_embeddings)"
+        ) from err
 
 
 class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
@@ -830,6 +1072,35 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
+    # Assisted (speculative) decoding verifies draft tokens and rolls the cache back past the rejected ones; a
+    # recurrent state cannot be rolled back. transformers 5.2 refused it for `_is_stateful` models inside
+    # `_validate_generation_mode`; 5.25 has no such check and fails inside `_assisted_decoding` with "Assisted
+    # decoding requires a cache" (our cache is made by forward(), not by generate()). Both methods exist in 5.2 and
+    # 5.25; refusing in both keeps the error ours and clear whichever one a release reaches first.
+    _ASSISTED_REFUSAL = (
+        "{name} cannot run assisted (speculative) decoding: it is a stateful model whose recurrent state cannot be "
+        "rolled back past rejected draft tokens. Call generate() without assistant_model, prompt_lookup_num_tokens "
+        "or assistant_early_exit."
+    )
+
+    def _validate_generation_mode(self, generation_mode, *args, **kwargs):
+        if generation_mode == "assisted_generation":  # GenerationMode is a str enum
+            raise ValueError(self._ASSISTED_REFUSAL.format(name=type(self).__name__))
+        return super()._validate_generation_mode(generation_mode, *args, **kwargs)
+
+    def _assisted_decoding(self, *args, **kwargs):
+        raise ValueError(self._ASSISTED_REFUSAL.format(name=type(self).__name__))
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        """generate()'s inputs, less the position_ids it makes for every step once a state exists: they count the
+        real tokens exactly as the cache does (after a prompt with position_ids the cache continues from its last
+        document), so a step without them is the same computation with less per-token work."""
+        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        state = inputs.get("cache", inputs.get("past_key_values"))
+        if isinstance(state, RetNetCache) and state.is_initialized:
+            inputs.pop("position_ids", None)
+        return inputs
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -843,9 +1114,12 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         past_key_values: RetNetCache | None = None,
+        position_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
-        """labels: [B, T] token ids (shifted inside the loss), -100 where no loss is taken. cache: as in RetNetModel."""
+        """labels: [B, T] token ids (shifted inside the loss), -100 where no loss is taken; in a packed row (see
+        position_ids) the first token of each document is never a target, as DataCollatorWithFlattening marks it:
+        nothing before it in the row belongs to its document. cache, position_ids: as in RetNetModel."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(
             input_ids=input_ids,
@@ -856,12 +1130,15 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
             retention_mode=retention_mode,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            position_ids=position_ids,
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])  # [B, T', V]
         loss = None
         if labels is not None:
+            if position_ids is not None:
+                labels = mask_document_starts(labels, position_ids, attention_mask)
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         cache = outputs[CACHE_FIELD] if CACHE_FIELD in outputs else None
         if not return_dict:
@@ -872,5 +1149,9 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, **{CACHE_FIELD: cache}
         )
 
+
+# transformers 5.25's prepare_inputs_for_generation() calls inspect.signature(self.forward) at every step for classes
+# registered with register_for_auto_class (as ours are): 50 us a token on CPU. A stored signature answers it in 15.
+RetNetForCausalLM.forward.__signature__ = inspect.signature(RetNetForCausalLM.forward)
 
 __all__ = ["RetNetCache", "RetNetPreTrainedModel", "RetNetModel", "RetNetForCausalLM"]

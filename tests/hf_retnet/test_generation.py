@@ -137,10 +137,45 @@ def test_beam_search_equals_exhaustive_uncached_search_and_rescoring(sharp_model
     torch.testing.assert_close(out.sequences_scores.double(), logp, atol=1e-4, rtol=0)
 
 
-def test_assisted_generation_is_refused_clearly(model):
+@pytest.mark.parametrize("how", ["assistant_model", "prompt_lookup_num_tokens"])
+def test_assisted_generation_is_refused_clearly(model, how):
+    """Our refusal, whichever release: 5.2 checked `_is_stateful` itself, 5.25 fails later with "Assisted decoding
+    requires a cache" (a RuntimeError) unless the model refuses first."""
     ids = torch.randint(3, 97, (1, 5))
-    with pytest.raises(ValueError, match="stateful"):
-        model.generate(ids, max_new_tokens=3, assistant_model=model)
+    kwargs = {"assistant_model": model} if how == "assistant_model" else {"prompt_lookup_num_tokens": 2}
+    with pytest.raises(ValueError, match="stateful model whose recurrent state cannot be rolled back"):
+        model.generate(ids, max_new_tokens=3, **kwargs)
+
+
+def test_padding_step_while_decoding_changes_nothing(sharp_model):
+    """A one-token step with attention_mask 0 neither adds to nor decays the state, nor moves the position."""
+    ids = torch.randint(3, 97, (2, 9))
+    full = sharp_model(ids, retention_mode="parallel").logits
+    mask = torch.ones(2, 6, dtype=torch.long)
+    cache = sharp_model(ids[:, :6], attention_mask=mask, use_cache=True)[CACHE_FIELD]
+
+    def step(tokens, real):
+        nonlocal mask, cache
+        mask = torch.cat([mask, torch.tensor(real).view(2, 1)], dim=1)
+        out = sharp_model(torch.tensor(tokens).view(2, 1), attention_mask=mask, cache=cache, use_cache=True)
+        cache = out[CACHE_FIELD]
+        return out.logits[:, 0]
+
+    torch.testing.assert_close(step([ids[0, 6], ids[1, 6]], [1, 1]), full[:, 6], atol=TOL, rtol=TOL)
+    torch.testing.assert_close(step([ids[0, 7], 0], [1, 0])[0], full[0, 7], atol=TOL, rtol=TOL)  # row 1: padding
+    last = step([ids[0, 8], ids[1, 7]], [1, 1])
+    torch.testing.assert_close(last, torch.stack([full[0, 8], full[1, 7]]), atol=TOL, rtol=TOL)
+    assert cache.seen_tokens.tolist() == [9, 8]
+
+
+@pytest.mark.parametrize("seq_len", [1, 4])
+def test_out_of_vocabulary_ids_fail_clearly(model, seq_len):
+    """Also for one-token steps, where the explicit check (a device sync per token) is skipped."""
+    cache = model(torch.randint(3, 97, (1, 4)), use_cache=True)[CACHE_FIELD]
+    ids = torch.full((1, seq_len), 5)
+    ids[0, -1] = 97
+    with pytest.raises(ValueError, match="input id 97 is outside the vocabulary"):
+        model(ids, cache=cache, use_cache=True)
 
 
 def test_pipeline_and_streamer(tiny_tokenizer):

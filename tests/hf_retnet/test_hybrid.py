@@ -443,3 +443,83 @@ def test_hybrid_checkpoint_loads_as_remote_code_without_the_package(tmp_path):
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "HYBRID-REMOTE-OK 3" in result.stdout
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Packed rows (position_ids restarting at each document): the window never reaches into the previous document
+# ------------------------------------------------------------------------------------------------------------------
+
+PACKED = {"edges": [4, 4, 8], "inside": [3, 5, 1, 6], "single_tokens": [1, 1, 5, 1]}
+
+
+def packed_position_ids(lengths):
+    return torch.cat([torch.arange(n) for n in lengths])
+
+
+def assert_same_carried_state(got, want, row=0):
+    """States and the real window slots of `got` (row `row`) equal `want`'s (a batch of one)."""
+    assert torch.equal(got.window_valid[row : row + 1], want.window_valid)
+    for a, b in zip(got.states, want.states):
+        torch.testing.assert_close(a[row : row + 1], b, atol=TOL, rtol=TOL)
+    for name in ("window_keys", "window_values"):
+        for a, b in zip(getattr(got, name), getattr(want, name)):
+            torch.testing.assert_close(a[row : row + 1], b, atol=TOL, rtol=TOL)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("window", [2, 5])
+@pytest.mark.parametrize("chunk_size", [2, 3, 4])
+@pytest.mark.parametrize("layout", sorted(PACKED))
+def test_packed_row_equals_documents_alone(mode, window, chunk_size, layout):
+    torch.manual_seed(0)
+    config = tiny_config(attention_window=window, chunk_size=chunk_size, num_kv_heads=2, initializer_range=0.2)
+    model = RetNetForCausalLM(config).eval()
+    lengths = PACKED[layout]
+    docs = [torch.randint(3, 97, (n,)) for n in lengths]
+    with torch.no_grad():
+        packed = model(torch.cat(docs)[None], position_ids=packed_position_ids(lengths)[None], retention_mode=mode,
+                       use_cache=True)
+        alone = [model(d[None], retention_mode=mode, use_cache=True) for d in docs]
+    torch.testing.assert_close(packed.logits[0], torch.cat([o.logits[0] for o in alone]), atol=TOL, rtol=TOL)
+    assert_same_carried_state(packed[CACHE_FIELD], alone[-1][CACHE_FIELD])
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_packed_rows_with_padding(mode, padding):
+    torch.manual_seed(0)
+    model = RetNetForCausalLM(tiny_config(attention_window=3, chunk_size=3, initializer_range=0.2)).eval()
+    rows = [[4, 3, 2], [5, 1]]
+    width = max(sum(r) for r in rows) + 2
+    ids, pos, mask = (torch.zeros(2, width, dtype=torch.long) for _ in range(3))
+    docs = []
+    for i, lengths in enumerate(rows):
+        docs.append([torch.randint(3, 97, (n,)) for n in lengths])
+        n = sum(lengths)
+        sl = slice(width - n, width) if padding == "left" else slice(0, n)
+        ids[i, sl], pos[i, sl], mask[i, sl] = torch.cat(docs[i]), packed_position_ids(lengths), 1
+    with torch.no_grad():
+        packed = model(ids, attention_mask=mask, position_ids=pos, retention_mode=mode, use_cache=True)
+        for i, row_docs in enumerate(docs):
+            alone = [model(d[None], retention_mode=mode, use_cache=True) for d in row_docs]
+            torch.testing.assert_close(packed.logits[i][mask[i].bool()], torch.cat([o.logits[0] for o in alone]),
+                                       atol=TOL, rtol=TOL)
+            assert_same_carried_state(packed[CACHE_FIELD], alone[-1][CACHE_FIELD], row=i)
+
+
+@pytest.mark.parametrize("last", [2, 6])
+def test_decoding_after_a_packed_prompt_continues_its_last_document(last):
+    """The last document shorter or longer than the window: decoding reads its window and state only."""
+    torch.manual_seed(0)
+    model = RetNetForCausalLM(tiny_config(attention_window=4, initializer_range=0.2)).eval()
+    docs = [torch.randint(3, 97, (n,)) for n in (7, last)]
+    tail = torch.randint(3, 97, (5,))
+    with torch.no_grad():
+        out = model(torch.cat(docs)[None], position_ids=packed_position_ids([7, last])[None], use_cache=True)
+        cache, steps = out[CACHE_FIELD], []
+        for token in tail:
+            out = model(token.view(1, 1), cache=cache, use_cache=True)
+            cache = out[CACHE_FIELD]
+            steps.append(out.logits[0, -1])
+        expected = model(torch.cat([docs[1], tail])[None]).logits[0, -5:]
+    torch.testing.assert_close(torch.stack(steps), expected, atol=TOL, rtol=TOL)
