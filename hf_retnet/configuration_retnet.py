@@ -66,6 +66,15 @@ class RetNetConfig(PretrainedConfig):
             except through its eps, so it matters only for exact parity with torchscale checkpoints.
         fp32_decays (`bool`, defaults to False): evaluate the decays log(1 - 2^(-5-h)) in fp32, as torchscale does,
             where heads h >= 20 round to gamma = 1 (no decay); False computes them exactly (float64, log1p).
+        attention_window (`int`, defaults to 0): 0 is the pure RetNet. W > 0 makes every token mixer a hybrid
+            (after LoLCATs' sliding window + linear attention): exact softmax attention over the last W real tokens
+            (the token itself included) plus retention over the tokens that have left that window, whose state
+            takes a token only once it leaves. The attention part uses the same q/k/v/o projections (so a
+            teacher-initialised student computes the teacher's attention exactly while T <= W); the retention part
+            keeps its per-head norm and output gate. Decoding state: the retention matrix plus the last W keys and
+            values per layer, constant in the context length.
+        teacher_layers (`list[int]`, *optional*): for a student converted from a teacher (`from_llama(layers=...)`),
+            the teacher layer each of its layers was copied from, in order. Informational; None otherwise.
     """
 
     model_type = "hf_retnet"  # "retnet" belongs to flash-linear-attention
@@ -102,6 +111,8 @@ class RetNetConfig(PretrainedConfig):
         group_norm_affine: bool = True,
         retention_score_normalization: bool = False,
         fp32_decays: bool = False,
+        attention_window: int = 0,
+        teacher_layers: list | None = None,
         **kwargs,
     ):
         if hidden_size % num_heads != 0:
@@ -130,6 +141,17 @@ class RetNetConfig(PretrainedConfig):
             raise ValueError(f"chunk_size={chunk_size} must be a positive number of tokens")
         if value_head_dim is not None and value_head_dim < 1:
             raise ValueError(f"value_head_dim={value_head_dim} must be a positive width (or None for value_factor)")
+        if isinstance(attention_window, bool) or not isinstance(attention_window, int) or attention_window < 0:
+            raise ValueError(
+                f"attention_window={attention_window!r} must be a non-negative number of tokens (0: pure RetNet, "
+                "W > 0: softmax attention over the last W tokens beside retention over the older ones)"
+            )
+        if attention_window and retention_score_normalization:
+            raise ValueError(
+                "attention_window > 0 cannot be combined with retention_score_normalization (a torchscale-parity "
+                "option whose row sums would have to exclude the window); turn one of them off"
+            )
+        teacher_layers = _check_teacher_layers(teacher_layers, num_hidden_layers)
         for name, value, allowed in (
             ("rotary_style", rotary_style, ROTARY_STYLES),
             ("rotary_spacing", rotary_spacing, ROTARY_SPACINGS),
@@ -161,6 +183,8 @@ class RetNetConfig(PretrainedConfig):
         self.group_norm_affine = group_norm_affine
         self.retention_score_normalization = retention_score_normalization
         self.fp32_decays = fp32_decays
+        self.attention_window = attention_window
+        self.teacher_layers = teacher_layers
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -207,6 +231,19 @@ def _check_decays(decays, num_layers: int, num_kv_heads: int) -> list | None:
     if any(not 0.0 < g < 1.0 for row in values for g in row):
         raise ValueError(f"retention_decays must lie strictly between 0 and 1; got {decays!r}")
     return values[0] if len(rows) == 1 and not isinstance(decays[0], (list, tuple)) else values
+
+
+def _check_teacher_layers(layers, num_layers: int) -> list | None:
+    """Teacher layer indices, one per student layer, strictly increasing. Returns plain ints."""
+    if layers is None:
+        return None
+    values = [int(i) for i in layers]
+    if len(values) != num_layers or any(i < 0 for i in values) or any(b <= a for a, b in zip(values, values[1:])):
+        raise ValueError(
+            f"teacher_layers must list {num_layers} distinct teacher layer indices in increasing order (one per "
+            f"layer); got {layers!r}"
+        )
+    return values
 
 
 def _largest_divisor(n: int, at_most: int) -> int:

@@ -68,9 +68,13 @@ def retnet_config_from_llama(
     retention_decays: list | None = None,
     chunk_size: int = 64,
     retention_mode: str = "chunkwise",
+    layers: list[int] | None = None,
+    attention_window: int = 0,
 ) -> RetNetConfig:
-    """The RetNet config with the teacher's shapes. share_kv=False repeats k/v heads (a state per query head)."""
+    """The RetNet config with the teacher's shapes. share_kv=False repeats k/v heads (a state per query head).
+    layers: the teacher layers kept (all by default), recorded as `teacher_layers`."""
     _check_convertible(llama_config)
+    layers = _check_layers(layers, llama_config.num_hidden_layers)
     if gate not in GATES:
         raise ValueError(f"gate={gate!r} is not one of {GATES}")
     heads = llama_config.num_attention_heads
@@ -80,7 +84,9 @@ def retnet_config_from_llama(
     return RetNetConfig(
         vocab_size=llama_config.vocab_size,
         hidden_size=llama_config.hidden_size,
-        num_hidden_layers=llama_config.num_hidden_layers,
+        num_hidden_layers=len(layers),
+        teacher_layers=layers,
+        attention_window=attention_window,
         num_heads=heads,
         num_kv_heads=kv_heads if share_kv else heads,
         head_dim=head_dim,
@@ -101,13 +107,32 @@ def retnet_config_from_llama(
     )
 
 
+def _check_layers(layers, num_layers: int) -> list[int]:
+    if layers is None:
+        return list(range(num_layers))
+    values = list(layers)
+    if (
+        not values
+        or any(isinstance(i, bool) or not isinstance(i, int) for i in values)
+        or any(not 0 <= i < num_layers for i in values)
+        or any(b <= a for a, b in zip(values, values[1:]))
+    ):
+        raise ValueError(
+            f"layers={layers!r} must be distinct teacher layer indices in [0, {num_layers}) in increasing order "
+            "(e.g. from hf_retnet.convert_llama.select_layers)"
+        )
+    return values
+
+
 def copied_parameter_names(config: RetNetConfig) -> dict[str, str]:
-    """{RetNet parameter name: Llama parameter name} for every tensor copied from the teacher."""
+    """{RetNet parameter name: Llama parameter name} for every tensor copied from the teacher; student layer i comes
+    from teacher layer `config.teacher_layers[i]` (layer i when the config does not say)."""
     names = {"model.embed_tokens.weight": "model.embed_tokens.weight", "model.norm.weight": "model.norm.weight"}
     if not config.tie_word_embeddings:
         names["lm_head.weight"] = "lm_head.weight"
-    for i in range(config.num_hidden_layers):
-        ours, theirs = f"model.layers.{i}.", f"model.layers.{i}."
+    sources = getattr(config, "teacher_layers", None) or list(range(config.num_hidden_layers))
+    for i, source in enumerate(sources):
+        ours, theirs = f"model.layers.{i}.", f"model.layers.{source}."
         names[ours + "retention_norm.weight"] = theirs + "input_layernorm.weight"
         names[ours + "ffn_norm.weight"] = theirs + "post_attention_layernorm.weight"
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
@@ -125,49 +150,111 @@ def _load_llama(llama_model_or_path, dtype):
     return llama_model_or_path
 
 
+def _teacher_device(llama) -> torch.device:
+    return next(llama.parameters()).device
+
+
 @torch.no_grad()
 def attention_statistics(llama, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
-    """Per layer and query head, on calibration text: the mean distance n - m the attention reads from (the first
-    token, an attention sink a decay cannot reach, left out and the rest renormalised), and the RMS of each head's
-    output (the input of o_proj). Returns (distances [L, H], head_rms [L, H]) in fp32."""
+    """Per layer and query head, on calibration text: the mean distance n - m the attention reads from, and the RMS
+    of each head's output (the input of o_proj). Returns (distances [L, H], head_rms [L, H]) in fp32, on the
+    teacher's device.
+
+    Distances count real tokens only. The first real token of each row is an attention sink that no decay can
+    reach, so its column is left out and the rest renormalised; with left padding that is the row's first
+    non-pad token, not column 0. Positions restart at each row's first real token (as if it stood alone), so a
+    left-padded batch measures what the same sequences measure unpadded."""
     config = llama.config
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    device = _teacher_device(llama)  # every tensor below follows the teacher (CPU, CUDA, meta)
+    input_ids = input_ids.to(device)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    attention_mask = attention_mask.to(device=device, dtype=torch.long)
+    real = attention_mask.bool()  # [B, T]
+    rank = attention_mask.cumsum(-1) - 1  # [B, T] real-token position: 0 at each row's first real token (the sink)
     previous = llama.config._attn_implementation
     llama.set_attn_implementation("eager")  # attention probabilities are only returned by the eager kernel
     head_sq: dict[int, torch.Tensor] = {}
     hooks = []
-    real = attention_mask.bool()
+    weight = real.float().unsqueeze(-1)  # [B, T, 1]
+    count = weight.sum().clamp(min=1)
 
     def capture(i):
         def hook(module, args):
             x = args[0].float().unflatten(-1, (heads, head_dim))  # [B, T, H, d]
-            head_sq[i] = x[real].pow(2).mean(dim=(0, 2))  # [H]
+            head_sq[i] = (x.pow(2).mean(-1) * weight).sum(dim=(0, 1)) / count  # [H], mean over real tokens
 
         return hook
 
     try:
         for i, layer in enumerate(llama.model.layers):
             hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(capture(i)))
-        out = llama(input_ids=input_ids, attention_mask=attention_mask, output_attentions=True)
+        out = llama(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=rank.clamp(min=0), output_attentions=True
+        )
     finally:
         for h in hooks:
             h.remove()
         llama.set_attn_implementation(previous)
-    t = input_ids.shape[1]
-    pos = torch.arange(t, dtype=torch.float32)
-    dist = (pos[:, None] - pos[None, :]).clamp(min=0)  # [T, T]
+    after_sink = real & (rank >= 1)  # [B, T] real tokens other than the sink: the keys kept, and the queries scored
+    position = rank.float()
+    dist = (position[:, :, None] - position[:, None, :]).clamp(min=0)  # [B, T, T] real-token distance n - m
+    keys = after_sink[:, None, None, :].float()  # [B, 1, 1, T]
+    queries = after_sink[:, None, :].float()  # [B, 1, T]
     distances = []
     for probs in out.attentions:  # [B, H, T, T]
-        p = probs.float()[..., 1:]  # drop the first (sink) token
+        p = probs.float() * keys  # the sink's and the pads' columns dropped
         mass = p.sum(-1).clamp(min=1e-9)
-        mean = (p * dist[:, 1:]).sum(-1) / mass  # [B, H, T]
-        keep = real[:, None, :].expand_as(mean) & (pos[None, None, :] >= 1)
-        distances.append((mean * keep).sum(dim=(0, 2)) / keep.sum(dim=(0, 2)).clamp(min=1))
+        mean = (p * dist[:, None]).sum(-1) / mass  # [B, H, T], renormalised over the kept keys
+        distances.append((mean * queries).sum(dim=(0, 2)) / queries.sum(dim=(0, 2)).clamp(min=1))
     rms = torch.stack([head_sq[i].sqrt() for i in range(len(head_sq))])
     return torch.stack(distances), rms
+
+
+@torch.no_grad()
+def layer_importance(llama, calibration_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """How much each decoder block changes its input on calibration text: 1 - cos(input, output) of its hidden
+    states, averaged over real tokens ([L] fp32, on the teacher's device). A block near 0 is close to the identity
+    (the residual stream passes it almost unchanged), so dropping it costs least (ShortGPT's block influence)."""
+    device = _teacher_device(llama)
+    calibration_ids = calibration_ids.to(device)
+    mask = torch.ones_like(calibration_ids) if attention_mask is None else attention_mask.to(device=device)
+    real = mask.bool().float()  # [B, T]
+    scores: dict[int, torch.Tensor] = {}
+
+    def measure(i):
+        def hook(module, args, kwargs, output):
+            x = args[0] if args else kwargs["hidden_states"]  # [B, T, d] block input
+            y = output[0] if isinstance(output, tuple) else output  # [B, T, d] block output
+            cos = torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)  # [B, T]
+            scores[i] = ((1 - cos) * real).sum() / real.sum().clamp(min=1)
+
+        return hook
+
+    hooks = [layer.register_forward_hook(measure(i), with_kwargs=True) for i, layer in enumerate(llama.model.layers)]
+    try:
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        llama(input_ids=calibration_ids, attention_mask=mask, position_ids=positions)
+    finally:
+        for h in hooks:
+            h.remove()
+    return torch.stack([scores[i] for i in range(len(llama.model.layers))])
+
+
+def select_layers(llama, calibration_ids: torch.Tensor, keep: int, attention_mask: torch.Tensor | None = None) -> list[int]:
+    """The `keep` teacher layers to build a shallower student from, in order: always the first and the last (they
+    map tokens into and out of the residual stream), plus the `keep - 2` middle blocks that change their input most
+    on `calibration_ids` (see `layer_importance`). Pass the result as `retnet_from_llama(..., layers=...)`."""
+    num = len(llama.model.layers)
+    if not isinstance(keep, int) or not min(2, num) <= keep <= num:
+        raise ValueError(f"keep={keep!r} must be between {min(2, num)} and the teacher's {num} layers")
+    if keep == num:
+        return list(range(num))
+    scores = layer_importance(llama, calibration_ids, attention_mask).cpu()
+    middle = sorted(range(1, num - 1), key=lambda i: (-scores[i].item(), i))[: keep - 2]
+    return sorted([0, num - 1, *middle])
 
 
 def decays_from_distances(distances: torch.Tensor, kv_heads: int, lowest: float = 0.5, highest: float = 0.9995):
@@ -189,6 +276,8 @@ def retnet_from_llama(
     chunk_size: int = 64,
     retention_mode: str = "chunkwise",
     dtype: torch.dtype | None = None,
+    layers: list[int] | None = None,
+    attention_window: int = 0,
 ) -> RetNetForCausalLM:
     """A RetNet holding the teacher's weights wherever they have a counterpart.
 
@@ -199,9 +288,15 @@ def retnet_from_llama(
         `calibration_ids`, see `decays_from_distances`), or explicit values as `RetNetConfig.retention_decays`.
     calibrate_norm: with `calibration_ids`, set each head's output-norm weight to the RMS of the attention head it
         replaces (the norm makes every head's output unit-RMS; attention heads are not).
+    layers: teacher layer indices to keep, in increasing order (default: all), for a shallower student that still
+        starts from the teacher's weights; `select_layers` chooses them. Decays and norm scales of student layer i
+        come from teacher layer `layers[i]`; explicit `decays` are given per student layer.
+    attention_window: W > 0 builds the hybrid student (`RetNetConfig.attention_window`): softmax attention over the
+        last W tokens with the teacher's own q/k/v/o, retention over the older ones.
     """
     llama = _load_llama(llama_model_or_path, dtype)
     _check_convertible(llama.config)
+    layers = _check_layers(layers, llama.config.num_hidden_layers)
     if isinstance(decays, str) and decays not in DECAY_CHOICES:
         raise ValueError(f"decays={decays!r}: give one of {DECAY_CHOICES} or a list of values")
     needs_data = decays == "attention" or calibrate_norm
@@ -209,7 +304,8 @@ def retnet_from_llama(
         raise ValueError("decays='attention' measures the teacher's attention: pass calibration_ids [B, T]")
     stats = None
     if needs_data and calibration_ids is not None:
-        stats = attention_statistics(llama, calibration_ids, calibration_mask)
+        distances, head_rms = attention_statistics(llama, calibration_ids, calibration_mask)
+        stats = (distances[layers].cpu(), head_rms[layers].cpu())  # rows of the kept teacher layers, in order
     kv_heads = getattr(llama.config, "num_key_value_heads", None) or llama.config.num_attention_heads
     explicit = None
     if decays == "attention":
@@ -223,6 +319,8 @@ def retnet_from_llama(
         retention_decays=explicit,
         chunk_size=chunk_size,
         retention_mode=retention_mode,
+        layers=layers,
+        attention_window=attention_window,
     )
     student = RetNetForCausalLM(config).to(dtype=next(llama.parameters()).dtype)
     theirs = llama.state_dict()
@@ -259,4 +357,6 @@ __all__ = [
     "copied_parameter_names",
     "attention_statistics",
     "decays_from_distances",
+    "layer_importance",
+    "select_layers",
 ]

@@ -61,6 +61,11 @@ class RetNetCache(Cache):
 
     states[i]: [B, H, d_k, d_v] float32 for layer i.
     seen_tokens: [B] int64, real (unpadded) tokens read so far per sequence; the next token's position.
+    Hybrid models (`attention_window` = W > 0) also keep the window, still constant in the context length:
+    window_keys[i] / window_values[i]: [B, H, W, d_k] / [B, H, W, d_v] float32, the last W real tokens' rotated,
+    scaled keys and values, newest last; window_valid: [B, W] bool, which slots hold a token (fewer than W read).
+    transformers' sliding-window cache layers keep the last W - 1 positions, padding included, and drop what leaves;
+    here a slot is a real token and what leaves goes into the retention state, so the window lives in this class.
     """
 
     is_compileable = False
@@ -71,6 +76,9 @@ class RetNetCache(Cache):
         self.states: list[torch.Tensor | None] = [None] * (num_layers or 0)
         self.seen_tokens: torch.Tensor | None = None
         self._length = 0  # input positions consumed (padding included), as generation counts them
+        self.window_keys: list[torch.Tensor | None] = [None] * (num_layers or 0)
+        self.window_values: list[torch.Tensor | None] = [None] * (num_layers or 0)
+        self.window_valid: torch.Tensor | None = None
 
     def __repr__(self) -> str:
         shape = None if not self.states or self.states[0] is None else tuple(self.states[0].shape)
@@ -79,13 +87,27 @@ class RetNetCache(Cache):
     def __len__(self) -> int:
         return len(self.states)
 
-    def get_state(self, layer_idx: int) -> torch.Tensor | None:
-        return self.states[layer_idx] if layer_idx < len(self.states) else None
+    def get_state(self, layer_idx: int):
+        """The layer's state: the retention matrix, or (matrix, window keys, window values) for a hybrid layer."""
+        state = self.states[layer_idx] if layer_idx < len(self.states) else None
+        if state is not None and layer_idx < len(self.window_keys) and self.window_keys[layer_idx] is not None:
+            return state, self.window_keys[layer_idx], self.window_values[layer_idx]
+        return state
 
-    def set_state(self, layer_idx: int, state: torch.Tensor) -> None:
-        while len(self.states) <= layer_idx:
-            self.states.append(None)
+    def set_state(self, layer_idx: int, state) -> None:
+        keys = values = None
+        if isinstance(state, tuple):
+            state, keys, values = state
+        for store in (self.states, self.window_keys, self.window_values):
+            while len(store) <= layer_idx:
+                store.append(None)
         self.states[layer_idx] = state
+        self.window_keys[layer_idx], self.window_values[layer_idx] = keys, values
+
+    def nbytes(self) -> int:
+        """Bytes held: retention states plus (hybrid) the window keys, values and slot flags."""
+        tensors = [*self.states, *self.window_keys, *self.window_values, self.window_valid]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def advance(
         self,
@@ -131,6 +153,10 @@ class RetNetCache(Cache):
 
     def _map_batch(self, fn) -> None:
         self.states = [None if s is None else fn(s) for s in self.states]
+        self.window_keys = [None if s is None else fn(s) for s in self.window_keys]
+        self.window_values = [None if s is None else fn(s) for s in self.window_values]
+        if self.window_valid is not None:
+            self.window_valid = fn(self.window_valid)
         if self.seen_tokens is not None:
             self.seen_tokens = fn(self.seen_tokens)
 
@@ -146,6 +172,9 @@ class RetNetCache(Cache):
 
     def reset(self) -> None:
         self.states = [None] * len(self.states)
+        self.window_keys = [None] * len(self.states)
+        self.window_values = [None] * len(self.states)
+        self.window_valid = None
         self.seen_tokens = None
         self._length = 0
 
@@ -318,6 +347,178 @@ def retention_score_scale(qz: torch.Tensor, positions: torch.Tensor, log_decay: 
     rows = torch.expm1(count * log_decay) / torch.expm1(log_decay).masked_fill(no_decay, 1.0)  # [B, H, T]
     rows = torch.where(no_decay, count, rows)
     return torch.maximum(rows.sqrt().unsqueeze(-1), qz.abs())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hybrid token mixer (`attention_window` = W > 0): exact softmax attention over the last W real tokens plus
+# retention over the tokens that have left that window. Both run on an "extended row": the W window slots carried
+# in the cache, then this call's T tokens, stably reordered so invalid slots and padding come first. Real tokens are
+# then contiguous, so "the last W real tokens" is an index band and "has left the window" an index shift by W,
+# whatever the padding. All tensors fp32.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class WindowLayout:
+    """Where the tokens of one forward sit in the compacted extended row; the same for every layer of the forward.
+
+    valid: [B, W + T] bool, real tokens (cached window slots, then this call's tokens), compacted (invalid first).
+    time: [B, W + T] fp32 real tokens counted from the start of the extended row (0 on the leading invalid entries).
+    segments: [B, W + T] int64 documents started so far in a packed row (0: the carried window's and state's
+    document; 0 on the invalid entries too, so the row stays non-decreasing), or None for one document per row.
+    order / restore: [B, W + T] int64 gather indices extended -> compacted and back, or None when already compact
+    (decoding and unpadded training: no reordering at all).
+    """
+
+    def __init__(self, mask: torch.Tensor, window_valid: torch.Tensor | None, window: int,
+                 segments: torch.Tensor | None = None):
+        b = mask.shape[0]
+        if window_valid is None:  # nothing carried over: W empty slots
+            window_valid = torch.zeros(b, window, dtype=torch.bool, device=mask.device)
+        valid = torch.cat([window_valid.to(mask.device), mask.bool()], dim=1)  # [B, W + T]
+        self.window = window
+        self.order = self.restore = None
+        if not bool((valid[:, 1:] >= valid[:, :-1]).all()):  # an invalid entry after a real one: compact the row
+            self.order = torch.sort(valid.to(torch.uint8), dim=1, stable=True).indices  # invalid first, order kept
+            self.restore = torch.argsort(self.order, dim=1)
+            valid = valid.gather(1, self.order)
+        self.valid = valid
+        self.time = valid.float().cumsum(1)
+        self.segments = None
+        if segments is not None:
+            segments = torch.cat([segments.new_zeros(b, window), segments.to(mask.device)], dim=1)  # [B, W + T]
+            if self.order is not None:
+                segments = segments.gather(1, self.order)
+            self.segments = segments.masked_fill(~valid, 0)
+
+    @property
+    def next_window_valid(self) -> torch.Tensor:
+        """[B, W]: which of the last W compacted entries (the window carried to the next call) are real tokens of
+        the row's last document (a packed row's earlier documents are never read again)."""
+        valid = self.valid[:, -self.window :]
+        if self.segments is not None:
+            valid = valid & (self.segments[:, -self.window :] == self.segments[:, -1:])
+        return valid
+
+    def compact(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, H, W + T, d] in extended order -> compacted order."""
+        if self.order is None:
+            return x
+        return x.gather(2, self.order[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]))
+
+    def restore_new(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, H, T, d] computed at compacted positions W.. -> this call's token order (padding gets zeros)."""
+        if self.restore is None:
+            return x
+        full = F.pad(x, (0, 0, self.window, 0))  # [B, H, W + T, d]
+        where = self.restore[:, self.window :]  # [B, T] compacted position of each of this call's tokens
+        return full.gather(2, where[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]))
+
+
+def _softmax_attend(scores: torch.Tensor, allowed: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax over the allowed keys of each query row, times v; a row with no allowed key (padding) gives 0.
+    scores: [..., Q, K], allowed: bool broadcastable to it, v: [..., K, d_v] -> [..., Q, d_v]."""
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    top = scores.amax(-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    weights = torch.exp(scores - top)  # 0 for the keys left out
+    total = weights.sum(-1, keepdim=True)
+    return (weights @ v) / torch.where(total > 0, total, torch.ones_like(total))
+
+
+def window_attention_parallel(q, k, v, valid, window: int, segments=None):
+    """q: [B, H, T, d_k] at compacted positions W..W+T-1; k, v: [B, H, W + T, d]; valid (and segments, if any):
+    [B, W + T]. O(T (W + T))."""
+    t, length = q.shape[2], k.shape[2]
+    diff = torch.arange(length - t, length, device=q.device)[:, None] - torch.arange(length, device=q.device)  # [T, L]
+    allowed = (diff >= 0) & (diff < window) & valid[:, None, None, :]  # [B, 1, T, W + T]
+    if segments is not None:  # a packed row's window never reaches into the previous document
+        allowed = allowed & (segments[:, None, -t:, None] == segments[:, None, None, :])
+    return _softmax_attend(q @ k.transpose(-1, -2), allowed, v)
+
+
+def window_attention_chunkwise(q, k, v, valid, window: int, chunk_size: int, segments=None):
+    """Blocks of C queries, each against the W + C - 1 keys its band can reach: O(T (W + C)) time and memory."""
+    b, h, t, dk = q.shape
+    c = min(chunk_size, t)
+    n = -(-t // c)
+    pad = n * c - t
+    span = window + c - 1
+    # query block i (compacted positions W + iC ..) reaches keys from position iC + 1 on: drop key 0, pad the tail
+    keys = F.pad(k[:, :, 1:], (0, 0, 0, pad)).unfold(2, span, c).transpose(-1, -2)  # [B, H, N, span, d_k]
+    values = F.pad(v[:, :, 1:], (0, 0, 0, pad)).unfold(2, span, c).transpose(-1, -2)  # [B, H, N, span, d_v]
+    ok = torch.cat([valid[:, 1:], valid.new_zeros(b, pad)], dim=1).unfold(1, span, c)  # [B, N, span]
+    queries = F.pad(q, (0, 0, 0, pad)).view(b, h, n, c, dk)  # [B, H, N, C, d_k]
+    a = torch.arange(c, device=q.device)[:, None]
+    j = torch.arange(span, device=q.device)
+    band = (j >= a) & (j < a + window)  # [C, span]: key j of a block is within W of its query a
+    allowed = band & ok[:, None, :, None, :]  # [B, 1, N, C, span]
+    if segments is not None:
+        key_seg = torch.cat([segments[:, 1:], segments[:, -1:].expand(b, pad)], dim=1).unfold(1, span, c)  # [B, N, span]
+        query_seg = torch.cat([segments[:, -t:], segments[:, -1:].expand(b, pad)], dim=1).view(b, n, c)  # [B, N, C]
+        allowed = allowed & (query_seg[:, None, :, :, None] == key_seg[:, None, :, None, :])
+    out = _softmax_attend(queries @ keys.transpose(-1, -2), allowed, values)  # [B, H, N, C, d_v]
+    return out.reshape(b, h, n * c, -1)[:, :, :t]
+
+
+def window_attention_recurrent(q, k, v, valid, window: int, segments=None):
+    """One query at a time against the W slots ending at it: O(W) per token (decoding)."""
+    t, length = q.shape[2], k.shape[2]
+    outs = []
+    for i in range(t):
+        end = length - t + i + 1
+        band = slice(end - window, end)
+        allowed = valid[:, None, None, band]  # [B, 1, 1, W]
+        if segments is not None:
+            allowed = allowed & (segments[:, None, None, band] == segments[:, None, None, end - 1 : end])
+        outs.append(_softmax_attend(q[:, :, i : i + 1] @ k[:, :, band].transpose(-1, -2), allowed, v[:, :, band]))
+    return torch.cat(outs, dim=2)
+
+
+def hybrid_window_retention(q, k, v, log_decay, layout: WindowLayout, state=None, window_keys=None,
+                            window_values=None, mode: str = "chunkwise", chunk_size: int = 128):
+    """Softmax attention over the last W real tokens and retention over the older ones, kept apart.
+
+    q: [B, H, T, d_k]; k (rotated, scaled by d_k^-1/2, masked), v (masked): [B, H, T, d_k | d_v]; log_decay: [H];
+    state: [B, H, d_k, d_v] retention state of the tokens that have left the window, decayed to the newest of them,
+    or None; window_keys / window_values: [B, H, W, d_k | d_v] the window carried over (layout says which slots are
+    real), or None. Returns (window_out, retention_out [B, H, T, d_v], state, window_keys, window_values).
+
+    Query n (compacted position W + j) reads the retention state after position j, the newest token W real tokens
+    before it, decayed by gamma^(c_n - c_j): ordinary retention (any mode) with the queries shifted back by W.
+    """
+    b, h, t, dk = q.shape
+    w = layout.window
+    if window_keys is None:
+        window_keys, window_values = k.new_zeros(b, h, w, dk), v.new_zeros(b, h, w, v.shape[-1])
+    keys = layout.compact(torch.cat([window_keys, k], dim=2))  # [B, H, W + T, d_k]
+    values = layout.compact(torch.cat([window_values, v], dim=2))  # [B, H, W + T, d_v]
+    queries = layout.compact(torch.cat([q.new_zeros(b, h, w, dk), q], dim=2))[:, :, w:]  # [B, H, T, d_k]
+    seg = layout.segments  # [B, W + T] or None
+    if mode == "parallel":
+        window_out = window_attention_parallel(queries, keys, values, layout.valid, w, seg)
+    elif mode == "chunkwise":
+        window_out = window_attention_chunkwise(queries, keys, values, layout.valid, w, chunk_size, seg)
+    else:
+        window_out = window_attention_recurrent(queries, keys, values, layout.valid, w, seg)
+    time = layout.time  # [B, W + T]
+    lag = _decay_pow(time[:, w:] - time[:, :t], log_decay)  # [B, H, T]
+    if seg is not None:  # the state after position j belongs to j's document: a query in a later one reads nothing
+        lag = lag * (seg[:, w:] == seg[:, :t]).unsqueeze(1)
+    shifted = queries * lag.unsqueeze(-1)  # [B, H, T, d_k]
+    old = (keys[:, :, :t], values[:, :, :t], log_decay, time[:, :t], state)  # the entries that can leave the window
+    old_seg = None if seg is None else seg[:, :t]
+    if mode == "parallel":
+        retention_out, state = retention_parallel(shifted, *old, segments=old_seg)
+    elif mode == "chunkwise":
+        retention_out, state = retention_chunkwise(shifted, *old, chunk_size=chunk_size, segments=old_seg)
+    else:
+        retention_out, state = retention_recurrent(shifted, *old, segments=old_seg)
+    keys, values = keys[:, :, t:], values[:, :, t:]  # the window carried on
+    if seg is not None:  # only the row's last document is carried on: its state, its window (others zeroed)
+        state = state * (seg[:, t - 1] == seg[:, -1]).view(-1, 1, 1, 1)
+        carried = layout.next_window_valid[:, None, :, None]  # [B, 1, W, 1]
+        keys, values = keys * carried, values * carried
+    return layout.restore_new(window_out), layout.restore_new(retention_out), state, keys, values
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -550,6 +751,55 @@ class RetNetMultiScaleRetention(Fp32BuffersModule):
         return self.o_proj(gate * out.to(gate.dtype))
 
 
+class RetNetHybridAttention(RetNetMultiScaleRetention):
+    """The token mixer with `attention_window` = W > 0 (after LoLCATs' sliding window + linear attention):
+
+        o_n = o_proj( softmax-attention_n(last W real tokens) + gate_n * norm(retention_n(tokens older than that)) )
+
+    The window part is the teacher's attention restricted to W tokens (same q/k/v/o, scale d_k^-1/2, no norm or
+    gate), so while T <= W the layer is exactly the attention it was converted from. The retention part is RetNet's
+    (per-head norm, optional swish gate) over the tokens that left the window; they enter its state only then.
+    The two are added rather than normalised together: retention scores are signed and unnormalised, so there is
+    no positive mass to share a softmax denominator with. Same parameters as the pure retention layer."""
+
+    def __init__(self, config: RetNetConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.window = config.attention_window
+
+    def forward(self, hidden_states, cos, sin, mask, time, state=None, mode="chunkwise", positions=None,
+                segments=None, window: WindowLayout | None = None):
+        """As RetNetMultiScaleRetention; state: None or (retention [B, H_kv, d_k, d_v], window keys
+        [B, H_kv, W, d_k], window values [B, H_kv, W, d_v]) fp32; window: the forward's WindowLayout."""
+        b, t, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(b, t, self.num_heads, -1).transpose(1, 2).float()  # [B, H, T, d_k]
+        k = self.k_proj(hidden_states).view(b, t, self.num_kv_heads, -1).transpose(1, 2).float()  # [B, H_kv, T, d_k]
+        v = self.v_proj(hidden_states).view(b, t, self.num_kv_heads, -1).transpose(1, 2).float()  # [B, H_kv, T, d_v]
+        q = q * cos + self.rotate(q) * sin
+        k = (k * cos + self.rotate(k) * sin) * (self.head_dim**-0.5)
+        keep = mask[:, None, :, None].float()
+        k, v = k * keep, v * keep
+        if window is None:
+            if state is not None:
+                raise ValueError("a carried hybrid state needs the forward's WindowLayout (call the model, not the layer)")
+            window = WindowLayout(mask, None, self.window, segments)
+        carried = [None, None, None] if state is None else list(state)
+        log_decay = self.log_decay.float()
+        group = self.num_heads // self.num_kv_heads
+        if group > 1:  # query heads of a group read their k/v head: expand, compute, keep one copy
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+            log_decay = log_decay.repeat_interleave(group)
+            carried = [None if x is None else x.repeat_interleave(group, dim=1) for x in carried]
+        window_out, retention_out, *state = hybrid_window_retention(
+            q, k, v, log_decay, window, *carried, mode=mode, chunk_size=self.chunk_size
+        )
+        state = tuple(x[:, ::group].contiguous() for x in state)  # [B, H_kv, ...]
+        retention_out = self.group_norm(retention_out.transpose(1, 2).reshape(b, t, self.value_dim))  # [B, T, H*d_v]
+        if self.g_proj is not None:
+            retention_out = F.silu(self.g_proj(hidden_states)).float() * retention_out
+        mixed = window_out.transpose(1, 2).reshape(b, t, self.value_dim) + retention_out  # fp32
+        return self.o_proj(mixed.to(hidden_states.dtype)), state
+
+
 class RetNetMLP(nn.Module):
     """Gated feed-forward down(act(gate(x)) * up(x)): SwiGLU by default, GeGLU with hidden_act="gelu"."""
 
@@ -570,16 +820,17 @@ class RetNetDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: RetNetConfig, layer_idx: int):
         super().__init__()
         self.retention_norm = RetNetRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.retention = RetNetMultiScaleRetention(config, layer_idx)
+        hybrid = getattr(config, "attention_window", 0)
+        self.retention = (RetNetHybridAttention if hybrid else RetNetMultiScaleRetention)(config, layer_idx)
         self.ffn_norm = RetNetRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = RetNetMLP(config)
 
     def forward(
-        self, hidden_states, cos, sin, mask, time, state=None, mode="chunkwise", positions=None, segments=None
+        self, hidden_states, cos, sin, mask, time, state=None, mode="chunkwise", positions=None, segments=None, **kwargs
     ):
         retained, state = self.retention(
             self.retention_norm(hidden_states), cos, sin, mask, time, state, mode, positions=positions,
-            segments=segments,
+            segments=segments, **kwargs,
         )
         hidden_states = hidden_states + retained
         hidden_states = hidden_states + self.mlp(self.ffn_norm(hidden_states))
@@ -704,7 +955,8 @@ class RetNetModel(RetNetPreTrainedModel):
             position_ids = position_ids[..., -t:].to(device=device, dtype=torch.long).expand(b, t)  # [B, T]
         seen = past_key_values.seen_tokens if has_state else None  # [B] positions the cache has reached
 
-        if t == 1:  # decoding: the lean one-token recurrence (every mode computes the same thing)
+        hybrid = getattr(self.config, "attention_window", 0)
+        if t == 1 and not hybrid:  # decoding: the lean one-token recurrence (every mode computes the same thing)
             mode, time, segments = "step", None, None
             if position_ids is not None:
                 positions = position_ids
@@ -730,13 +982,17 @@ class RetNetModel(RetNetPreTrainedModel):
                 segments = starts.long().cumsum(-1) if bool(starts.any()) else None  # [B, T]
             keep = mask
             cos, sin = self.rotary_emb(positions)  # [B, 1, T, d_k]
+        extra = {}
+        if hybrid:  # hybrid layers: where this call's tokens sit in the window (the general path, any T)
+            carried = past_key_values.window_valid if has_state else None
+            extra["window"] = WindowLayout(keep, carried, hybrid, segments)
 
         hidden_states = inputs_embeds
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         for i, layer in enumerate(self.layers):
             state = past_key_values.get_state(i) if past_key_values is not None else None
             hidden_states, state = layer(
-                hidden_states, cos, sin, keep, time, state, mode, positions=positions, segments=segments
+                hidden_states, cos, sin, keep, time, state, mode, positions=positions, segments=segments, **extra
             )
             if past_key_values is not None:
                 past_key_values.set_state(i, state)
@@ -746,6 +1002,8 @@ class RetNetModel(RetNetPreTrainedModel):
         if output_hidden_states:
             all_hidden_states = all_hidden_states[:-1] + (hidden_states,)
         if past_key_values is not None:
+            if extra:
+                past_key_values.window_valid = extra["window"].next_window_valid
             past_key_values.advance(
                 mask, None if position_ids is None else next_positions(position_ids, mask), num_tokens=t,
                 batch_size=b, device=device,

@@ -115,10 +115,94 @@ def test_attention_decays_follow_attention_distance():
     distances = torch.tensor([[0.5, 1.5, 9.0, 99.0]])
     got = decays_from_distances(distances, kv_heads=2)
     torch.testing.assert_close(torch.tensor(got), torch.tensor([[0.5, 54.0 / 55.0]]))
+
+
+def uniform_attention_distance(lengths):
+    """Closed form for attention that is uniform over the causal prefix: after dropping the sink (real position 0)
+    and renormalising, query n >= 1 reads positions 1..n evenly, mean distance (n - 1) / 2; averaged over queries."""
+    total = sum((n - 1) / 2 for length in lengths for n in range(1, length))
+    return total / sum(length - 1 for length in lengths)
+
+
+@pytest.mark.parametrize("pads", [(0, 0, 0), (3, 0, 5)])
+def test_distances_equal_a_constructed_teacher(pads):
+    """q_proj = 0 makes every score 0, so attention is uniform over each row's real prefix and the distances have a
+    closed form. Keeping the sink, not renormalising, counting padding or taking column 0 as the sink all miss it."""
     llama = tiny_llama()
-    dist, rms = attention_statistics(llama, ids(2, 16))
-    assert dist.shape == rms.shape == (2, 4)
-    assert torch.all(dist >= 0) and torch.all(dist <= 15) and torch.all(rms > 0)
+    with torch.no_grad():
+        for layer in llama.model.layers:
+            layer.self_attn.q_proj.weight.zero_()
+    lengths = [16 - p for p in pads]
+    x, mask = torch.zeros(3, 16, dtype=torch.long), torch.zeros(3, 16, dtype=torch.long)
+    for row, p in enumerate(pads):  # left padding: row lengths 16 - pads
+        x[row, p:], mask[row, p:] = ids(1, 16 - p, seed=row)[0], 1
+    dist, _ = attention_statistics(llama, x, mask)
+    torch.testing.assert_close(dist, torch.full((2, 4), uniform_attention_distance(lengths)), atol=1e-5, rtol=0)
+
+
+def test_distances_equal_an_independent_loop_over_the_attention():
+    """On a random teacher with left padding: the vectorised statistics equal a plain loop over the teacher's own
+    attention probabilities (positions counted from each row's first real token, that token's column dropped)."""
+    llama = tiny_llama()
+    x, mask = torch.zeros(2, 14, dtype=torch.long), torch.zeros(2, 14, dtype=torch.long)
+    x[0], mask[0] = ids(1, 14, seed=5)[0], 1
+    x[1, 4:], mask[1, 4:] = ids(1, 10, seed=6)[0], 1
+    dist, _ = attention_statistics(llama, x, mask)
+    llama.set_attn_implementation("eager")
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    attentions = llama(input_ids=x, attention_mask=mask, position_ids=positions, output_attentions=True).attentions
+    expected = torch.zeros(2, 4)
+    for layer, probs in enumerate(attentions):
+        for head in range(4):
+            per_query = []
+            for row in range(2):
+                real = mask[row].nonzero().flatten().tolist()
+                for qi in range(1, len(real)):  # query at real position qi; keys at real positions 1..qi
+                    weights = [probs[row, head, real[qi], real[m]].item() for m in range(1, qi + 1)]
+                    per_query.append(sum(w * (qi - m) for w, m in zip(weights, range(1, qi + 1))) / sum(weights))
+            expected[layer, head] = sum(per_query) / len(per_query)
+    torch.testing.assert_close(dist, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_left_padded_calibration_gives_the_unpadded_decays():
+    """Issue 22: with left padding the sink is each row's first real token, not column 0. Tolerance 1e-5: the
+    padded and unpadded teacher forwards differ only by float rounding."""
+    llama = tiny_llama()
+    calib = ids(3, 12, seed=7)
+    x, mask = torch.zeros(3, 17, dtype=torch.long), torch.zeros(3, 17, dtype=torch.long)
+    for row, p in enumerate((5, 0, 2)):
+        x[row, p : p + 12], mask[row, p : p + 12] = calib[row], 1
+    # rows 1 and 2 also end in right padding (5 and 3 pads)
+    plain = retnet_from_llama(llama, decays="attention", calibration_ids=calib)
+    padded = retnet_from_llama(llama, decays="attention", calibration_ids=x, calibration_mask=mask)
+    torch.testing.assert_close(torch.tensor(padded.config.retention_decays), torch.tensor(plain.config.retention_decays),
+                               atol=1e-5, rtol=0)
+    for a, b in zip(plain.model.layers, padded.model.layers):  # the calibrated norm scales too
+        torch.testing.assert_close(b.retention.group_norm.weight, a.retention.group_norm.weight, atol=1e-5, rtol=1e-5)
+
+
+def test_statistics_follow_the_teacher_device():
+    """Issue 22: every tensor is built where the teacher lives. On the meta device (no data, but device checks
+    are real) a CPU-built position grid or CPU calibration ids raise; the result must come back on the teacher's
+    device with the right shapes."""
+    llama = tiny_llama().to("meta")
+    calib, mask = ids(2, 10), torch.ones(2, 10, dtype=torch.long)  # on the CPU, as callers pass them
+    mask[1, :3] = 0
+    dist, rms = attention_statistics(llama, calib, mask)
+    assert dist.device.type == rms.device.type == "meta"
+    assert dist.shape == rms.shape == (2, 4) and dist.dtype == rms.dtype == torch.float32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_statistics_on_a_cuda_teacher_equal_the_cpu_ones():
+    llama = tiny_llama()
+    calib, mask = ids(2, 12), torch.ones(2, 12, dtype=torch.long)
+    mask[0, :4] = 0
+    on_cpu = attention_statistics(llama, calib, mask)
+    on_gpu = attention_statistics(llama.cuda(), calib, mask)
+    for a, b in zip(on_cpu, on_gpu):
+        assert b.device.type == "cuda"
+        torch.testing.assert_close(b.cpu(), a, atol=1e-4, rtol=1e-4)
 
 
 def test_calibrated_norm_matches_attention_head_size():
