@@ -14,7 +14,9 @@ import os
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "hf-retnet-pretokenized-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest: packed shards carry a `position_ids` column (document boundaries)
+UNPACKED_FORMAT_VERSION = 1  # unpacked shards have nothing version 2 adds: written as 1, byte-identical as before
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
 SHARD_TEMPLATE = "shard-{:05d}.parquet"
 ARROW_CACHE_DIRNAME = ".arrow_cache"
 
@@ -70,6 +72,16 @@ def check_tokenizer_matches(manifest: dict, tokenizer, manifest_path: str) -> No
         )
 
 
+# ----------------------------------------------------------------------------- versions
+
+
+def shard_format_version(pack: bool) -> int:
+    """The version a folder is written as: 2 for packed shards (they have the `position_ids` column, which a reader
+    of version 1 would silently ignore, training across document boundaries), 1 for unpacked ones (unchanged since
+    version 1, so they stay readable by older code and byte-identical to what it wrote)."""
+    return FORMAT_VERSION if pack else UNPACKED_FORMAT_VERSION
+
+
 # ----------------------------------------------------------------------------- manifest
 
 
@@ -89,10 +101,10 @@ def read_manifest(folder: str | os.PathLike) -> dict:
         raise ValueError(f"{path}:{e.lineno}: manifest is not valid JSON ({e.msg}); re-run preprocessing") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise ValueError(f"{path}: not a {FORMAT_NAME} manifest (format={manifest.get('format')!r})")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in SUPPORTED_FORMAT_VERSIONS:
         raise ValueError(
             f"{path}: format_version {manifest.get('format_version')!r} is not supported (this code reads "
-            f"{FORMAT_VERSION}); re-run preprocessing with this version"
+            f"{', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}); re-run preprocessing with this version"
         )
     for key in ("tokenizer", "shards", "totals"):
         if key not in manifest:

@@ -32,11 +32,11 @@ import numpy as np
 from training.data.format import (
     ARROW_CACHE_DIRNAME,
     FORMAT_NAME,
-    FORMAT_VERSION,
     MANIFEST_NAME,
     SHARD_TEMPLATE,
     describe_tokenizer,
     read_manifest,
+    shard_format_version,
 )
 from training.data.records import (  # noqa: F401  (normalize_record, encode_record, ...: also public here)
     _ROLE_ALIASES,
@@ -64,8 +64,10 @@ _TMP_RE = re.compile(r"^\.(shard-\d{5,}\.parquet|manifest\.json)\.tmp-\d+$")
 # ----------------------------------------------------------------------------- shard files
 
 
-def write_shard(path: str, input_ids: np.ndarray, labels: np.ndarray, lengths: np.ndarray, metadata: dict) -> None:
-    """Atomically write one shard. input_ids/labels: flat [sum(lengths)] int32; lengths: [N] int32."""
+def write_shard(path: str, input_ids: np.ndarray, labels: np.ndarray, lengths: np.ndarray, metadata: dict,
+                position_ids: np.ndarray | None = None) -> None:
+    """Atomically write one shard. input_ids/labels (and position_ids, packed shards only): flat [sum(lengths)]
+    int32; lengths: [N] int32."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -77,11 +79,13 @@ def write_shard(path: str, input_ids: np.ndarray, labels: np.ndarray, lengths: n
     offsets_arr = pa.array(offsets.astype(np.int32))
     ids_col = pa.ListArray.from_arrays(offsets_arr, pa.array(np.asarray(input_ids, dtype=np.int32)))
     lab_col = pa.ListArray.from_arrays(offsets_arr, pa.array(np.asarray(labels, dtype=np.int32)))
-    schema = pa.schema(
-        [("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())), ("length", pa.int32())],
-        metadata={SHARD_METADATA_KEY: json.dumps(metadata, sort_keys=True).encode("utf-8")},
-    )
-    table = pa.Table.from_arrays([ids_col, lab_col, pa.array(lengths.astype(np.int32))], schema=schema)
+    fields = [("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())), ("length", pa.int32())]
+    columns = [ids_col, lab_col, pa.array(lengths.astype(np.int32))]
+    if position_ids is not None:
+        fields.append(("position_ids", pa.list_(pa.int32())))
+        columns.append(pa.ListArray.from_arrays(offsets_arr, pa.array(np.asarray(position_ids, dtype=np.int32))))
+    schema = pa.schema(fields, metadata={SHARD_METADATA_KEY: json.dumps(metadata, sort_keys=True).encode("utf-8")})
+    table = pa.Table.from_arrays(columns, schema=schema)
     with atomic_path(path, fsync=True) as tmp:  # `.<name>.tmp-<pid>`: what _TMP_RE recognises after a crash
         # token ids gain little from dictionary encoding and it triples the write time
         pq.write_table(table, tmp, compression="zstd", use_dictionary=False, row_group_size=ROW_GROUP_SIZE)
@@ -113,16 +117,20 @@ def write_manifest(output: str, tokenizer_info: dict, options: dict, inputs: lis
             if isinstance(v, int):
                 totals[k] = totals.get(k, 0) + v
     totals["num_shards"] = num_shards
+    columns = {
+        "input_ids": "list<int32> token ids",
+        "labels": f"list<int32> same length; {IGNORE_INDEX} where not trained (labels are not shifted)",
+        "length": "int32 number of tokens",
+    }
+    if options.get("pack"):
+        columns["position_ids"] = ("list<int32> same length; position in its document, 0 where a document (or the "
+                                   "part of one that continues from the previous block) starts")
     manifest = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": shard_format_version(bool(options.get("pack"))),
         "tokenizer": tokenizer_info,
         "options": options,
-        "columns": {
-            "input_ids": "list<int32> token ids",
-            "labels": f"list<int32> same length; {IGNORE_INDEX} where not trained (labels are not shifted)",
-            "length": "int32 number of tokens",
-        },
+        "columns": columns,
         "inputs": inputs,
         "shards": shards,
         "totals": totals,
@@ -238,16 +246,20 @@ def plan_units(sources: list[Source], shard_size: int, progress: bool = True) ->
     return units, inputs
 
 
-SHARD_OPTIONS = ("max_seq_length", "pack", "append_eos")  # what a shard's tokens depend on besides input and tokenizer
-SHARD_OPTION_DEFAULTS = {"append_eos": True}  # for manifests written before the option existed
+# What a shard's tokens depend on besides input and tokenizer. `document_positions` is set only with --pack (how the
+# position_ids column counts: "restart" = 0 at every document and at the start of every block); unpacked options
+# leave it out, so their keys and manifests are what they were before it existed.
+SHARD_OPTIONS = ("max_seq_length", "pack", "append_eos", "document_positions")
+SHARD_OPTION_DEFAULTS = {"append_eos": True, "document_positions": None}  # for manifests written before each existed
+DOCUMENT_POSITIONS = "restart"
 
 
 def unit_key(unit: Unit, fingerprint: str, options: dict) -> dict:
     """Everything a shard's content depends on; a stored shard with this key is reused as is."""
     return {
-        "format_version": FORMAT_VERSION,
+        "format_version": shard_format_version(bool(options["pack"])),
         "tokenizer_fingerprint": fingerprint,
-        "options": {k: options[k] for k in SHARD_OPTIONS},
+        "options": {k: options[k] for k in SHARD_OPTIONS if k in options},
         "source": asdict(unit.source),
         "range": [unit.start, unit.stop],
         "content_sha256": unit.content_sha256,
@@ -281,14 +293,35 @@ def _read_unit(unit: Unit):
             yield f"{src.path} row {unit.first + i}", row
 
 
+def _cut_block(pieces: list[int], size: int) -> tuple[list[int], list[int]]:
+    """Split the lengths of the document pieces in a packing buffer into the first `size` tokens' pieces and the
+    rest; a piece that crosses the cut becomes two, the second starting the rest (its positions start over)."""
+    block, total = [], 0
+    for i, n in enumerate(pieces):
+        if total + n >= size:
+            block.append(size - total)
+            rest = [n - (size - total)] if n > size - total else []
+            return block, rest + pieces[i + 1:]
+        block.append(n)
+        total += n
+    return block, []
+
+
+def _document_positions(pieces: list[int]) -> list[int]:
+    """position_ids of a packed row made of document pieces of these lengths: 0, 1, ... within each piece."""
+    return [p for n in pieces for p in range(n)]
+
+
 def process_unit(unit: Unit) -> tuple[int, int]:
     """Tokenize one unit and write its shard; returns (unit index, records read)."""
     tokenizer, options = _WORKER["tokenizer"], _WORKER["options"]
     max_len, pack = options["max_seq_length"], options["pack"]
     stats = {"num_records": 0, "num_skipped_empty": 0, "num_truncated": 0, "num_dropped_no_labels": 0}
     seqs: list[tuple[list[int], list[int]]] = []
+    positions: list[list[int]] = []  # packed: each sequence's position_ids
     buf_ids: list[int] = []
     buf_labels: list[int] = []
+    buf_pieces: list[int] = []  # packed: lengths of the (parts of) documents in the buffer, in order
     for where, obj in _read_unit(unit):
         stats["num_records"] += 1
         record = normalize_record(obj, where)
@@ -299,8 +332,11 @@ def process_unit(unit: Unit) -> tuple[int, int]:
         if pack:
             buf_ids += ids
             buf_labels += labels
+            buf_pieces.append(len(ids))
             while len(buf_ids) >= max_len:
+                block, buf_pieces = _cut_block(buf_pieces, max_len)
                 seqs.append((buf_ids[:max_len], buf_labels[:max_len]))
+                positions.append(_document_positions(block))
                 buf_ids, buf_labels = buf_ids[max_len:], buf_labels[max_len:]
             continue
         if max_len is not None and len(ids) > max_len:
@@ -312,6 +348,7 @@ def process_unit(unit: Unit) -> tuple[int, int]:
         seqs.append((ids, labels))
     if buf_ids:
         seqs.append((buf_ids, buf_labels))
+        positions.append(_document_positions(buf_pieces))
 
     lengths = np.array([len(s[0]) for s in seqs], dtype=np.int32)  # [N]
     flat_ids = np.array([t for s in seqs for t in s[0]], dtype=np.int32)  # [sum(lengths)]
@@ -322,9 +359,12 @@ def process_unit(unit: Unit) -> tuple[int, int]:
         num_label_tokens=int((flat_labels != IGNORE_INDEX).sum()),
         source=unit.location(),
     )
+    flat_positions = None
+    if pack:
+        flat_positions = np.array([p for row in positions for p in row], dtype=np.int32)  # [sum(lengths)]
     metadata = {"key": unit_key(unit, _WORKER["fingerprint"], options), "stats": stats}
     path = os.path.join(_WORKER["output"], SHARD_TEMPLATE.format(unit.index))
-    write_shard(path, flat_ids, flat_labels, lengths, metadata)
+    write_shard(path, flat_ids, flat_labels, lengths, metadata, position_ids=flat_positions)
     return unit.index, unit.num_records
 
 
@@ -355,10 +395,12 @@ def _prepare_output(output: str, overwrite: bool, info: dict, options: dict) -> 
             )
         for k in SHARD_OPTIONS:
             made_with = old.get("options", {}).get(k, SHARD_OPTION_DEFAULTS.get(k))
-            if made_with != options[k]:
+            if made_with != options.get(k):
+                why = (" (packed shards of a version without document boundaries)"
+                       if k == "document_positions" and made_with is None else "")
                 raise ValueError(
                     f"{manifest_path}: {output} was made with {k}={made_with!r}, not "
-                    f"{options[k]!r}; use a new --output folder or pass --overwrite"
+                    f"{options.get(k)!r}{why}; use a new --output folder or pass --overwrite"
                 )
 
 
@@ -395,6 +437,8 @@ def preprocess(
     info = describe_tokenizer(tokenizer)
     options = {"max_seq_length": max_seq_length, "pack": bool(pack), "append_eos": bool(append_eos),
                "shard_size": shard_size}
+    if pack:
+        options["document_positions"] = DOCUMENT_POSITIONS
 
     sources = discover_sources(inputs, recursive=recursive, split=split, config=dataset_config)
     sources = [s for s in sources if s.kind == "hub" or not s.path.startswith(output + os.sep)]  # not our own shards

@@ -6,11 +6,13 @@ are then memory-mapped, so the data never lives in the Python heap. Touched page
 still count as resident memory, so the dataset drops its resident pages whenever they pass
 `max_mapped_bytes`: resident memory stays flat whatever the dataset size.
 
-Items are `{"input_ids": LongTensor [T], "labels": LongTensor [T]}` with -100 where not trained.
+Items are `{"input_ids": LongTensor [T], "labels": LongTensor [T]}` with -100 where not trained, plus
+`"position_ids": LongTensor [T]` from packed shards (0 where each document starts; docs/data_format.md).
 """
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 from collections.abc import Sequence
@@ -23,6 +25,7 @@ from training.data.format import ARROW_CACHE_DIRNAME, MANIFEST_NAME, check_token
 from training.data.records import IGNORE_INDEX
 from training.utils.io import sha256_file
 
+logger = logging.getLogger(__name__)
 _PAGE_WINDOW = 64 * 1024  # the smallest unit a page fault maps around a read (Linux "fault-around")
 _CHECK_EVERY = 8  # reads between resident-memory checks (a check costs ~10-20 us)
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -110,6 +113,12 @@ class PretokenizedShardDataset(torch.utils.data.Dataset):
 
         counts = [datasets.Dataset.from_file(f).num_rows for f in self._arrow_files]
         self._file_starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # [F+1]
+        self.has_position_ids = "position_ids" in full.column_names
+        if self.manifest.get("options", {}).get("pack") and not self.has_position_ids:
+            logger.warning(
+                "%s: packed shards without document boundaries (written before format version 2): each row is "
+                "trained as one sequence, across the documents packed in it; re-run `python -m training.preprocess "
+                "--pack` to record them (position_ids)", self.folder)
         self._rows = np.flatnonzero(lengths >= max(min_length, 1))  # [n] kept row ids
         if len(self._rows) == 0:
             raise ValueError(
@@ -168,14 +177,17 @@ class PretokenizedShardDataset(torch.utils.data.Dataset):
 
     def _columns_for(self, file_idx: int):
         """(map, chunk row starts [C+1], per chunk (ids offsets, ids values, labels offsets, labels
-        values)) as numpy views into one memory-mapped Arrow file of the `datasets` cache."""
+        values, position_ids offsets and values or None)) as numpy views into one memory-mapped Arrow file of
+        the `datasets` cache."""
         entry = self._open.get(file_idx)
         if entry is None:
             mm, table = _map_arrow_file(self._arrow_files[file_idx])
             starts, chunks = [0], []
-            for ids, labels in zip(table.column("input_ids").chunks, table.column("labels").chunks):
+            pos_chunks = table.column("position_ids").chunks if self.has_position_ids else None
+            for c, (ids, labels) in enumerate(zip(table.column("input_ids").chunks, table.column("labels").chunks)):
+                pos = (pos_chunks[c].offsets.to_numpy(), pos_chunks[c].values.to_numpy()) if pos_chunks else None
                 chunks.append((ids.offsets.to_numpy(), ids.values.to_numpy(), labels.offsets.to_numpy(),
-                               labels.values.to_numpy()))
+                               labels.values.to_numpy(), pos))
                 starts.append(starts[-1] + len(ids))
             entry = self._open[file_idx] = (mm, np.asarray(starts), chunks)
         return entry
@@ -215,11 +227,15 @@ class PretokenizedShardDataset(torch.utils.data.Dataset):
         _, starts, chunks = self._columns_for(file_idx)
         c = int(np.searchsorted(starts, local, side="right") - 1)
         i = local - int(starts[c])
-        ids_off, ids_val, lab_off, lab_val = chunks[c]
+        ids_off, ids_val, lab_off, lab_val, pos = chunks[c]
         ids = torch.from_numpy(ids_val[ids_off[i] : ids_off[i + 1]].astype(np.int64))  # [T] a copy, not a view
         labels = torch.from_numpy(lab_val[lab_off[i] : lab_off[i + 1]].astype(np.int64))  # [T]
-        self._mapped += 2 * (ids.numel() * 4 + 2 * _PAGE_WINDOW)  # the estimate used without /proc
-        return {"input_ids": ids, "labels": labels}
+        item = {"input_ids": ids, "labels": labels}
+        if pos is not None:
+            pos_off, pos_val = pos
+            item["position_ids"] = torch.from_numpy(pos_val[pos_off[i] : pos_off[i + 1]].astype(np.int64))  # [T]
+        self._mapped += len(item) * (ids.numel() * 4 + 2 * _PAGE_WINDOW)  # the estimate used without /proc
+        return item
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if index < 0:
@@ -243,12 +259,45 @@ class PretokenizedShardDataset(torch.utils.data.Dataset):
         )
 
 
+# ----------------------------------------------------------------------------- packed rows
+
+
+def document_starts(position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, T] (or [T]) bool: the real tokens of a packed row that start a document after some real token of the row,
+    where position_ids restart (0, or not above the previous token's) -- the rule `RetNetModel` applies. The loss
+    never predicts such a token from the token before it, and no teacher or student state crosses it."""
+    pos = position_ids.long()
+    starts = pos == 0
+    starts[..., 1:] |= pos[..., 1:] <= pos[..., :-1]
+    real = torch.ones_like(starts) if attention_mask is None else attention_mask.bool()
+    before = real.long().cumsum(-1) - real.long()  # real tokens before each token
+    return starts & real & (before > 0)
+
+
+def document_index(position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+    """(doc [B, T] long, positions [B, T] long): each token's document number in its row (0, 1, ...; padding takes
+    the number of the document before it) and its position counted from its document's first real token (what the
+    document would have on its own; 0 on padding)."""
+    starts = document_starts(position_ids, attention_mask)
+    real = torch.ones_like(starts) if attention_mask is None else attention_mask.bool()
+    doc = starts.long().cumsum(-1)
+    index = real.long().cumsum(-1) - 1  # [B, T] index among the row's real tokens
+    first = (starts | (real & (index == 0))).long()
+    start_index = torch.where(first.bool(), index, torch.zeros_like(index)).cummax(-1).values
+    positions = torch.where(real, index - start_index, torch.zeros_like(index))
+    return doc, positions
+
+
 # ----------------------------------------------------------------------------- collator
 
 
 class PaddingCollator:
     """List of items -> {"input_ids" [B,T], "attention_mask" [B,T], "labels" [B,T]} (int64), padded
-    to the longest item (rounded up to `pad_to_multiple_of`); labels are -100 on padding."""
+    to the longest item (rounded up to `pad_to_multiple_of`); labels are -100 on padding.
+
+    Items of packed shards carry `position_ids`: the batch then has `position_ids` [B,T] too (0 on padding; items
+    without them count 0, 1, ...), and labels are -100 at every document start after a row's first token, as
+    transformers' `DataCollatorWithFlattening` marks them: no token is trained from a document before its own."""
 
     def __init__(self, pad_token_id: int, padding_side: str = "right", pad_to_multiple_of: int | None = None):
         if pad_token_id is None:
@@ -271,14 +320,26 @@ class PaddingCollator:
         if self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
         batch = len(ids)
+        packed = any("position_ids" in it for it in items)
         out_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)  # [B,T]
         out_mask = torch.zeros((batch, width), dtype=torch.long)  # [B,T]
         out_labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)  # [B,T]
+        out_pos = torch.zeros((batch, width), dtype=torch.long) if packed else None  # [B,T]
         for i, (a, b) in enumerate(zip(ids, labels)):
             n = len(a)
             sl = slice(0, n) if self.padding_side == "right" else slice(width - n, width)
+            if packed:
+                pos = items[i].get("position_ids")
+                pos = torch.arange(n) if pos is None else torch.as_tensor(pos, dtype=torch.long)
+                if pos.shape != a.shape:
+                    raise ValueError(f"item {i}: position_ids {tuple(pos.shape)} and input_ids {tuple(a.shape)} differ")
+                b = b.masked_fill(document_starts(pos), IGNORE_INDEX)
+                out_pos[i, sl] = pos
             out_ids[i, sl], out_labels[i, sl], out_mask[i, sl] = a, b, 1
-        return {"input_ids": out_ids, "attention_mask": out_mask, "labels": out_labels}
+        out = {"input_ids": out_ids, "attention_mask": out_mask, "labels": out_labels}
+        if packed:
+            out["position_ids"] = out_pos
+        return out
 
 
 # ----------------------------------------------------------------------------- on-the-fly tokenization

@@ -26,7 +26,8 @@ def build_teacher_source(config, device=None) -> TeacherSource:
     start, not at the first evaluation).
     network: `NetworkTeacher(teacher_url, api_key=teacher_api_key, protocol=teacher_protocol,
     vocab_size=teacher_vocab_size, model=teacher_model (openai), tokenizer=tokenizer,
-    retries=teacher_retries)` (the key defaults to
+    retries=teacher_retries, startup_timeout=teacher_startup_timeout, connect_grace=teacher_connect_timeout)`
+    (the key defaults to
     $TEACHER_API_KEY; with openai the server must serve that model and tokenizer).
     """
     kind = config.teacher_source
@@ -60,5 +61,7 @@ def build_teacher_source(config, device=None) -> TeacherSource:
             model=config.teacher_model if config.teacher_protocol == "openai" else None,
             tokenizer=config.tokenizer,
             retries=config.teacher_retries,
+            startup_timeout=config.teacher_startup_timeout,
+            connect_grace=config.teacher_connect_timeout,
         )
     raise ValueError(f"config key 'teacher_source': {kind!r} is not one of ('direct', 'cached', 'network')")

@@ -52,6 +52,12 @@ class TeacherSource(Protocol):
         attention_mask: torch.Tensor | None,
         k: int,
         temperature: float = 1.0,
+        position_ids: torch.Tensor | None = None,
     ) -> TeacherOutput:
-        """input_ids/attention_mask: [B, T]. Returns a TeacherOutput of shape [B, T, k]."""
+        """input_ids/attention_mask: [B, T]. Returns a TeacherOutput of shape [B, T, k].
+
+        position_ids [B, T] (packed rows): a document starts wherever they restart (0, or not above the previous
+        token's; `training.data.shards.document_starts`), and the answer at every token is the one its document
+        alone would get: nothing of an earlier document in the row is seen. The trainer passes them only for
+        packed batches."""
         ...

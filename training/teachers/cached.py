@@ -183,8 +183,12 @@ class CachedTeacher:
             pos += 1
         raise LookupError(key.hex())
 
-    def topk(self, input_ids, attention_mask=None, k: int | None = None, temperature: float = 1.0) -> TeacherOutput:
+    def topk(self, input_ids, attention_mask=None, k: int | None = None, temperature: float = 1.0,
+             position_ids=None) -> TeacherOutput:
         """input_ids / attention_mask [B, T] -> TeacherOutput [B, T, k] on input_ids' device.
+
+        `position_ids` (packed rows) change nothing here: a row is answered with what the cache builder computed
+        for that very row, and it read a packed row's documents apart (from the same shards' position_ids).
 
         Each row's real tokens (attention_mask 1; padding may be on either side) are looked up by hash; its
         answer goes to those positions. Padding positions get a uniform distribution over ids 0..k-1 (finite,
@@ -199,7 +203,8 @@ class CachedTeacher:
             return future.result()
         return self._topk(input_ids, attention_mask, k, temperature)
 
-    def prefetch(self, input_ids, attention_mask=None, k: int | None = None, temperature: float = 1.0) -> None:
+    def prefetch(self, input_ids, attention_mask=None, k: int | None = None, temperature: float = 1.0,
+                 position_ids=None) -> None:
         """Start decoding an upcoming batch on a background thread; `topk` with the same inputs returns it."""
         k = self.k if k is None else int(k)
         key = self._request_key(input_ids, attention_mask, k, temperature)

@@ -100,17 +100,69 @@ class DirectTeacher:
         return next(self.model.parameters()).device
 
     @torch.no_grad()
-    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, T] -> [B, T, V] logits in the teacher's dtype, on the teacher's device."""
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, T] -> [B, T, V] logits in the teacher's dtype, on the teacher's device. With `position_ids` of packed
+        rows, every document is read on its own (see `packed_logits`)."""
+        ids = input_ids.to(self.device)
         mask = attention_mask.to(self.device) if attention_mask is not None else None
-        return self.model(input_ids=input_ids.to(self.device), attention_mask=mask, use_cache=False).logits
+        if position_ids is not None:
+            from training.data.shards import document_starts
+
+            position_ids = position_ids.to(self.device)
+            if bool(document_starts(position_ids, mask).any()):
+                return self.packed_logits(ids, mask, position_ids)
+        return self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+    # Attention implementations that take an explicit [B, 1, T, T] additive mask (transformers 5.2 to 5.25 pass a
+    # 4D mask through unchanged: `_preprocess_mask_arguments` returns it as is; eager adds it to the scores).
+    MASKED_ATTENTION = ("eager", "sdpa")
+
+    def packed_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                      position_ids: torch.Tensor) -> torch.Tensor:
+        """Logits of packed rows, each document as if alone: with eager or SDPA attention one forward with a
+        block-diagonal causal mask (a token sees the real tokens of its own document up to itself) and positions
+        counted from each document's first token; with any other attention (flash, flex, ...) the documents are
+        cut out into a batch of their own. transformers' own packed path (position_ids and no attention_mask)
+        is not used: it is skipped whenever an attention mask is given, so it could not serve padded batches."""
+        from training.data.shards import document_index
+
+        doc, positions = document_index(position_ids, attention_mask)  # [B, T] each
+        real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        if getattr(self.model.config, "_attn_implementation", None) not in self.MASKED_ATTENTION:
+            return self._per_document_logits(input_ids, doc, real)
+        t = input_ids.shape[1]
+        causal = torch.ones(t, t, dtype=torch.bool, device=input_ids.device).tril()  # [T, T]
+        allowed = causal & (doc[:, :, None] == doc[:, None, :]) & real[:, None, :]  # [B, T(query), T(key)]
+        allowed |= torch.eye(t, dtype=torch.bool, device=input_ids.device)  # padding queries see themselves
+        dtype = next(self.model.parameters()).dtype
+        additive = torch.zeros(allowed.shape, dtype=dtype, device=input_ids.device)
+        additive.masked_fill_(~allowed, torch.finfo(dtype).min)
+        return self.model(input_ids=input_ids, attention_mask=additive[:, None], position_ids=positions,
+                          use_cache=False).logits
+
+    def _per_document_logits(self, input_ids, doc, real) -> torch.Tensor:
+        """Cut every document out of its row into a right-padded batch of documents, run it, put the logits back."""
+        pieces = [(b, (real[b] & (doc[b] == d)).nonzero().squeeze(1))
+                  for b in range(input_ids.shape[0]) for d in doc[b][real[b]].unique().tolist()]
+        width = max(len(where) for _, where in pieces)
+        ids = torch.zeros(len(pieces), width, dtype=input_ids.dtype, device=input_ids.device)  # [D, L]
+        mask = torch.zeros_like(ids)
+        for i, (b, where) in enumerate(pieces):
+            ids[i, : len(where)], mask[i, : len(where)] = input_ids[b, where], 1
+        per_doc = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # [D, L, V]
+        out = per_doc.new_zeros(*input_ids.shape, per_doc.shape[-1])  # [B, T, V]; padding stays 0
+        for i, (b, where) in enumerate(pieces):
+            out[b, where] = per_doc[i, : len(where)]
+        return out
 
     @torch.no_grad()
-    def topk(self, input_ids, attention_mask=None, k: int = 512, temperature: float = 1.0) -> TeacherOutput:
+    def topk(self, input_ids, attention_mask=None, k: int = 512, temperature: float = 1.0,
+             position_ids=None) -> TeacherOutput:
         start = time.perf_counter()
         if not 0 < k <= self.vocab_size:
             raise ValueError(f"teacher_topk={k} must be in [1, vocab_size={self.vocab_size}]")
-        logits = self.logits(input_ids, attention_mask)  # [B, T, V], teacher dtype
+        logits = self.logits(input_ids, attention_mask, position_ids)  # [B, T, V], teacher dtype
         values, ids = topk_logprobs(logits, k, temperature)
         device = input_ids.device
         return TeacherOutput(

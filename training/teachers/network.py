@@ -2,8 +2,11 @@
 or, as a fallback, from any stock vLLM OpenAI-compatible server (`/v1/completions` + `prompt_logprobs`).
 
 Before the first request the client waits (bounded by `startup_timeout`) for a server that is still
-starting, and with the openai protocol checks that the server serves the asked-for model and the run's
-tokenizer (docs/vllm.md). Rows are sent without their padding and the answer is re-padded here. Every
+starting, but gives up after `connect_grace` seconds (default 10) while nothing listens at the URL (connection
+refused: a wrong URL or a server never started should fail at once, not after minutes), and with the openai protocol
+checks that the server serves the asked-for model and the run's
+tokenizer (docs/vllm.md). Rows are sent without their padding and the answer is re-padded here; the documents of a
+packed row (`position_ids`) are sent as rows of their own, so the server reads each alone. Every
 answer is checked against the request (row lengths, k, an input checksum, id range, finite sorted
 log-probs) and retried with exponential backoff when the server is down, overloaded or sends a broken
 answer; after the retry budget a `TeacherUnavailableError` says so. A failed or partial answer is never
@@ -83,6 +86,9 @@ class NetworkTeacher:
             mean the server serves another tokenizer (another teacher), which is refused at once.
         startup_timeout: seconds to wait, before the first request, for a server that is still starting
             (vLLM takes one to several minutes) or not up yet; a warning says what it waits for every ~10 s.
+        connect_grace: within that wait, seconds a refused connection (nothing listening at the URL) is retried
+            before `TeacherUnavailableError` says so; raise it for a server started together with the run that
+            listens only once its model has loaded (config key `teacher_connect_timeout`).
     """
 
     def __init__(
@@ -101,15 +107,16 @@ class NetworkTeacher:
         vocab_size: int | None = None,
         tokenizer=None,
         startup_timeout: float = 600.0,
+        connect_grace: float = 10.0,
     ):
         if protocol not in ("topk", "openai"):
             raise ValueError(f"protocol={protocol!r} must be 'topk' (our /v1/topk) or 'openai' (vLLM /v1/completions)")
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"teacher_url={url!r} must start with http:// or https:// (e.g. http://127.0.0.1:8080)")
-        if retries < 0 or backoff < 0 or timeout <= 0 or startup_timeout < 0:
+        if retries < 0 or backoff < 0 or timeout <= 0 or startup_timeout < 0 or connect_grace < 0:
             raise ValueError(
-                f"need retries >= 0, backoff >= 0, timeout > 0, startup_timeout >= 0; got {retries}, {backoff}, "
-                f"{timeout}, {startup_timeout}"
+                f"need retries >= 0, backoff >= 0, timeout > 0, startup_timeout >= 0, connect_grace >= 0; got "
+                f"{retries}, {backoff}, {timeout}, {startup_timeout}, {connect_grace}"
             )
         url = url.rstrip("/")
         self.url = url[: -len("/v1")] if url.endswith("/v1") else url
@@ -120,6 +127,7 @@ class NetworkTeacher:
         self._vocab_size = vocab_size
         self.tokenizer = tokenizer
         self.startup_timeout = startup_timeout
+        self.connect_grace = connect_grace
         self._ready = False  # set once the server answered and (openai) its model and tokenizer checked out
         self._models: list[dict] | None = None
         api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
@@ -151,21 +159,26 @@ class NetworkTeacher:
             self._vocab_size = int(entry["vocab_size"])
         return self._vocab_size
 
-    def topk(self, input_ids, attention_mask=None, k: int = 512, temperature: float = 1.0) -> TeacherOutput:
-        """input_ids/attention_mask [B, T] -> TeacherOutput [B, T, k] on input_ids' device."""
+    def topk(self, input_ids, attention_mask=None, k: int = 512, temperature: float = 1.0,
+             position_ids=None) -> TeacherOutput:
+        """input_ids/attention_mask [B, T] -> TeacherOutput [B, T, k] on input_ids' device. position_ids [B, T]
+        (packed rows): each document is sent as a row of its own."""
         start = time.perf_counter()
-        key = self._key(input_ids, attention_mask, k, temperature)
+        key = self._key(input_ids, attention_mask, k, temperature, position_ids)
         with self._lock:
             future = self._pending.pop(key, None)
-        out = future.result() if future is not None else self._fetch(input_ids, attention_mask, k, temperature)
+        out = (future.result() if future is not None
+               else self._fetch(input_ids, attention_mask, k, temperature, position_ids))
         out.seconds = time.perf_counter() - start  # time the trainer actually waited
         return TeacherOutput(out.token_ids.to(input_ids.device), out.logprobs.to(input_ids.device), None, out.seconds)
 
-    def prefetch(self, input_ids, attention_mask=None, k: int = 512, temperature: float = 1.0) -> None:
+    def prefetch(self, input_ids, attention_mask=None, k: int = 512, temperature: float = 1.0,
+                 position_ids=None) -> None:
         """Start fetching this batch's answer in the background; a later `topk` with the same inputs takes it."""
-        key = self._key(input_ids, attention_mask, k, temperature)
+        key = self._key(input_ids, attention_mask, k, temperature, position_ids)
         ids = input_ids.detach().to("cpu", copy=True)
         mask = attention_mask.detach().to("cpu", copy=True) if attention_mask is not None else None
+        positions = position_ids.detach().to("cpu", copy=True) if position_ids is not None else None
         with self._lock:
             if key in self._pending:
                 return
@@ -173,7 +186,7 @@ class NetworkTeacher:
                 self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="teacher-prefetch")
             while len(self._pending) >= 4:  # prefetches nobody asked for: forget the oldest
                 self._pending.pop(next(iter(self._pending)))
-            self._pending[key] = self._executor.submit(self._fetch, ids, mask, k, temperature)
+            self._pending[key] = self._executor.submit(self._fetch, ids, mask, k, temperature, positions)
 
     def close(self) -> None:
         with self._lock:
@@ -191,16 +204,19 @@ class NetworkTeacher:
     # ---------------------------------------------------------------- request / answer
 
     @staticmethod
-    def _key(input_ids, attention_mask, k, temperature) -> str:
+    def _key(input_ids, attention_mask, k, temperature, position_ids=None) -> str:
         digest = hashlib.blake2b(digest_size=16)
         digest.update(np.ascontiguousarray(input_ids.detach().cpu().numpy()).tobytes())
         digest.update(str(tuple(input_ids.shape)).encode())
         if attention_mask is not None:
             digest.update(np.ascontiguousarray(attention_mask.detach().cpu().numpy()).tobytes())
+        if position_ids is not None:
+            digest.update(b"positions")
+            digest.update(np.ascontiguousarray(position_ids.detach().cpu().long().numpy()).tobytes())
         digest.update(f"{k}:{temperature!r}".encode())
         return digest.hexdigest()
 
-    def _fetch(self, input_ids, attention_mask, k: int, temperature: float) -> TeacherOutput:
+    def _fetch(self, input_ids, attention_mask, k: int, temperature: float, position_ids=None) -> TeacherOutput:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
@@ -216,7 +232,19 @@ class NetworkTeacher:
         sent = [b for b in range(batch) if rows[b]]
         if not sent:
             return _padding_answer(batch, seq_len, k)
-        answer = self._request_with_retries([rows[b] for b in sent], k, temperature)
+        requests = [rows[b] for b in sent]
+        if position_ids is not None:  # packed rows: one request row per document, in order
+            from training.data.shards import document_starts
+
+            if position_ids.shape != input_ids.shape:
+                raise ValueError(f"position_ids {tuple(position_ids.shape)} != input_ids {tuple(input_ids.shape)}")
+            starts = document_starts(position_ids.detach().cpu(), mask)  # [B, T]
+            requests = []
+            for b in sent:
+                bounds = [0, *starts[b][mask[b]].nonzero().squeeze(1).tolist(), len(rows[b])]
+                requests += [rows[b][i:j] for i, j in zip(bounds[:-1], bounds[1:])]
+        # The answer's rows, concatenated, are the sent rows' real tokens in order either way.
+        answer = self._request_with_retries(requests, k, temperature)
         flat_ids = torch.from_numpy(answer.token_ids.astype(np.int64))  # [N, k], a writable copy
         flat_lps = torch.from_numpy(np.array(answer.logprobs, dtype=np.float32))  # [N, k], a writable copy
         if len(sent) == batch and bool(mask.all()):  # nothing padded: the answer is the batch
@@ -395,6 +423,14 @@ class NetworkTeacher:
                 if response.status_code not in (502, 503, 504):
                     return
                 last = f"{response.status_code}: {_detail(response)}"
+            except httpx.ConnectError as err:  # nothing listens there (or the host is unknown)
+                last = repr(err)
+                if time.monotonic() - started >= self.connect_grace:
+                    raise TeacherUnavailableError(
+                        f"no teacher server at {self.url}: connection refused for {self.connect_grace:g}s ({err}). "
+                        "Start it (`python -m training.serve_teacher --model <teacher> --port <port>`, or vLLM's "
+                        "OpenAI server) or fix teacher_url; for a server still loading, raise teacher_connect_timeout."
+                    ) from None
             except httpx.TransportError as err:
                 last = repr(err)
             now = time.monotonic()

@@ -102,6 +102,18 @@ class DistillationConfig(TrainingArguments):
         metadata={"help": "Network mode: retries of a failed teacher request, waiting 0.5 s, 1 s, 2 s, ... (at most "
                   "30 s) between them; 10 outlasts a teacher server restart of about 2.5 minutes (vLLM: 1-5 min)."},
     )
+    teacher_startup_timeout: float = field(
+        default=600.0,
+        metadata={"help": "Network mode: seconds to wait, before the first batch, for a teacher server that is still "
+                  "starting (answers 502/503/504, or refuses connections within teacher_connect_timeout); "
+                  "docs/vllm.md."},
+    )
+    teacher_connect_timeout: float = field(
+        default=10.0,
+        metadata={"help": "Network mode: seconds a refused connection to teacher_url (nothing listening) is retried "
+                  "at start-up before the run stops, naming the URL; raise it when the server is started together "
+                  "with the run and listens only once its model has loaded."},
+    )
     teacher_dtype: str = field(
         default="auto", metadata={"help": f"Teacher weights dtype, one of {TEACHER_DTYPES} ('auto' = checkpoint's)."}
     )

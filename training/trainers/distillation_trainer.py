@@ -20,6 +20,7 @@ from collections import deque
 import torch
 from transformers import Trainer
 
+from training.data.shards import document_starts
 from training.trainers.callbacks import SaddleEscapeCallback, attach_callbacks, default_callbacks, report_step_loss
 from training.trainers.distillation_config import DistillationConfig
 from training.trainers.optim import build_muon_optimizer
@@ -118,16 +119,25 @@ class DistillationTrainer(Trainer):
         self.skipped_empty_steps = 0  # optimizer steps without a trained token anywhere: no update applied
         self._skip_counts_restored = False
         self._keep_last_logit = None
+        self._eval_prefix = None  # metric_key_prefix of the evaluation running now
 
     # ---- batches: exact token counts and one-batch-ahead prefetch ----
 
     @staticmethod
-    def trained_positions(labels: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """[B, T] -> [B, T-1] bool: position t is trained when token t+1 has a label and both tokens are real."""
+    def trained_positions(labels: torch.Tensor, attention_mask: torch.Tensor | None,
+                          position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, T] -> [B, T-1] bool: position t is trained when token t+1 has a label and both tokens are real, and
+        (packed rows, `position_ids`) token t+1 does not start a document: nothing before it is its context."""
         keep = labels[:, 1:] != -100
         if attention_mask is not None:
             keep = keep & attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
+        if position_ids is not None:
+            keep = keep & ~document_starts(position_ids, attention_mask)[:, 1:]
         return keep
+
+    @classmethod
+    def _trained(cls, batch) -> torch.Tensor:
+        return cls.trained_positions(batch["labels"], batch.get("attention_mask"), batch.get("position_ids"))
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """The step's micro-batches and their trained-token count, summed over processes (so that each process's
@@ -156,9 +166,7 @@ class DistillationTrainer(Trainer):
 
         count = None
         if batches and "labels" in batches[0]:
-            count = sum(
-                self.trained_positions(b["labels"], b.get("attention_mask")).sum() for b in batches
-            ).to(device)
+            count = sum(self._trained(b).sum() for b in batches).to(device)
             total = count
             if self.args.world_size > 1:
                 total = self.accelerator.gather(count.reshape(1)).sum()
@@ -170,17 +178,35 @@ class DistillationTrainer(Trainer):
         return batches, count
 
     def _prefetch(self, batch, step: int) -> None:
-        if "labels" in batch and not self.trained_positions(batch["labels"], batch.get("attention_mask")).any():
+        if "labels" in batch and not self._trained(batch).any():
             return  # compute_loss never asks the teacher about a batch without a trained token
+        extra = self._teacher_positions(self.teacher.prefetch, batch.get("position_ids"))
         self.teacher.prefetch(
-            batch["input_ids"], batch.get("attention_mask"), self.args.teacher_topk, self.args.temperature_at(step)
+            batch["input_ids"], batch.get("attention_mask"), self.args.teacher_topk, self.args.temperature_at(step),
+            **extra,
         )
+
+    @staticmethod
+    def _teacher_positions(method, position_ids) -> dict:
+        """{"position_ids": ...} for a packed batch (none for an unpacked one, so any TeacherSource serves it);
+        a source whose `topk` / `prefetch` cannot take them would let documents see each other: refused."""
+        if position_ids is None:
+            return {}
+        if "position_ids" not in inspect.signature(method).parameters:
+            owner = type(getattr(method, "__self__", method)).__name__
+            raise TypeError(
+                f"the teacher source {owner}.{method.__name__}() takes no position_ids, so it cannot read the "
+                "documents of a packed batch apart; give it a `position_ids=None` keyword (see TeacherSource.topk) "
+                "or train on unpacked shards"
+            )
+        return {"position_ids": position_ids}
 
     # ---- loss ----
 
-    def _student_hidden(self, model, input_ids, attention_mask) -> torch.Tensor:
+    def _student_hidden(self, model, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
         """[B, T, H] final hidden states, taken from the backbone while calling the (possibly DDP- or
-        peft-wrapped) full model, so wrappers see a normal forward; the LM head runs on one position only."""
+        peft-wrapped) full model, so wrappers see a normal forward; the LM head runs on one position only.
+        `position_ids` (packed rows) restart the student's state and positions at each document."""
         causal_lm = causal_lm_of(self.accelerator.unwrap_model(model))
         base = causal_lm.base_model  # the backbone (RetNetModel); a peft wrapper's base_model is its LoRA tuner
         if self._keep_last_logit is None:
@@ -193,6 +219,8 @@ class DistillationTrainer(Trainer):
         handle = base.register_forward_hook(grab)
         try:
             extra = {"logits_to_keep": 1} if self._keep_last_logit else {}
+            if position_ids is not None:
+                extra["position_ids"] = position_ids
             model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
         finally:
             handle.remove()
@@ -221,11 +249,12 @@ class DistillationTrainer(Trainer):
             raise ValueError("distillation batches need 'labels' (-100 where no loss is taken); use PaddingCollator")
         args = self.args
         input_ids, labels, mask = inputs["input_ids"], inputs["labels"], inputs.get("attention_mask")
+        position_ids = inputs.get("position_ids")  # packed rows: documents restart where these do
         batch_size, seq_len = input_ids.shape
         training = model.training
         step = self.state.global_step
         alpha, temperature, kind = args.alpha_at(step), args.temperature_at(step), args.kd_loss_at(step)
-        keep = self.trained_positions(labels, mask)  # [B, T-1]; row t predicts token t+1
+        keep = self.trained_positions(labels, mask, position_ids)  # [B, T-1]; row t predicts token t+1
         lm_head = self.accelerator.unwrap_model(model).get_output_embeddings()
         if training and self._counted_step != step:  # the first micro-batch of this optimizer step
             self._counted_step = step
@@ -238,7 +267,7 @@ class DistillationTrainer(Trainer):
                 self._add("train", empty_batches=1.0)
                 if self._can_prefetch and self._upcoming:
                     self._prefetch(*self._upcoming.popleft())
-            hidden = self._student_hidden(model, input_ids, mask)  # [B, T, H]
+            hidden = self._student_hidden(model, input_ids, mask, position_ids)  # [B, T, H]
             # The student still runs forward and backward (zero gradients reach every parameter, as distributed
             # wrappers expect); no rows, CE only, so nothing is divided by a zero token count.
             out = distillation_loss(hidden[:, :0].reshape(0, hidden.shape[-1]), lm_head,
@@ -247,13 +276,14 @@ class DistillationTrainer(Trainer):
             return (out.loss, {"loss": out.loss}) if return_outputs else out.loss
 
         start = time.perf_counter()
-        teacher = self.teacher.topk(input_ids, mask, args.teacher_topk, temperature)  # [B, T, k]
+        extra = self._teacher_positions(self.teacher.topk, position_ids)
+        teacher = self.teacher.topk(input_ids, mask, args.teacher_topk, temperature, **extra)  # [B, T, k]
         waited = time.perf_counter() - start
         teacher.validate(batch_size, seq_len, args.teacher_topk)
         if training and self._can_prefetch and self._upcoming:
             self._prefetch(*self._upcoming.popleft())  # the teacher works on the next batch while the student runs
 
-        hidden = self._student_hidden(model, input_ids, mask)  # [B, T, H]
+        hidden = self._student_hidden(model, input_ids, mask, position_ids)  # [B, T, H]
         full = None
         if args.full_vocab_kd and teacher.full_logits is not None:
             full = teacher.full_logits[:, :-1][keep]  # [N, V]
@@ -358,8 +388,14 @@ class DistillationTrainer(Trainer):
             logs["alpha"] = self.args.alpha_at(last)
             logs["temperature"] = self.args.temperature_at(last)
         prefix = next((k[: -len("_loss")] for k in logs if k.endswith("_loss") and k != "train_loss"), None)
-        if prefix is not None and self._window["eval"][-1] > 0:
-            w = self._gathered("eval")
+        if self.args.world_size > 1:
+            # Every process logs its evaluation's metrics, so every process gathers, also one whose share of the
+            # evaluation set had no trained token (one that skipped the gather would leave the others waiting).
+            collect = prefix is not None and prefix == self._eval_prefix
+        else:
+            collect = prefix is not None and self._window["eval"][-1] > 0
+        w = self._gathered("eval") if collect else {"tokens": 0.0}
+        if w["tokens"] > 0:
             n = w["tokens"]
             ce, kd, div = w["ce"] / n, w["kd"] / n, w["diversity"] / n
             alpha = self.args.alpha_at(self.state.global_step)  # what compute_loss used for this evaluation
@@ -369,6 +405,14 @@ class DistillationTrainer(Trainer):
             logs[f"{prefix}_kl"] = w["kl"] / n
             logs[f"{prefix}_top1"] = w["top1"] / n
         super().log(logs, start_time)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """The Trainer's evaluation; `log` knows its metrics by their prefix (see there)."""
+        outer, self._eval_prefix = self._eval_prefix, metric_key_prefix
+        try:
+            return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        finally:
+            self._eval_prefix = outer
 
     # ---- data ----
 

@@ -46,16 +46,24 @@ from training.utils.io import atomic_write_bytes, sha256_file
 
 
 class SequenceSource:
-    """Token sequences, random access, truncated to `max_seq_length`: `lengths` [n] and `get(i)` -> int array."""
+    """Token sequences, random access, truncated to `max_seq_length`: `lengths` [n] and `get(i)` -> int array;
+    `positions(i)` -> the position_ids of a packed row (where its documents start), or None."""
 
-    def __init__(self, getter, lengths: np.ndarray, description: str, fingerprint: str):
+    def __init__(self, getter, lengths: np.ndarray, description: str, fingerprint: str, positions=None):
         self._get, self.lengths, self.description, self.fingerprint = getter, lengths, description, fingerprint
+        self._positions = positions
 
     def __len__(self) -> int:
         return int(self.lengths.shape[0])
 
     def get(self, index: int) -> np.ndarray:
         return np.asarray(self._get(index), dtype=np.int64)[: int(self.lengths[index])]
+
+    def positions(self, index: int) -> np.ndarray | None:
+        if self._positions is None:
+            return None
+        found = self._positions(index)
+        return None if found is None else np.asarray(found, dtype=np.int64)[: int(self.lengths[index])]
 
 
 def concat_sources(sources: list[SequenceSource]) -> SequenceSource:
@@ -68,9 +76,13 @@ def concat_sources(sources: list[SequenceSource]) -> SequenceSource:
         j = int(np.searchsorted(starts, i, side="right") - 1)
         return sources[j].get(i - int(starts[j]))
 
+    def positions(i: int):
+        j = int(np.searchsorted(starts, i, side="right") - 1)
+        return sources[j].positions(i - int(starts[j]))
+
     lengths = np.concatenate([s.lengths for s in sources])
     return SequenceSource(get, lengths, " + ".join(s.description for s in sources),
-                          sha256_hex(canonical_json([s.fingerprint for s in sources])))
+                          sha256_hex(canonical_json([s.fingerprint for s in sources])), positions)
 
 
 def _list_array_source(column, description: str, max_len: int | None, fingerprint: str) -> SequenceSource:
@@ -109,7 +121,9 @@ def open_sequences(spec: str, tokenizer=None, max_seq_length: int | None = None)
     else:
         lengths = np.array([len(dataset[i]["input_ids"]) for i in range(len(dataset))], dtype=np.int64)
     fingerprint = data_fingerprint(path) if os.path.exists(path) else sha256_hex(f"datasets:{spec}")
-    return SequenceSource(lambda i: dataset[i]["input_ids"], lengths, spec, fingerprint)
+    # packed shards: the teacher reads each document of a row alone, as the trainer's batches will ask
+    positions = (lambda i: dataset[i]["position_ids"]) if getattr(dataset, "has_position_ids", False) else None
+    return SequenceSource(lambda i: dataset[i]["input_ids"], lengths, spec, fingerprint, positions)
 
 
 def _pretokenized_files(path: str) -> list[str] | None:
@@ -212,8 +226,11 @@ def teacher_identity(model_id: str | None, adapter: str | None, model=None) -> d
 def produce_shard(source, sequences: SequenceSource, start: int, end: int, encoding, k: int, temperature: float,
                   batch_size: int, progress=None) -> tuple[dict, list[bytes], int]:
     """Run the teacher over sequences [start, end) and encode them. Batches are formed from the shard alone
-    (longest first), so a rerun sends the teacher exactly the same batches. -> (arrays, keys, tokens)."""
+    (longest first), so a rerun sends the teacher exactly the same batches. A packed row (with position_ids) is
+    answered document by document: what the trainer gets for it is what each document alone gets.
+    -> (arrays, keys, tokens)."""
     rows = [sequences.get(i) for i in range(start, end)]
+    row_positions = [sequences.positions(i) for i in range(start, end)]
     order = sorted(range(len(rows)), key=lambda r: (-len(rows[r]), r))
     staged = [None] * len(rows)
     for b0 in range(0, len(order), batch_size):
@@ -221,10 +238,15 @@ def produce_shard(source, sequences: SequenceSource, start: int, end: int, encod
         width = max(len(rows[r]) for r in batch)
         ids = torch.zeros(len(batch), width, dtype=torch.long)  # [B, T] right padded
         mask = torch.zeros(len(batch), width, dtype=torch.long)
+        packed = any(row_positions[r] is not None for r in batch)
+        positions = torch.zeros(len(batch), width, dtype=torch.long) if packed else None
         for j, r in enumerate(batch):
             ids[j, : len(rows[r])] = torch.from_numpy(np.array(rows[r], dtype=np.int64))
             mask[j, : len(rows[r])] = 1
-        out = source.topk(ids, mask, k, temperature)
+            if packed:
+                pos = row_positions[r] if row_positions[r] is not None else np.arange(len(rows[r]))
+                positions[j, : len(rows[r])] = torch.from_numpy(np.array(pos, dtype=np.int64))
+        out = source.topk(ids, mask, k, temperature, **({"position_ids": positions} if packed else {}))
         out.validate(len(batch), width, k)
         token_ids, logprobs = out.token_ids.cpu().numpy(), out.logprobs.cpu().float().numpy()  # [B, T, k]
         for j, r in enumerate(batch):
@@ -289,6 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-url", default=None,
                    help="use a running `training.serve_teacher` (or vLLM) server as the producer instead")
     p.add_argument("--teacher-api-key", default=None, help="API key for --teacher-url (default $TEACHER_API_KEY)")
+    p.add_argument("--teacher-connect-timeout", type=float, default=10.0,
+                   help="seconds a refused connection to --teacher-url is retried before giving up (default 10)")
+    p.add_argument("--teacher-startup-timeout", type=float, default=600.0,
+                   help="seconds to wait for a --teacher-url server that answers but is still starting (default 600)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder or id (default: --teacher)")
     p.add_argument("--data", required=True, nargs="+",
                    help="the training (and eval) data exactly as the config names it: a shard folder from "
@@ -329,7 +355,9 @@ def _build_producer(args, device):
     if args.teacher_url:
         from training.teachers.network import NetworkTeacher
 
-        return NetworkTeacher(args.teacher_url, api_key=args.teacher_api_key), None
+        return NetworkTeacher(args.teacher_url, api_key=args.teacher_api_key,
+                              startup_timeout=args.teacher_startup_timeout,
+                              connect_grace=args.teacher_connect_timeout), None
     from training.teachers.direct import DirectTeacher
 
     teacher = DirectTeacher(args.teacher, adapter=args.adapter, dtype=args.dtype, device=device)
