@@ -202,7 +202,9 @@ def test_a_server_still_starting_is_waited_for_within_startup_timeout(tiny_teach
     proc.start(wait=False)  # loading the model takes seconds; retries=0 alone would fail at once
     try:
         with caplog.at_level(logging.WARNING, logger="training.teachers.network"):
-            with NetworkTeacher(proc.url, retries=0, startup_timeout=120, vocab_size=direct.vocab_size) as teacher:
+            # the server listens only once its model has loaded: refused connections are waited out too
+            with NetworkTeacher(proc.url, retries=0, startup_timeout=120, connect_grace=120,
+                                vocab_size=direct.vocab_size) as teacher:
                 out = teacher.topk(ids, None, k=4)
         torch.testing.assert_close(out.token_ids, direct.topk(ids, None, k=4).token_ids, rtol=0, atol=0)
     finally:
@@ -453,3 +455,92 @@ def test_example_config_builds_a_network_teacher(monkeypatch):
         load_config(os.path.join(repo, "examples/configs/train_network.yaml"),
                     ["--teacher_url", "http://127.0.0.1:9", "--bf16", "false", "--use_cpu", "true",
                      "--teacher_retries", "-1"])
+
+
+# ---------------------------------------------------------------- nothing listening: fail fast, configurable
+
+
+def closed_port_url() -> str:
+    """The URL of a port on 127.0.0.1 that was bound a moment ago and closed: connections are refused."""
+    return f"http://127.0.0.1:{free_port()}"
+
+
+def network_config(tmp_path, url, *extra):
+    import os
+
+    from training.trainers.distillation_config import load_config
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return load_config(os.path.join(repo, "examples/configs/train_network.yaml"),
+                       ["--teacher_url", url, "--bf16", "false", "--use_cpu", "true", "--output_dir",
+                        str(tmp_path / "out"), *extra])
+
+
+def test_startup_and_connect_timeouts_are_config_keys(tmp_path):
+    from training.teachers import build_teacher_source
+
+    teacher = build_teacher_source(network_config(tmp_path, "http://127.0.0.1:9"))
+    assert (teacher.startup_timeout, teacher.connect_grace) == (600.0, 10.0)  # the defaults
+    teacher.close()
+    config = network_config(tmp_path, "http://127.0.0.1:9", "--teacher_startup_timeout", "42",
+                            "--teacher_connect_timeout", "3.5")
+    teacher = build_teacher_source(config)
+    assert (teacher.startup_timeout, teacher.connect_grace) == (42.0, 3.5)
+    teacher.close()
+
+
+def test_train_fails_fast_when_nothing_listens(tmp_path, tiny_teacher_dir):
+    """`training.train` in network mode against a closed port stops within seconds (teacher_connect_timeout), with
+    one line that names the URL and how to start the server, before any model loads."""
+    from training.trainers.distillation import run
+
+    url = closed_port_url()
+    config = network_config(tmp_path, url, "--teacher_connect_timeout", "1", "--tokenizer", tiny_teacher_dir,
+                            "--train_data", str(tmp_path))
+    started = time.monotonic()
+    with pytest.raises(TeacherUnavailableError) as info:
+        run(config)
+    assert time.monotonic() - started < 5
+    message = str(info.value)
+    assert url in message and "serve_teacher" in message and "teacher_connect_timeout" in message
+    assert "\n" not in message
+
+
+def test_the_default_grace_gives_up_after_about_ten_seconds():
+    started = time.monotonic()
+    with NetworkTeacher(closed_port_url(), vocab_size=100) as teacher:  # startup_timeout 600 by default
+        with pytest.raises(TeacherUnavailableError, match="connection refused for 10s"):
+            teacher.topk(torch.ones(1, 4, dtype=torch.long), None, k=2)
+    assert 9 < time.monotonic() - started < 20
+
+
+def test_a_server_answering_but_still_starting_is_not_cut_short_by_the_grace():
+    """The grace is for refused connections only: a server that answers 503 while it loads is waited for up to
+    startup_timeout."""
+    app = FastAPI()
+    calls = []
+
+    @app.get("/v1/models")
+    async def models():
+        calls.append(time.monotonic())
+        if len(calls) < 4:
+            return JSONResponse(status_code=503, content={"detail": "loading"})
+        return {"data": [{"id": "tiny", "vocab_size": 50}]}
+
+    with ThreadServer(app) as peer:
+        with NetworkTeacher(peer.url, connect_grace=0, startup_timeout=30) as teacher:
+            assert teacher.vocab_size == 50
+    assert len(calls) >= 4
+
+
+def test_cache_teacher_logits_fails_fast_when_nothing_listens(tmp_path, tiny_teacher_dir):
+    from training.teachers.cache.build import main as cache_main
+
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"input_ids": [1, 2, 3, 4]}) + "\n")
+    url = closed_port_url()
+    started = time.monotonic()
+    with pytest.raises(TeacherUnavailableError, match=f"no teacher server at {url}"):
+        cache_main(["--teacher-url", url, "--tokenizer", tiny_teacher_dir, "--data", str(data), "--output",
+                    str(tmp_path / "cache"), "--topk", "4", "--no-progress", "--teacher-connect-timeout", "1"])
+    assert time.monotonic() - started < 5

@@ -108,7 +108,13 @@ def test_pack_cuts_the_concatenation_into_blocks(tmp_path, tiny_tokenizer):
         expected_ids += ids
         expected_labels += labels
     assert [t for ids, _ in got for t in ids] == expected_ids
-    assert [t for _, labels in got for t in labels] == expected_labels
+    # the shards keep every label; the collator leaves out each document's first token after a row's first one
+    items = PretokenizedShardDataset(str(tmp_path / "out"), shuffle=False)
+    assert [t for i in range(len(items)) for t in items[i]["labels"].tolist()] == expected_labels
+    collated = [t for _, labels in got for t in labels]
+    starts = [i for i, (a, b) in enumerate(zip(expected_labels, collated)) if a != b]
+    flat_positions = [p for i in range(len(items)) for p in items[i]["position_ids"].tolist()]
+    assert starts and all(collated[i] == IGNORE_INDEX and flat_positions[i] == 0 for i in starts)
     lengths = [len(ids) for ids, _ in got]
     assert all(n <= 32 for n in lengths) and lengths.count(32) >= len(lengths) - 2  # one short tail per shard
 

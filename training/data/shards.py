@@ -109,11 +109,11 @@ class PretokenizedShardDataset(torch.utils.data.Dataset):
             raise ValueError(f"{self.manifest_path}: manifest says {expected} sequences, shards hold {full.num_rows}")
         self._arrow_files = [c["filename"] for c in full.cache_files]
         lengths = full.data.column("length").to_numpy().astype(np.int64)  # [N] reads one small column
+        self.has_position_ids = "position_ids" in full.column_names  # packed shards of format version 2
         del full  # drop its maps; items are read through this module's own maps of the same files
 
         counts = [datasets.Dataset.from_file(f).num_rows for f in self._arrow_files]
         self._file_starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # [F+1]
-        self.has_position_ids = "position_ids" in full.column_names
         if self.manifest.get("options", {}).get("pack") and not self.has_position_ids:
             logger.warning(
                 "%s: packed shards without document boundaries (written before format version 2): each row is "
