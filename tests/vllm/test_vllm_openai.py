@@ -38,7 +38,7 @@ def test_a_vllm_server_still_starting_is_waited_for(vllm_starting_server, vllm_d
         httpx.get(f"{vllm_starting_server.url}/health", timeout=5)
     with caplog.at_level(logging.WARNING, logger="training.teachers.network"):
         with NetworkTeacher(vllm_starting_server.url, protocol="openai", vocab_size=vllm_direct.vocab_size,
-                            retries=0, startup_timeout=900) as teacher:
+                            retries=0, startup_timeout=900, connect_grace=900) as teacher:
             out = teacher.topk(ids, None, k=8)
     # vLLM takes far longer than the 10 s between notes to start: the wait was announced
     assert any("waiting for the teacher server" in r.getMessage() for r in caplog.records)
