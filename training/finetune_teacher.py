@@ -36,6 +36,7 @@ except ImportError as err:  # pragma: no cover - trl ships with the dev and trl 
     raise ImportError("teacher finetuning needs TRL: pip install 'hf-retnet[trl]' (or pip install 'trl>=1.16')") from err
 
 from .config import config_parser, load_config
+from .convert_gguf import is_gguf_path
 from .teachers.direct import looks_like_local_path
 
 QUANTIZATION = ("auto", "4bit", "none")
@@ -68,7 +69,8 @@ class TeacherFinetuneConfig(SFTConfig):
 
     # ---- teacher ----
     teacher_model: str | None = field(
-        default=None, metadata={"help": "Base teacher: Hub id or folder (safetensors) with its tokenizer."}
+        default=None, metadata={"help": "Base teacher: Hub id or folder (safetensors) with its tokenizer, or a Llama "
+                                          ".gguf file (converted once: training.convert_gguf)."}
     )
     teacher_dtype: str = field(
         default="auto",
@@ -115,7 +117,10 @@ class TeacherFinetuneConfig(SFTConfig):
 
         if not self.teacher_model:
             raise bad("teacher_model", "required (a Hub id or a folder with the base teacher)")
-        if looks_like_local_path(self.teacher_model) and not os.path.isdir(os.path.expanduser(self.teacher_model)):
+        if is_gguf_path(self.teacher_model):  # converted once when run() loads it
+            if not os.path.isfile(os.path.expanduser(self.teacher_model)):
+                raise FileNotFoundError(f"config key 'teacher_model': GGUF file {self.teacher_model!r} does not exist")
+        elif looks_like_local_path(self.teacher_model) and not os.path.isdir(os.path.expanduser(self.teacher_model)):
             raise FileNotFoundError(f"config key 'teacher_model': folder {self.teacher_model!r} does not exist")
         if not self.train_data:
             raise bad("train_data", "required (the data the student will be distilled on)")
@@ -271,9 +276,11 @@ def run(config: TeacherFinetuneConfig) -> dict:
     from transformers import AutoTokenizer
     from trl import SFTTrainer
 
+    from .convert_gguf import resolve_pretrained
     from .teachers.adapter import write_adapter_base
 
-    tokenizer = AutoTokenizer.from_pretrained(config.teacher_model)
+    base = resolve_pretrained(config.teacher_model)  # a .gguf file: its converted folder (cached)
+    tokenizer = AutoTokenizer.from_pretrained(base)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     train_dataset, eval_dataset = train_eval_datasets(config, tokenizer)
@@ -291,7 +298,7 @@ def run(config: TeacherFinetuneConfig) -> dict:
         )
     config.model_init_kwargs = init_kwargs
     trainer = SFTTrainer(
-        model=config.teacher_model,
+        model=base,
         args=config,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
@@ -322,12 +329,12 @@ def run(config: TeacherFinetuneConfig) -> dict:
     def write_adapter(tmp):
         trainer.model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        write_adapter_base(tmp, config.teacher_model)
+        write_adapter_base(tmp, base)
 
     if trainer.is_world_process_zero():
         _atomic_folder(adapter_dir, write_adapter)
         if config.save_merged:
-            save_merged(config.teacher_model, adapter_dir, tokenizer, result["merged"], dtype=config.teacher_dtype)
+            save_merged(base, adapter_dir, tokenizer, result["merged"], dtype=config.teacher_dtype)
         path = os.path.join(config.output_dir, RESULT_FILE)
         with open(f"{path}.tmp", "w", encoding="utf-8") as handle:
             json.dump(result, handle, indent=2)
