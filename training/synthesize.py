@@ -85,9 +85,13 @@ def repeat_ratio(text: str, n: int = 3) -> float:
     return 1.0 - len(set(grams)) / len(grams)
 
 
+_ROLE_LINE_RE = re.compile(r"^\s*(?:(?:%s)\s*:?\s*(?:\n|$)|(?:user|assistant|system|human|gpt)\s*:)" % "|".join(
+    sorted(_ROLE_NAMES)), re.IGNORECASE)
+
+
 def _starts_with_role(text: str) -> bool:
-    first = text.strip().split("\n", 1)[0].strip().lower().rstrip(":").strip()
-    return first in _ROLE_NAMES
+    """A first line that is a role name ("assistant"), or a transcript line ("User: ...")."""
+    return _ROLE_LINE_RE.match(text) is not None
 
 
 def check_request(text: str, finished: bool = True, has_special: bool = False, min_chars: int = 8,

@@ -52,7 +52,7 @@ def build_chat_tokenizer(vocab_size: int = 320):
 def build_llama(vocab_size: int, seed: int = 0, chatty_stop_id: int | None = None, tied: bool = True):
     """A random 2-layer Llama (hidden 64, 4 heads / 2 kv heads). q/k are scaled up so attention is far from
     uniform (a wrong rotary layout would change the logits). With `chatty_stop_id`, the head is untied and the
-    end-of-turn token gets a steady ~10% probability at every step, so sampled turns end like a chat model's."""
+    end-of-turn token gets a steady few-% probability at every step, so sampled turns end like a chat model's."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -74,7 +74,7 @@ def build_llama(vocab_size: int, seed: int = 0, chatty_stop_id: int | None = Non
             head.normal_(0, 0.15)
             head[:, 0] = 0.0
             head[chatty_stop_id] = 0.0
-            head[chatty_stop_id, 0] = 1.6  # the end-of-turn logit: about +4.5 whatever the context
+            head[chatty_stop_id, 0] = 1.2  # the end-of-turn logit: about +3.4 whatever the context
     return model
 
 
