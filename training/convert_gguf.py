@@ -346,6 +346,16 @@ def _check_tokenizer(reference, candidate) -> None:
                             f"one's ({getattr(reference, attr, None)!r})")
 
 
+def _readable(folder: str) -> None:
+    """Give every file the mode a plain `open()` would (safetensors writes its file 0600): a shared cache stays usable."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            os.chmod(path, 0o666 & ~mask)
+
+
 def _publish(staging: str, output: str, overwrite: bool) -> None:
     """Move the finished staging folder to `output` (replacing it only when allowed), atomically per rename."""
     if os.path.isdir(output) and (overwrite or not os.listdir(output)):
@@ -405,7 +415,7 @@ def convert_gguf(gguf_path, output, overwrite: bool = False, check: bool = True,
             del saved
             report["logits_check"] = result
             log(f"convert_gguf: logits check on {len(result['sequences'])} sequences ({result['tokens']} tokens): "
-                f"max |diff| {result['max_abs_diff']:.3g} ({'exact' if result['exact'] else 'within'} tolerance "
+                f"max |diff| {result['max_abs_diff']:.3g} ({'exact' if result['exact'] else 'passed'}; tolerance "
                 f"{LOGITS_TOLERANCE:g}, fp32)")
             if not result["passed"]:
                 raise GGUFError(f"{info.path}: the written folder's logits differ from the GGUF model's by "
@@ -414,6 +424,7 @@ def convert_gguf(gguf_path, output, overwrite: bool = False, check: bool = True,
         with open(os.path.join(staging, SOURCE_FILE), "w", encoding="utf-8") as handle:
             json.dump(report, handle, indent=2)
             handle.write("\n")
+        _readable(staging)
         _publish(staging, output, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -70,6 +70,9 @@ def test_convert_gives_the_gguf_models_logits_and_tokenizer(tmp_path, tensor_typ
     source = json.load(open(os.path.join(out, cg.SOURCE_FILE)))
     assert source["sha256"] == cg.gguf_sha256(path) and source["architecture"] == "llama"
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no staging folder left behind
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(os.path.join(out, "model.safetensors")).st_mode & 0o777 == 0o666 & ~mask  # not safetensors' 0600
 
     gguf_tok, gguf_model = gguf_loaded(path)
     tok = AutoTokenizer.from_pretrained(out)
