@@ -11,7 +11,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# torch first and pinned: on these machines 2.13.0 is a local CPU wheel; an unpinned torch pulls CUDA.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,eval]"
+	$(PY) -m pip install -q -e ".[dev,eval,gguf]"
 	$(PY) -m pip install -q --no-deps torchscale==0.3.0 fairscale==0.4.0  # the torchscale extra, without timm (docs/torchscale.md)
 	touch $@
 
@@ -22,7 +22,7 @@ install: $(VENV)/.installed
 $(OLDEST)/.installed: setup.cfg pyproject.toml ci/oldest.txt
 	$(PYTHON) -m venv $(OLDEST)
 	$(OLDEST)/bin/python -m pip install -q -c ci/oldest.txt torch
-	$(OLDEST)/bin/python -m pip install -q -c ci/oldest.txt -e ".[dev,eval]"
+	$(OLDEST)/bin/python -m pip install -q -c ci/oldest.txt -e ".[dev,eval,gguf]"
 	$(OLDEST)/bin/python -m pip install -q --no-deps torchscale==0.3.0 fairscale==0.4.0
 	touch $@
 

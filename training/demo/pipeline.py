@@ -75,7 +75,7 @@ def stage_teacher(cfg: DemoConfig, ctx: dict) -> dict:
 
     out = cfg.output_dir
     if cfg.teacher_is_llama2c:
-        from training.teachers.converters.llama2c import convert_llama2c
+        from training.converters.llama2c import convert_llama2c
 
         if not cfg.teacher_tokenizer:
             raise ValueError("demo config key 'teacher_tokenizer': a llama2.c teacher needs its tokenizer.bin")
