@@ -369,6 +369,11 @@ class SynthesizeArguments:
     adapter: str | None = field(default=None, metadata={"help": "optional peft adapter folder merged into the model"})
     min_request_chars: int = field(default=8, metadata={"help": "shorter requests are rejected"})
     min_answer_chars: int = field(default=2, metadata={"help": "shorter answers are rejected"})
+    keep_unfinished_answers: bool = field(
+        default=False,
+        metadata={"help": "keep answers cut at --max_answer_tokens (marked \"finished\": false) instead of rejecting "
+                  "them: long-winded teachers otherwise waste most of the generation on rejected answers"},
+    )
     max_repeat_ratio: float = field(default=0.3, metadata={"help": "reject turns whose repeated n-gram ratio is above"})
     repeat_ngram: int = field(default=3, metadata={"help": "n of the repeated n-gram ratio"})
     max_batches: int | None = field(default=None, metadata={"help": "stop after this many batches even short of n "
@@ -538,13 +543,16 @@ def synthesize(args: SynthesizeArguments, model=None, tokenizer=None) -> dict:
                         top_p=args.top_p, stop_ids=stop_ids, pad_id=pad_id, seed=_batch_seed(args.seed, batch, "answer"))
                     for (j, conv), (ids, finished) in zip(convs, answers):
                         text = decode(ids)
-                        reason = check_answer(text, finished, any(t in special for t in ids), args.min_answer_chars,
-                                              **filt)
+                        reason = check_answer(text, finished or args.keep_unfinished_answers,
+                                              any(t in special for t in ids), args.min_answer_chars, **filt)
                         if reason is not None:
                             rejected[reason] += 1
                             continue
-                        records.append({"messages": conv + [{"role": "assistant", "content": text}],
-                                        "id": f"{args.seed}-{batch}-{j}", "seed": args.seed})
+                        record = {"messages": conv + [{"role": "assistant", "content": text}],
+                                  "id": f"{args.seed}-{batch}-{j}", "seed": args.seed}
+                        if not finished:
+                            record["finished"] = False
+                        records.append(record)
                 cut = len(records) > args.n - accepted
                 records = records[: args.n - accepted]
                 out.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8"))
