@@ -39,6 +39,7 @@ from training.teachers.cache.format import (
     tokenizer_fingerprint,
     write_manifest,
 )
+from training.utils.errors import command
 from training.utils.io import atomic_write_bytes, sha256_file
 
 # ----------------------------------------------------------------------------------------------------------
@@ -336,6 +337,7 @@ def _build_producer(args, device):
     return teacher, teacher.model
 
 
+@command
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     _validate_args(args)
