@@ -17,7 +17,7 @@ import string
 import yaml
 
 from training.evaluation.report import markdown_table
-from training.hub.teacher import describe_teacher, is_hub_id, teacher_text  # noqa: F401  (is_hub_id: public here too)
+from training.hub.teacher import describe_teacher, is_hub_id, teacher_text
 from training.utils.errors import command
 from training.utils.io import atomic_write_text
 
@@ -311,9 +311,11 @@ def build_card(run_dir: str, repo_id: str | None = None, base_model: str | None 
     recipe = _read_json(os.path.join(run_dir, "training_config.json"))
     report = _read_json(os.path.join(run_dir, "eval", "report.json"))
     repo_id = repo_id or os.path.basename(os.path.abspath(run_dir))
-    identity = (recipe or {}).get("teacher_identity")  # recorded by training.train while the teacher was at hand
+    # A Hub id names itself; otherwise what training.train recorded while the teacher folder was at hand, else what
+    # the folder (still) says.
+    teacher = (recipe or {}).get("teacher_model") or ((report or {}).get("teacher") or {}).get("name_or_path")
+    identity = None if is_hub_id(teacher) else (recipe or {}).get("teacher_identity")
     if not identity:
-        teacher = (recipe or {}).get("teacher_model") or ((report or {}).get("teacher") or {}).get("name_or_path")
         identity = describe_teacher(teacher)
         if identity is not None:
             identity["adapter"] = bool((recipe or {}).get("teacher_adapter"))
