@@ -146,6 +146,19 @@ def test_bad_resume_checkpoint_is_named_before_models_load(tmp_path, tiny_teache
     assert not out.exists()
 
 
+def test_real_checkpoints_pass_the_resume_checks(tmp_path, tiny_teacher_dir, data):
+    """The early checks accept what the Trainer writes: 'last' and an explicit checkpoint-N folder."""
+    from training.trainers.distillation_config import load_config
+
+    out = tmp_path / "out"
+    assert train_main(train_args(tiny_teacher_dir, data, out, "--save_strategy", "steps", "--save_steps", "1")) == 0
+    for value in ("last", str(out / "checkpoint-1")):
+        config = load_config(TINY, train_args(tiny_teacher_dir, data, out, "--resume_from_checkpoint", value)[2:])
+        assert config.resume_from_checkpoint == value
+    assert train_main(train_args(tiny_teacher_dir, data, out, "--max_steps", "2", "--save_strategy", "no",
+                                 "--resume_from_checkpoint", "last")) == 0
+
+
 def test_truncated_student_weights_are_named(tmp_path, tiny_teacher_dir, data, capsys, no_models):
     student = save_student(tmp_path / "student")
     weights = tmp_path / "student" / "model.safetensors"
