@@ -65,12 +65,15 @@ def build_tokenizer(config: DistillationConfig):
 
     if not config.tokenizer:
         raise ValueError("config key 'tokenizer': required unless teacher_source=direct (then the teacher's is used)")
+    from training.converters.gguf import resolve_pretrained
+
     check_local_folder(config.tokenizer, "config key 'tokenizer'")
+    source = resolve_pretrained(config.tokenizer)  # .gguf: its converted folder
     try:
-        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
+        tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        if os.path.exists(config.tokenizer):
+        if os.path.exists(source):
             raise ValueError(f"config key 'tokenizer': no tokenizer could be loaded from {config.tokenizer!r} "
                              f"({reason}); pass a folder with tokenizer.json / tokenizer_config.json") from err
         raise OSError(f"config key 'tokenizer': {config.tokenizer!r} is not a local folder and could not be loaded "
@@ -89,6 +92,10 @@ def _same_tokens(a, b) -> bool:
 def _tokenizer_of(folder_or_id: str):
     """The tokenizer saved with a model, or None when it has none (or it cannot be read without the network)."""
     from transformers import AutoTokenizer
+
+    from training.converters.gguf import resolve_pretrained
+
+    folder_or_id = resolve_pretrained(folder_or_id)  # a .gguf teacher: its converted folder (cached)
 
     if os.path.isdir(folder_or_id) and not any(
         os.path.isfile(os.path.join(folder_or_id, name)) for name in ("tokenizer.json", "tokenizer_config.json")
@@ -135,7 +142,9 @@ def teacher_vocab_size(config: DistillationConfig, source=None) -> int:
         return int(source.vocab_size)
     from transformers import AutoConfig
 
-    return int(AutoConfig.from_pretrained(config.teacher_model).vocab_size)
+    from training.converters.gguf import resolve_pretrained
+
+    return int(AutoConfig.from_pretrained(resolve_pretrained(config.teacher_model)).vocab_size)
 
 
 def build_student_config(config: DistillationConfig, tokenizer, teacher_vocab: int | None = None):

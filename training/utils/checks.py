@@ -37,11 +37,14 @@ def check_output_folder(path, name: str) -> None:
 
 def check_local_folder(value, name: str, what: str = "folder") -> None:
     """A value that is clearly a local path (starts with '/', '.', '~' or has two '/') must exist; a Hub id
-    ('org/name') is left to the Hub. Raises FileNotFoundError saying it is a missing folder, not a bad repo id."""
+    ('org/name') is left to the Hub. Raises FileNotFoundError saying it is a missing folder (or .gguf file), not a
+    bad repo id."""
     if not value or not isinstance(value, str):
         return
     path = os.path.expanduser(value)
     if looks_like_local_path(value) and not os.path.exists(path):
+        if value.lower().endswith(".gguf"):
+            what = "GGUF file"
         raise FileNotFoundError(
             f"{name}: {what} {value!r} does not exist; pass an existing folder or a Hub id such as 'org/name'"
         )

@@ -302,12 +302,15 @@ def create_app(
 
 
 def build_engine(args) -> object:
-    """The engine named by --engine, loaded from --model (+ --adapter)."""
+    """The engine named by --engine, loaded from --model (+ --adapter); a .gguf file is converted once (cached)."""
+    from training.converters.gguf import resolve_pretrained
+
+    model = resolve_pretrained(args.model)
     if args.engine == "vllm":
         from training.teachers.server.vllm_engine import VLLMEngine
 
         return VLLMEngine(
-            args.model, adapter=args.adapter, max_k=args.max_k, dtype=args.dtype,
+            model, adapter=args.adapter, max_k=args.max_k, dtype=args.dtype,
             tensor_parallel_size=args.tensor_parallel_size, max_model_len=args.max_model_len,
             enforce_eager=args.enforce_eager,
         )
@@ -317,7 +320,7 @@ def build_engine(args) -> object:
     from training.teachers.server.hf_engine import HFEngine
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return HFEngine(DirectTeacher(args.model, adapter=args.adapter, dtype=args.dtype, device=device))
+    return HFEngine(DirectTeacher(model, adapter=args.adapter, dtype=args.dtype, device=device))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -326,7 +329,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="Serve a teacher's top-k next-token log-probabilities over HTTP (POST /v1/topk, "
         "GET /health, GET /v1/models). Wire format: docs/topk_wire_format.md.",
     )
-    parser.add_argument("--model", required=True, help="teacher folder or Hub id (safetensors weights)")
+    parser.add_argument("--model", required=True, help="teacher folder, Hub id (safetensors weights) or Llama .gguf "
+                        "file (converted once: training.convert_gguf)")
     parser.add_argument("--adapter", default=None, help="optional peft adapter folder, merged into the teacher")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8080)
