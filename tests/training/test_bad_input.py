@@ -299,6 +299,31 @@ def test_preprocess_output_that_is_a_file(tmp_path, tiny_teacher_dir, data, caps
     assert f"--output '{tmp_path / 'shards'}' is an existing file, not a folder" in err and err.count("\n") == 1
 
 
+def test_preprocess_and_cache_builder_leave_no_empty_folder_after_a_mistake(tmp_path, tiny_teacher_dir, data,
+                                                                           capsys):
+    from training.data.preprocess import main as preprocess_main
+    from training.teachers.cache.build import main as cache_main
+
+    (tmp_path / "empty.jsonl").write_text("")
+    status = preprocess_main(["--input", str(tmp_path / "empty.jsonl"), "--output", str(tmp_path / "shards"),
+                              "--tokenizer", tiny_teacher_dir])
+    assert status == 2 and "empty.jsonl: no records" in capsys.readouterr().err
+    assert not (tmp_path / "shards").exists()
+    status = cache_main(["--teacher", tiny_teacher_dir, "--data", data, "--output", str(tmp_path / "cache"),
+                         "--topk", "100000", "--dtype", "float32", "--no-progress"])
+    one_error_line(capsys, status, "--topk 100000 is larger than the teacher's vocabulary (468)")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_finetune_output_dir_that_is_a_file(tmp_path, tiny_teacher_dir, data, capsys):
+    from training.trainers.teacher_sft import main as finetune_main
+
+    (tmp_path / "ft").write_text("x")
+    status = finetune_main(["--teacher_model", tiny_teacher_dir, "--train_data", data, "--output_dir",
+                            str(tmp_path / "ft"), "--report_to", "none", "--use_cpu", "true"])
+    one_error_line(capsys, status, f"config key 'output_dir': '{tmp_path / 'ft'}' is an existing file")
+
+
 def test_align_output_that_is_a_file_and_no_empty_folder_after_a_mistake(tmp_path, tiny_teacher_dir, data, capsys):
     from training.trainers.alignment import main as align_main
 

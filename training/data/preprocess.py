@@ -53,7 +53,7 @@ from training.data.records import (  # noqa: F401  (normalize_record, encode_rec
     parse_json_line,
     records_from_lines,
 )
-from training.utils.checks import check_output_folder
+from training.utils.checks import check_output_folder, no_empty_folder_left
 from training.utils.errors import command
 from training.utils.io import atomic_path, atomic_write_json, sha256_file
 
@@ -470,7 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     (args,) = parser.parse_args_into_dataclasses(args=argv)
     try:
         kwargs = {k: v for k, v in asdict(args).items() if k != "input"}
-        manifest = preprocess(args.input, **kwargs)
+        with no_empty_folder_left(args.output):  # a mistake found while reading leaves no empty folder behind
+            manifest = preprocess(args.input, **kwargs)
     except (ValueError, FileNotFoundError) as e:
         print(f"preprocess: error: {e}", file=sys.stderr)
         return 2

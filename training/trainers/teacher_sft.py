@@ -34,6 +34,7 @@ except ImportError as err:  # pragma: no cover - trl ships with the dev and trl 
     raise ImportError("teacher finetuning needs TRL: pip install 'hf-retnet[trl]' (or pip install 'trl>=1.16')") from err
 
 from training.trainers.distillation_config import config_parser, load_config
+from training.utils.checks import check_output_folder
 from training.utils.errors import command
 from training.utils.io import atomic_write_json, staged_folder
 from training.utils.paths import looks_like_local_path
@@ -124,6 +125,7 @@ class TeacherFinetuneConfig(SFTConfig):
             raise FileNotFoundError(f"config key 'teacher_model': folder {self.teacher_model!r} does not exist")
         if not self.train_data:
             raise bad("train_data", "required (the data the student will be distilled on)")
+        check_output_folder(self.output_dir, "config key 'output_dir':")
         for key in ("train_data", "eval_data"):
             value = getattr(self, key)
             if value and looks_like_local_path(value) and not os.path.exists(os.path.expanduser(value)):
