@@ -358,6 +358,22 @@ def test_lora_target_typo_lists_the_valid_targets(tmp_path, tiny_teacher_dir, da
     check_lora_targets("q_proj,g_proj,down_proj", str(tmp_path / "student"))  # RetNet names pass
 
 
+def test_debug_flag_leaves_the_trainers_own_debug_option_alone():
+    from training.utils.errors import command
+
+    seen = []
+
+    @command
+    def record(argv):
+        seen.append(argv)
+        raise ValueError("bad value")
+
+    assert record(["--debug", "underflow_overflow", "--max_steps", "1"]) == 2  # the Trainer's option: not ours
+    with pytest.raises(ValueError):
+        record(["run_dir", "--debug", "repo"])  # ours, taken out before the command parses its arguments
+    assert seen == [["--debug", "underflow_overflow", "--max_steps", "1"], ["run_dir", "repo"]]
+
+
 def test_error_wrapper_keeps_bugs_loud():
     """Only expected mistakes become one line; a bug (here a KeyError) keeps its traceback."""
     from training.utils.errors import command

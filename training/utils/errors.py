@@ -28,9 +28,20 @@ EXIT_INPUT_ERROR = 2  # argparse's status for a usage error
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, ImportError)
 
 
+# Values of TrainingArguments' own `--debug` option (transformers.debug_utils.DebugOption): `--debug
+# underflow_overflow` is the Trainer's, not a request for tracebacks, and is left in place.
+TRAINER_DEBUG_VALUES = ("underflow_overflow", "tpu_metrics_debug")
+
+
+def _debug_flags(argv: list[str]) -> list[int]:
+    """Positions of our `--debug` in argv (not TrainingArguments' `--debug <option>`)."""
+    return [i for i, arg in enumerate(argv) if arg == DEBUG_FLAG and not (
+        i + 1 < len(argv) and any(value in argv[i + 1].split() for value in TRAINER_DEBUG_VALUES))]
+
+
 def debug_requested(argv: list[str] | None = None) -> bool:
     """True when `--debug` is in `argv` or HF_RETNET_DEBUG is set to something other than '', '0', 'false', 'no'."""
-    if argv is not None and DEBUG_FLAG in argv:
+    if argv is not None and _debug_flags(list(argv)):
         return True
     return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
 
@@ -48,7 +59,8 @@ def run_command(main, argv: list[str] | None = None, *, prog: str | None = None)
     expected mistake into `error: ...` on stderr and exit status 2. Returns main's status (None counts as 0)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = debug_requested(argv)
-    argv = [arg for arg in argv if arg != DEBUG_FLAG]
+    ours = set(_debug_flags(argv))
+    argv = [arg for i, arg in enumerate(argv) if i not in ours]
     try:
         status = main(argv)
     except EXPECTED_ERRORS as err:
