@@ -4,7 +4,6 @@ left behind. Each case runs the command's real `main` (one also as a subprocess)
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
