@@ -96,7 +96,6 @@ def _tokenizer_of(folder_or_id: str):
     from training.converters.gguf import resolve_pretrained
 
     folder_or_id = resolve_pretrained(folder_or_id)  # a .gguf teacher: its converted folder (cached)
-
     if os.path.isdir(folder_or_id) and not any(
         os.path.isfile(os.path.join(folder_or_id, name)) for name in ("tokenizer.json", "tokenizer_config.json")
     ):
