@@ -67,7 +67,9 @@ def test_only_chosen_parts_train(tiny_teacher_dir, text_file, tmp_path):
         assert torch.equal(ours[f"model.layers.1.retention.{proj}.weight"], theirs[f"model.layers.1.self_attn.{proj}.weight"])
     default = [1 - 2.0 ** (-5 - h) for h in range(2)]
     torch.testing.assert_close(torch.tensor(report["decays"]), torch.tensor([default, default]))
-    assert report["error_after"] != report["error_at_conversion"]
+    # Training the group norms alone still lowers every layer's error (here by about a quarter; 10% is required).
+    for layer, (before, after) in enumerate(zip(report["error_at_conversion"], report["error_after"])):
+        assert after < 0.9 * before, f"layer {layer}: {before:.4f} -> {after:.4f}"
 
 
 def test_yaml_config_and_overrides(tmp_path):

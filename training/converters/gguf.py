@@ -45,6 +45,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from training.utils.errors import command
+
 __all__ = [
     "GGUFError",
     "GGUFInfo",
@@ -509,6 +511,7 @@ def resolve_pretrained(spec, cache_dir: str | None = None, log=_log):
 # ----------------------------------------------------------------------------------------------- CLI
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m training.convert_gguf",

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from training.utils.errors import command
 from training.utils.io import staged_folder
 
 __all__ = [
@@ -392,6 +393,7 @@ def convert_llama2c(
     return output
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m training.convert_llama2c",

@@ -21,6 +21,7 @@ import os
 import sys
 from dataclasses import dataclass
 
+from training.utils.errors import command
 from training.utils.io import atomic_write_jsonl
 
 _TRUE = ("1", "ON", "YES", "TRUE")
@@ -202,6 +203,7 @@ def select_sources(categories: list[str] | None, names: list[str] | None) -> lis
     return picked
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m training.download_datasets",

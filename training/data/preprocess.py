@@ -53,6 +53,8 @@ from training.data.records import (  # noqa: F401  (normalize_record, encode_rec
     parse_json_line,
     records_from_lines,
 )
+from training.utils.checks import check_output_folder, no_empty_folder_left
+from training.utils.errors import command
 from training.utils.io import atomic_path, atomic_write_json, sha256_file
 
 SHARD_METADATA_KEY = b"hf_retnet"
@@ -381,6 +383,7 @@ def preprocess(
     """Tokenize `inputs` into `output` (resuming a previous run there) and return the manifest."""
     from tqdm.auto import tqdm
 
+    check_output_folder(output, "--output")
     if pack and not max_seq_length:
         raise ValueError("--pack needs --max-seq-length (the length packed sequences are cut to)")
     if max_seq_length is not None and max_seq_length < 2:
@@ -458,6 +461,7 @@ class PreprocessArguments:
     overwrite: bool = field(default=False, metadata={"help": "delete shards and manifest already in --output"})
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     from transformers import HfArgumentParser
 
@@ -466,7 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     (args,) = parser.parse_args_into_dataclasses(args=argv)
     try:
         kwargs = {k: v for k, v in asdict(args).items() if k != "input"}
-        manifest = preprocess(args.input, **kwargs)
+        with no_empty_folder_left(args.output):  # a mistake found while reading leaves no empty folder behind
+            manifest = preprocess(args.input, **kwargs)
     except (ValueError, FileNotFoundError) as e:
         print(f"preprocess: error: {e}", file=sys.stderr)
         return 2

@@ -19,6 +19,7 @@ import random
 from collections.abc import Iterable
 from functools import lru_cache
 
+from training.utils.errors import command
 from training.utils.io import atomic_write_jsonl
 
 KINDS = ("text", "chat", "mixed")
@@ -148,6 +149,7 @@ def write_jsonl(records: Iterable[dict], path: str | os.PathLike) -> str:
     return os.fspath(path)
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m training.synthetic",

@@ -20,6 +20,8 @@ import os
 import sys
 from dataclasses import dataclass, field, fields
 
+from training.utils.errors import command
+
 from .generation import DEFAULT_PROMPTS
 
 REPORT_FORMAT = "hf-retnet-eval-report"
@@ -58,16 +60,23 @@ class EvalConfig:
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self):
-        for name in ("window", "stride", "batch_size", "passkey_trials", "max_new_tokens", "decode_tokens",
-                     "lm_eval_batch_size"):
+        # Messages name the command-line flag (`--window`) and the field (`window=` from Python) alike.
+        if self.window < 2:
+            raise ValueError(f"--window (window=) must be >= 2 tokens (one input and one next token), got {self.window}")
+        for name in ("stride", "batch_size", "passkey_trials", "max_new_tokens", "decode_tokens", "lm_eval_batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"EvalConfig.{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"--{name} ({name}=) must be >= 1, got {getattr(self, name)}")
         if self.stride >= self.window:
-            raise ValueError(f"EvalConfig.stride ({self.stride}) must be smaller than window ({self.window})")
+            default = " (its default)" if self.stride == EvalConfig.stride else ""
+            raise ValueError(
+                f"--stride {self.stride}{default} must be smaller than --window {self.window}: a long document is "
+                f"scored in windows of --window tokens advancing by --stride, so --stride must be in [1, "
+                f"{self.window - 1}]; pass e.g. --stride {max(1, self.window // 2)}"
+            )
         if any(not 0 <= d <= 1 for d in self.passkey_depths):
-            raise ValueError(f"EvalConfig.passkey_depths must lie in [0, 1], got {self.passkey_depths}")
+            raise ValueError(f"--passkey_depths (passkey_depths=) must lie in [0, 1], got {list(self.passkey_depths)}")
         if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
-            raise ValueError(f"EvalConfig.dtype must be float32, bfloat16, float16 or auto, got {self.dtype!r}")
+            raise ValueError(f"--dtype (dtype=) must be float32, bfloat16, float16 or auto, got {self.dtype!r}")
 
 
 def _describe(model, spec) -> dict:
@@ -257,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     values = {f.name: getattr(args, f.name) for f in fields(EvalConfig)}

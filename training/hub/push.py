@@ -22,6 +22,7 @@ import shutil
 import sys
 import tempfile
 
+from training.utils.errors import command
 from training.utils.io import atomic_write_json, staged_folder
 
 WEIGHT_SUFFIXES = (".safetensors",)
@@ -153,8 +154,12 @@ def push(run_dir: str, repo_id: str, token: str | None = None, private: bool = F
 
 
 def save_training_config(config, output_dir: str) -> str:
-    """The run's DistillationConfig as JSON beside the weights (secrets dropped), for the card and for the record."""
+    """The run's DistillationConfig as JSON beside the weights (secrets dropped), for the card and for the record,
+    with `teacher_identity` (training.hub.teacher: the Hub id or the checkpoint the teacher was converted from)."""
+    from training.hub.teacher import teacher_of_run
+
     values = {k: v for k, v in config.to_dict().items() if not _SECRET_KEY_RE.search(k)}
+    values["teacher_identity"] = teacher_of_run(config)  # what the teacher is, while its folder is at hand
     return atomic_write_json(os.path.join(output_dir, TRAINING_CONFIG), values, newline=True, sort_keys=True,
                              default=str)
 
@@ -186,6 +191,7 @@ def finish_run(trainer, config, plan: dict | None) -> str | None:
     return url
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.push", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", help="a finished training.train output_dir (evaluated: eval/report.json)")

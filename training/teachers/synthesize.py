@@ -44,6 +44,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+from training.utils.errors import command
+
 __all__ = [
     "FILTERS",
     "SynthesizeArguments",
@@ -581,6 +583,7 @@ def synthesize(args: SynthesizeArguments, model=None, tokenizer=None) -> dict:
     return result
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     from transformers import HfArgumentParser
 

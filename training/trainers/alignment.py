@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from training.utils.checks import check_output_folder, no_empty_folder_left
+from training.utils.errors import command
 from training.utils.io import save_figure, staged_files, staged_folder
 
 TRAINABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "g_proj", "group_norm", "decays")
@@ -464,10 +466,13 @@ def parse_args(argv: list[str] | None = None) -> AlignConfig:
     return config
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
-    os.makedirs(config.student_out, exist_ok=True)
-    run(config)
+    check_output_folder(config.student_out, "config key 'student_out':")
+    with no_empty_folder_left(config.student_out):  # a run stopped by a mistake leaves no empty folder behind
+        os.makedirs(config.student_out, exist_ok=True)
+        run(config)
     print(f"wrote {config.student_out}; stage 2: python -m training.train --config ... --student {config.student_out}")
     return 0
 

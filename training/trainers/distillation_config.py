@@ -17,6 +17,13 @@ from typing import Any
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.training_args import OptimizerNames
 
+from training.utils.checks import (
+    check_checkpoint_folder,
+    check_local_folder,
+    check_output_folder,
+    check_weight_files,
+    expand,
+)
 from training.utils.paths import looks_like_local_path
 from training.converters.gguf import is_gguf_path
 
@@ -25,6 +32,9 @@ KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 CACHE_VERIFY = ("full", "manifest", "none")
 MUON_ADJUST_LR = ("original", "match_rms_adamw")
+# Config keys that hold local paths (or Hub ids); `~` in them is expanded once, at validation.
+PATH_KEYS = ("student", "teacher_model", "teacher_adapter", "teacher_cache", "tokenizer", "train_data", "eval_data",
+             "resume_from_checkpoint")
 
 
 @dataclass
@@ -242,15 +252,26 @@ class DistillationConfig(TrainingArguments):
                 SaddleEscapeConfig.from_dict(dict(self.saddle_escape_config))
             except (TypeError, ValueError) as err:
                 raise bad("saddle_escape_config", str(err)) from None
+        # '~/runs/aligned' means the same folder to every consumer (the loaders do not all expand it themselves).
+        for key in PATH_KEYS:
+            setattr(self, key, expand(getattr(self, key)))
         if not self.student:
             raise bad("student", "empty; give a variant name ('350M', '500M') or a folder")
-        if not os.path.isdir(os.path.expanduser(self.student)):
+        if not os.path.isdir(self.student):
             from hf_retnet import VARIANTS
 
             if self.student not in VARIANTS:
                 if looks_like_local_path(self.student):
                     raise FileNotFoundError(f"config key 'student': folder {self.student!r} does not exist")
                 raise bad("student", f"{self.student!r} is neither a variant {sorted(VARIANTS)} nor an existing folder")
+        check_student(self.student, self.student_overrides)
+        check_output_folder(self.output_dir, "config key 'output_dir':")
+        check_local_folder(self.tokenizer, "config key 'tokenizer'")
+        for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise bad(key, f"must be an integer >= 1, got {value!r}")
+        self._check_resume()
 
         if self.teacher_source not in TEACHER_SOURCES:
             raise bad("teacher_source", f"{self.teacher_source!r} is not one of {TEACHER_SOURCES}")
@@ -318,6 +339,31 @@ class DistillationConfig(TrainingArguments):
             raise bad("muon_adjust_lr_fn", f"{self.muon_adjust_lr_fn!r} is not one of {MUON_ADJUST_LR}")
         if self.max_seq_length < 2:
             raise bad("max_seq_length", f"must be >= 2 (one input and one next token), got {self.max_seq_length}")
+        if self.teacher_source == "cached":
+            check_cache_settings(self.teacher_cache, self.max_seq_length)
+
+    def _check_resume(self) -> None:
+        """`resume_from_checkpoint`: 'last' (also 'true', 'latest') needs a checkpoint in output_dir; a folder must
+        be a complete Trainer checkpoint. Checked here so a typo fails before the models load, naming the folder."""
+        resume = self.resume_from_checkpoint
+        if resume is None or isinstance(resume, bool):
+            return
+        resume = str(resume).strip()
+        if resume.lower() in ("", "false", "none", "no"):
+            self.resume_from_checkpoint = None
+            return
+        if resume.lower() in ("true", "last", "latest"):
+            from transformers.trainer_utils import get_last_checkpoint
+
+            last = get_last_checkpoint(self.output_dir) if os.path.isdir(self.output_dir) else None
+            if last is None:
+                raise FileNotFoundError(
+                    f"config key 'resume_from_checkpoint': {resume!r} resumes from the newest checkpoint-N folder in "
+                    f"output_dir {self.output_dir!r}, which has none; leave resume_from_checkpoint out to start fresh"
+                )
+            check_checkpoint_folder(last, "config key 'resume_from_checkpoint'")
+            return
+        check_checkpoint_folder(resume, "config key 'resume_from_checkpoint'")
 
     def alpha_at(self, step: int) -> float:
         """CE weight at optimizer step `step` (linear schedule from distill_alpha_start, then constant)."""
@@ -330,6 +376,100 @@ class DistillationConfig(TrainingArguments):
     def kd_loss_at(self, step: int) -> str:
         """KD kind at optimizer step `step` (reverse KL during the warm-up)."""
         return "reverse_kl" if step < self.reverse_kl_warmup_steps else self.kd_loss
+
+
+def retnet_config_keys() -> set[str]:
+    """The names `student_overrides` may set: RetNetConfig's arguments and PretrainedConfig's."""
+    import inspect
+
+    from transformers import PretrainedConfig
+
+    from hf_retnet import RetNetConfig
+
+    keys = set()
+    for cls in (RetNetConfig, PretrainedConfig):
+        keys |= {name for name, p in inspect.signature(cls.__init__).parameters.items()
+                 if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return keys
+
+
+def student_config_from_folder(folder: str, overrides: dict | None = None):
+    """The RetNetConfig of a student folder with `overrides` applied through RetNetConfig's constructor, so an
+    override is checked exactly like a value in config.json (`setattr` would skip the checks). Refuses a folder
+    that holds no RetNet (a Llama teacher passed as the student, a folder without config.json)."""
+    from hf_retnet import RetNetConfig
+
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"config key 'student': folder {folder!r} has no config.json; pass a RetNet checkpoint folder (from "
+            "training.train or training.align) or a variant name ('350M', '500M')"
+        )
+    try:
+        with open(path, encoding="utf-8") as handle:
+            model_type = json.load(handle).get("model_type")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
+        raise ValueError(f"config key 'student': {path} is not a JSON config ({err})") from None
+    if model_type != RetNetConfig.model_type:
+        raise ValueError(
+            f"config key 'student': {folder!r} holds a {model_type!r} model, not a RetNet ({RetNetConfig.model_type!r}); "
+            "convert a Llama first (python -m training.align --teacher <folder> --student_out <new folder>) and "
+            "pass that folder, or pass a variant name ('350M', '500M')"
+        )
+    config = RetNetConfig.from_pretrained(folder)
+    if not overrides:
+        return config
+    values = {**config.to_dict(), **overrides}
+    if ("hidden_size" in overrides or "num_heads" in overrides) and "head_dim" not in overrides:
+        values["head_dim"] = None  # derived from the new hidden_size / num_heads, not the folder's
+    try:
+        student = RetNetConfig.from_dict(values)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"config key 'student_overrides': {err} (on top of {path})") from None
+    student._name_or_path = config._name_or_path
+    return student
+
+
+def check_student(student: str, overrides: dict | None) -> None:
+    """Before any weights load: `student_overrides` names RetNetConfig fields and gives a valid config (RetNetConfig's
+    own checks, e.g. num_heads dividing hidden_size), and a folder student holds a RetNet with complete safetensors."""
+    from hf_retnet import RetNetConfig
+
+    overrides = dict(overrides or {})
+    known = retnet_config_keys()
+    for key in overrides:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else " (see hf_retnet.RetNetConfig)"
+            raise ValueError(f"config key 'student_overrides': {key!r} is not a RetNetConfig field{hint}")
+    if os.path.isdir(student):
+        student_config_from_folder(student, overrides)
+        check_weight_files(student, "config key 'student':")
+        return
+    try:
+        RetNetConfig.from_variant(student, **overrides)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"config key 'student_overrides': {err}") from None
+
+
+def check_cache_settings(cache_dir: str | None, max_seq_length: int) -> None:
+    """A teacher cache answers only for sequences truncated as it truncated them: its manifest's max_seq_length
+    must be the training max_seq_length (a cache built without truncation, max_seq_length null, is not checked
+    here; every row is still checked by its hash when read)."""
+    path = os.path.join(cache_dir or "", "manifest.json")
+    if not cache_dir or not os.path.isfile(path):
+        return  # the cached teacher says what is missing
+    try:
+        with open(path, encoding="utf-8") as handle:
+            built = (json.load(handle).get("data") or {}).get("max_seq_length")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return  # the cached teacher reports a damaged manifest
+    if built is not None and int(built) != int(max_seq_length):
+        raise ValueError(
+            f"config key 'max_seq_length': {max_seq_length}, but the teacher cache {cache_dir!r} was built with "
+            f"max_seq_length {built} ({path}); train with --max_seq_length {built} or rebuild the cache with "
+            f"--max-seq-length {max_seq_length}"
+        )
 
 
 def _linear(start: float | None, end: float, step: int, steps: int) -> float:

@@ -34,6 +34,8 @@ except ImportError as err:  # pragma: no cover - trl ships with the dev and trl 
     raise ImportError("teacher finetuning needs TRL: pip install 'hf-retnet[trl]' (or pip install 'trl>=1.16')") from err
 
 from training.trainers.distillation_config import config_parser, load_config
+from training.utils.checks import check_output_folder
+from training.utils.errors import command
 from training.utils.io import atomic_write_json, staged_folder
 from training.utils.paths import looks_like_local_path
 from training.converters.gguf import is_gguf_path
@@ -123,6 +125,7 @@ class TeacherFinetuneConfig(SFTConfig):
             raise FileNotFoundError(f"config key 'teacher_model': folder {self.teacher_model!r} does not exist")
         if not self.train_data:
             raise bad("train_data", "required (the data the student will be distilled on)")
+        check_output_folder(self.output_dir, "config key 'output_dir':")
         for key in ("train_data", "eval_data"):
             value = getattr(self, key)
             if value and looks_like_local_path(value) and not os.path.exists(os.path.expanduser(value)):
@@ -165,6 +168,50 @@ class TeacherFinetuneConfig(SFTConfig):
         return LoraConfig(
             r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout, target_modules=targets,
             bias="none", task_type="CAUSAL_LM",
+        )
+
+
+def linear_module_names(model_name_or_path: str) -> tuple[str, list[str]] | None:
+    """(model_type, full names of the linear layers) of the model at `model_name_or_path`, read from its config (the
+    model is built on the meta device: no weights load); None when the config cannot be read that way."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import hf_retnet  # noqa: F401  (registers the RetNet with the Auto classes)
+
+    try:
+        config = AutoConfig.from_pretrained(model_name_or_path)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception:  # noqa: BLE001 - the real load reports it; this check only runs where it can
+        return None
+    return config.model_type, [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+
+
+def check_lora_targets(targets: str, model_name_or_path: str, key: str = "lora_target_modules") -> None:
+    """Every comma-separated name in `targets` must name linear layers of the model (as peft matches them: the
+    module's name or its last parts), checked before any weights load; the error lists the valid names (for a
+    RetNet, `hf_retnet.LORA_TARGET_MODULES`)."""
+    if targets == "all-linear":
+        return
+    wanted = [t.strip() for t in targets.split(",") if t.strip()]
+    if not wanted:
+        raise ValueError(f"config key '{key}': empty; give 'all-linear' or comma-separated module names")
+    found = linear_module_names(model_name_or_path)
+    if found is None:
+        return
+    model_type, names = found
+    unknown = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in names)]
+    if unknown:
+        if model_type == "hf_retnet":
+            from hf_retnet import LORA_TARGET_MODULES
+
+            valid = list(LORA_TARGET_MODULES)
+        else:
+            valid = sorted({n.rsplit(".", 1)[-1] for n in names} - {"lm_head"})
+        raise ValueError(
+            f"config key '{key}': {', '.join(repr(t) for t in unknown)} matches no linear layer of "
+            f"{model_name_or_path!r}; valid targets: {','.join(valid)} (or 'all-linear')"
         )
 
 
@@ -263,6 +310,7 @@ def run(config: TeacherFinetuneConfig) -> dict:
     from training.teachers.adapter import write_adapter_base
 
     base = resolve_pretrained(config.teacher_model)  # a .gguf file: its converted folder (cached)
+    check_lora_targets(config.lora_target_modules, base)  # a typo fails here, not inside peft
     tokenizer = AutoTokenizer.from_pretrained(base)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -326,6 +374,7 @@ def run(config: TeacherFinetuneConfig) -> dict:
     return result
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     import argparse
 

@@ -39,6 +39,8 @@ from training.teachers.cache.format import (
     tokenizer_fingerprint,
     write_manifest,
 )
+from training.utils.checks import no_empty_folder_left
+from training.utils.errors import command
 from training.utils.io import atomic_write_bytes, sha256_file
 
 # ----------------------------------------------------------------------------------------------------------
@@ -341,9 +343,15 @@ def _build_producer(args, device):
     return teacher, teacher.model
 
 
+@command
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     _validate_args(args)
+    with no_empty_folder_left(args.output):  # a mistake found later (e.g. --topk > vocabulary) leaves no empty folder
+        return _build(args)
+
+
+def _build(args) -> int:
     from accelerate import PartialState
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer

@@ -36,6 +36,7 @@ from training.teachers.server.wire import (
     input_checksum,
     smallest_id_dtype,
 )
+from training.utils.errors import command
 
 logger = logging.getLogger("training.serve_teacher")
 API_KEY_ENV = "TEACHER_API_KEY"
@@ -363,6 +364,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+@command
 def main(argv=None) -> None:
     import uvicorn
 
