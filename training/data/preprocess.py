@@ -456,12 +456,16 @@ class PreprocessArguments:
     overwrite: bool = field(default=False, metadata={"help": "delete shards and manifest already in --output"})
 
 
-def main(argv: list[str] | None = None) -> int:
-    from transformers import HfArgumentParser
+def build_parser():
+    """`python -m training.preprocess`'s parser (every PreprocessArguments field as a flag and a YAML key)."""
+    from training.utils.parser import CommandParser
 
-    parser = HfArgumentParser(PreprocessArguments, prog="python -m training.preprocess",
-                              description="Tokenize text/chat data into Parquet shards + manifest.json.")
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    return CommandParser(PreprocessArguments, prog="python -m training.preprocess",
+                         description="Tokenize text/chat data into Parquet shards + manifest.json (docs/data_format.md).")
+
+
+def main(argv: list[str] | None = None) -> int:
+    (args,) = build_parser().parse_or_exit(argv)
     try:
         kwargs = {k: v for k, v in asdict(args).items() if k != "input"}
         manifest = preprocess(args.input, **kwargs)

@@ -33,7 +33,6 @@ try:
 except ImportError as err:  # pragma: no cover - trl ships with the dev and trl extras
     raise ImportError("teacher finetuning needs TRL: pip install 'hf-retnet[trl]' (or pip install 'trl>=1.16')") from err
 
-from training.trainers.distillation_config import config_parser, load_config
 from training.utils.io import atomic_write_json, staged_folder
 from training.utils.paths import looks_like_local_path
 
@@ -319,20 +318,15 @@ def run(config: TeacherFinetuneConfig) -> dict:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
+def build_parser():
+    """`python -m training.finetune_teacher`'s parser: every TeacherFinetuneConfig / SFTConfig field as a key and flag."""
+    from training.utils.parser import CommandParser
 
-    argv = sys.argv[1:] if argv is None else list(argv)
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=None)
-    pre.add_argument("-h", "--help", action="store_true")
-    known, overrides = pre.parse_known_args(argv)
-    if known.help:
-        parser = config_parser(TeacherFinetuneConfig)
-        parser.prog = "python -m training.finetune_teacher --config CONFIG.yaml"
-        parser.print_help()
-        return 0
-    config = load_config(known.config, overrides, config_class=TeacherFinetuneConfig)
+    return CommandParser(TeacherFinetuneConfig, prog="python -m training.finetune_teacher", description=__doc__)
+
+
+def main(argv: list[str] | None = None) -> int:
+    (config,) = build_parser().parse_or_exit(argv)
     run(config)
     return 0
 
