@@ -267,6 +267,10 @@ class CommandParser(HfArgumentParser):
             except _Mismatch as mismatch:
                 raise ConfigError(f"{where}: key '{key}' must be {mismatch.expected}, got {value!r} "
                                   f"({type(value).__name__})") from None
+            choices = f.metadata.get("choices")
+            given = values[key] if isinstance(values[key], (list, tuple)) else [values[key]]
+            if choices is not None and values[key] is not None and any(v not in choices for v in given):
+                raise ConfigError(f"{where}: key '{key}' must be one of {list(choices)}, got {value!r}")
         return values
 
 
