@@ -163,16 +163,11 @@ class TeacherFinetuneConfig(SFTConfig):
 
 
 def load_records(spec: str) -> list:
-    """(where, record) pairs of a local file or folder of files, in file order (the student's reader)."""
-    from training.data import records as raw_records
+    """(where, record) pairs of a local file or folder of files (or a datasets id), in file order: the student's
+    reader (`training.data.records.read_records`)."""
+    from training.data.records import read_records
 
-    records = []
-    for src in raw_records.discover_sources([os.path.expanduser(spec)], recursive=False):
-        if src.kind == "hub":
-            records.extend((f"{src.path} row {i}", row) for i, row in enumerate(raw_records.load_hub_split(src)))
-        else:
-            records.extend(raw_records.iter_source_records(src))
-    return records
+    return read_records(spec)
 
 
 def tokenize_records(records: list, tokenizer, max_length: int | None):
