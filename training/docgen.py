@@ -120,7 +120,7 @@ def render(command: Command) -> str:
     parser, types = _parser_and_types(command)
     aliases = f" (alias: `{PROG} {', '.join(command.aliases)}`)" if command.aliases else ""
     lines = [HEADER, "", f"# `{PROG} {command.name}`{aliases}", "", command.summary[0].upper() + command.summary[1:] + ".",
-             "", "```bash", _synopsis(command, types[:1] if parser is None else types), "```", ""]
+             "", "```text", _synopsis(command, types[:1] if parser is None else types), "```", ""]
     if parser is not None and parser.description:
         description = parser.description.strip()
         lines += (["```text", description, "```"] if "\n" in description else [description]) + [""]
