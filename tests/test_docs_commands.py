@@ -301,3 +301,34 @@ def test_no_reference_to_issues_a_reader_cannot_see():
             if re.search(r"\bissues?\s*#?\d+|\bthe issue'?s?\b", line, re.IGNORECASE):
                 found.append(f"{os.path.relpath(path, REPO)}:{number}: {line.strip()[:80]}")
     assert not found, found
+
+
+def python_blocks(path: str) -> list[str]:
+    blocks, current = [], None
+    for line in open(path, encoding="utf-8").read().splitlines():
+        if line.strip().startswith("```"):
+            if current is not None:
+                blocks.append("\n".join(current))
+                current = None
+            elif line.strip()[3:].strip() == "python":
+                current = []
+            continue
+        if current is not None:
+            current.append(line)
+    return blocks
+
+
+def test_the_readme_chat_quickstart_runs(tmp_path, tiny_tokenizer, capsys):
+    """README's "chat with a student" code, as written, on a tiny RetNet saved in place of runs/my-retnet."""
+    from hf_retnet import RetNetConfig, RetNetForCausalLM
+
+    (code,) = [b for b in python_blocks(os.path.join(REPO, "README.md")) if 'pipeline("text-generation"' in b]
+    assert '"runs/my-retnet"' in code
+    folder = tmp_path / "my-retnet"
+    config = RetNetConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, num_hidden_layers=1, num_heads=2,
+                          intermediate_size=64, bos_token_id=tiny_tokenizer.bos_token_id,
+                          eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=tiny_tokenizer.pad_token_id)
+    RetNetForCausalLM(config).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    exec(compile(code.replace('"runs/my-retnet"', repr(str(folder))), "README.md", "exec"), {})
+    assert capsys.readouterr().out  # the reply was printed (a random tiny model says little)
