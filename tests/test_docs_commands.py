@@ -125,7 +125,7 @@ def all_doc_commands() -> list[DocCommand]:
 
 def _project_command(module: str, args: list[str]):
     """(command registry entry or "docgen", args) for our modules; None for anything else."""
-    from training.cli import COMMANDS, find_command
+    from training.utils.commands import COMMANDS, find_command
 
     if module == "training":
         if not args or args[0].startswith("-"):
@@ -146,7 +146,7 @@ def check_project(command, args: list[str]) -> str | None:
     if command == "unknown":
         return "unknown command"
     if command == "dispatcher":
-        from training.cli import main
+        from training.utils.commands import main
 
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             return None if main(args) == 0 else "hf-retnet exits non-zero"
@@ -204,7 +204,7 @@ def check_with_help(kind: str, target: str, args: list[str]) -> str | None:
 def check(command: DocCommand) -> str | None:
     kind, target, args = classify(command.argv)
     if kind == "hf-retnet":
-        from training.cli import find_command
+        from training.utils.commands import find_command
 
         if not args or args[0].startswith("-"):
             return check_project("dispatcher", args)
