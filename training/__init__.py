@@ -2,8 +2,9 @@
 
 Layout (one concept a subpackage): `trainers/` (distillation, alignment, teacher SFT, losses, optim, callbacks),
 `data/` (records, preprocess, shards, download, synthetic), `teachers/` (direct, cached, network; `cache/`,
-`server/`, `converters/`), `evaluation/`, `hub/` (push, model card), `demo/`, `utils/` (incl. `parser`, the one
-command-line/YAML parser, and `commands`, the table of commands). The modules left at this level are `cli` (`hf-retnet <command>`, `python -m training
+`server/`; synthesize: conversations written by the teacher), `converters/` (llama2.c, GGUF), `evaluation/`,
+`hub/` (push, model card), `demo/`, `utils/` (incl. `parser`, the one command-line/YAML parser, and `commands`, the
+table of commands). The modules left at this level are `cli` (`hf-retnet <command>`, `python -m training
 <command>`), `docgen` (the generated command reference), the commands (`python -m training.<command>`) and, for one
 release, aliases of moved modules.
 

@@ -14,7 +14,8 @@ from training.cli import COMMANDS, find_command, main
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXPECTED = ("train", "align", "preprocess", "cache-teacher-logits", "serve-teacher", "finetune-teacher", "evaluate",
-            "push", "model-card", "convert-llama2c", "download-datasets", "synthetic", "demo")
+            "push", "model-card", "convert-llama2c", "convert-gguf", "synthesize", "download-datasets", "synthetic",
+            "demo")
 
 
 def test_help_lists_every_command_with_a_description(capsys):

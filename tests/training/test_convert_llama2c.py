@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.teachers.converters.llama2c import (
+from training.converters.llama2c import (
     Llama2cFormatError,
     build_tokenizer,
     convert_llama2c,

@@ -93,7 +93,7 @@ def test_command_modules_run_the_library_main():
                              ("finetune_teacher", "trainers.teacher_sft"), ("preprocess", "data.preprocess"),
                              ("download_datasets", "data.download"), ("synthetic", "data.synthetic"),
                              ("cache_teacher_logits", "teachers.cache.build"), ("serve_teacher", "teachers.server.app"),
-                             ("convert_llama2c", "teachers.converters.llama2c"), ("evaluate", "evaluation.evaluator"),
+                             ("convert_llama2c", "converters.llama2c"), ("evaluate", "evaluation.evaluator"),
                              ("push", "hub.push"), ("model_card", "hub.model_card")]:
         shim = importlib.import_module(f"training.{command}")
         assert shim.main is importlib.import_module(f"training.{library}").main, command

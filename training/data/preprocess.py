@@ -390,7 +390,9 @@ def preprocess(
     if isinstance(tokenizer, (str, os.PathLike)):
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer))
+        from training.converters.gguf import resolve_pretrained
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(os.fspath(tokenizer)))  # .gguf: converted once
     output = os.path.abspath(os.fspath(output))
     info = describe_tokenizer(tokenizer)
     options = {"max_seq_length": max_seq_length, "pack": bool(pack), "append_eos": bool(append_eos),
@@ -443,7 +445,7 @@ class PreprocessArguments:
     input: list[str] = field(metadata={"help": "JSONL/JSON-lines, Parquet or text files, folders of them, or a "
                                                "datasets id (owner/name or owner/name:split)", "nargs": "+"})
     output: str = field(metadata={"help": "folder for the shards and manifest.json (a rerun resumes there)"})
-    tokenizer: str = field(metadata={"help": "tokenizer folder or Hub id (the teacher's)"})
+    tokenizer: str = field(metadata={"help": "tokenizer folder, Hub id or Llama .gguf file (the teacher's)"})
     recursive: bool = field(default=False, metadata={"help": "include files in subfolders of input folders"})
     max_seq_length: int | None = field(default=None, metadata={"help": "truncate (or, with --pack, cut) to this length"})
     pack: bool = field(default=False, metadata={"help": "concatenate records and cut into max-seq-length blocks"})

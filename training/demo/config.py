@@ -33,6 +33,11 @@ class StudentRecipe:
         metadata={"help": "init=teacher: training.align.AlignConfig keys (max_tokens, learning_rate, gate, ...); "
                   "its tokens count in the student's budget."},
     )
+    eval: dict = field(
+        default_factory=dict,
+        metadata={"help": "training.evaluate options for this student on top of the shared `eval` (e.g. sections: "
+                  "[heldout, latency], latency_lengths: [256, 8192])."},
+    )
     description: str = field(default="", metadata={"help": "One line for the report's table."})
 
 
@@ -54,6 +59,17 @@ class DemoConfig:
         default="examples/demo/tinystories_4000.txt",
         metadata={"help": "The text: a file of blank-line separated paragraphs, a JSONL file with a 'text' field, or "
                   "a datasets id ('owner/name' or 'owner/name:split', column 'text')."},
+    )
+    synthesize: dict = field(
+        default_factory=dict,
+        metadata={"help": "When set, the teacher writes the data itself (training.synthesize keys: n, batch_size, "
+                  "max_answer_tokens, seed, ...): chat records whose assistant turns are trained and scored; `stories` "
+                  "is then unused and the last `heldout_stories` conversations are held out."},
+    )
+    chat_requests: int = field(
+        default=0,
+        metadata={"help": "Chat data: answer this many held-out requests with the teacher and the best student "
+                  "(greedy, through the chat template) side by side in the report."},
     )
     stories_limit: int | None = field(
         default=None, metadata={"help": "Use only the first N records of `stories` (for large datasets)."}
@@ -134,7 +150,7 @@ class DemoConfig:
             raise bad("max_seq_length", f"must be >= 2, got {self.max_seq_length}")
         if self.teacher_topk < 1:
             raise bad("teacher_topk", f"must be >= 1, got {self.teacher_topk}")
-        for key in ("finetune", "train", "eval"):
+        for key in ("finetune", "train", "eval", "synthesize"):
             value = getattr(self, key)
             if isinstance(value, str):
                 value = json.loads(value) if value else {}
@@ -165,6 +181,11 @@ class DemoConfig:
                 raise bad("students", f"names must be unique folder names, got {r.name!r} twice or malformed")
             names.add(r.name)
         self.students = recipes
+
+    @property
+    def chat(self) -> bool:
+        """The data are conversations the teacher wrote (`synthesize`), not stories."""
+        return bool(self.synthesize)
 
     @property
     def teacher_is_llama2c(self) -> bool:
@@ -200,7 +221,7 @@ def load_demo_config(yaml_path: str | None, overrides: list[str] | None = None) 
         else:
             raise ValueError(f"--{key} needs a value")
         parsed = yaml.safe_load(raw)
-        if key in ("train", "finetune", "eval") and isinstance(parsed, dict):
+        if key in ("train", "finetune", "eval", "synthesize") and isinstance(parsed, dict):
             values[key] = {**values.get(key, {}), **parsed}  # merge: --train '{max_steps: 5}' keeps the rest
         else:
             values[key] = raw if key in ("teacher", "stories", "output_dir", "teacher_tokenizer") else parsed

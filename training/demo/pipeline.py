@@ -75,7 +75,7 @@ def stage_teacher(cfg: DemoConfig, ctx: dict) -> dict:
 
     out = cfg.output_dir
     if cfg.teacher_is_llama2c:
-        from training.teachers.converters.llama2c import convert_llama2c
+        from training.converters.llama2c import convert_llama2c
 
         if not cfg.teacher_tokenizer:
             raise ValueError("demo config key 'teacher_tokenizer': a llama2.c teacher needs its tokenizer.bin")
@@ -83,22 +83,26 @@ def stage_teacher(cfg: DemoConfig, ctx: dict) -> dict:
         convert_llama2c(cfg.teacher, cfg.teacher_tokenizer, teacher, overwrite=True)
         _say(f"converted llama2.c {cfg.teacher} -> {teacher}")
     else:
-        teacher = cfg.teacher
-        if teacher.endswith(".bin"):
-            raise FileNotFoundError(f"demo config key 'teacher': llama2.c checkpoint {teacher!r} does not exist")
+        from training.converters.gguf import resolve_pretrained
+
+        if cfg.teacher.endswith(".bin"):
+            raise FileNotFoundError(f"demo config key 'teacher': llama2.c checkpoint {cfg.teacher!r} does not exist")
+        teacher = resolve_pretrained(cfg.teacher)  # a .gguf file: its converted Llama folder (once, then cached)
     tconf = AutoConfig.from_pretrained(teacher)  # a folder or a Hub id: the same from_pretrained path as any model
-    texts = read_stories(cfg.stories, cfg.stories_limit)
-    if len(texts) <= cfg.heldout_stories:
+    records = conversations(cfg, teacher) if cfg.chat else [{"text": t} for t in read_stories(cfg.stories,
+                                                                                               cfg.stories_limit)]
+    source = "conversations" if cfg.chat else cfg.stories
+    if len(records) <= cfg.heldout_stories:
         raise ValueError(
-            f"{cfg.stories}: {len(texts)} records, but heldout_stories={cfg.heldout_stories}; leave some to train on"
+            f"{source}: {len(records)} records, but heldout_stories={cfg.heldout_stories}; leave some to train on"
         )
-    train, heldout = texts[: -cfg.heldout_stories], texts[-cfg.heldout_stories :]
+    train, heldout = records[: -cfg.heldout_stories], records[-cfg.heldout_stories :]
     data = os.path.join(out, "data")
     paths = {}
     for name, part in (("train", train), ("heldout", heldout)):
         paths[name] = os.path.join(data, f"{name}.jsonl")
-        atomic_write_jsonl(paths[name], ({"text": text} for text in part))
-    _say(f"stories: {len(train)} train, {len(heldout)} held out -> {data}")
+        atomic_write_jsonl(paths[name], part)
+    _say(f"{'conversations' if cfg.chat else 'stories'}: {len(train)} train, {len(heldout)} held out -> {data}")
     return {
         "teacher": os.path.abspath(teacher) if os.path.isdir(teacher) else teacher,
         "vocab_size": int(tconf.vocab_size),
@@ -110,6 +114,20 @@ def stage_teacher(cfg: DemoConfig, ctx: dict) -> dict:
         "num_train": len(train),
         "num_heldout": len(heldout),
     }
+
+
+def conversations(cfg: DemoConfig, teacher: str) -> list[dict]:
+    """Chat records the teacher writes itself (training.synthesize, Magpie-style): requests and answers. Resumable:
+    a rerun continues the same file."""
+    from training.teachers.synthesize import SynthesizeArguments, synthesize
+
+    path = os.path.join(cfg.output_dir, "data", "conversations.jsonl")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    settings = {"seed": cfg.seed, **cfg.synthesize}
+    # The teacher as the config names it (a .gguf file converts to the same cached folder as `teacher`).
+    synthesize(SynthesizeArguments(model=cfg.teacher, output=path, **settings))
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
 
 
 def read_stories(spec: str, limit: int | None = None) -> list[str]:
@@ -297,10 +315,14 @@ def stage_evaluate(cfg: DemoConfig, ctx: dict) -> dict:
     window, stride = scoring_window(cfg)
     options = dict(window=window, stride=stride, max_documents=cfg.eval_stories, prompts=tuple(cfg.prompts),
                    append_eos=cfg.append_eos)
-    options.update({k: tuple(v) if isinstance(v, list) else v for k, v in cfg.eval.items()})
     models, plots = {}, {}
     for name, r in students.items():
-        report = run_evaluate(r["path"], teacher=distilled_teacher(ctx), data=heldout, output_dir=r["path"], **options)
+        recipe = next(x for x in cfg.students if x.name == name)
+        extra = {**cfg.eval, **recipe.eval}
+        sections = extra.pop("sections", None)
+        settings = {**options, **{k: tuple(v) if isinstance(v, list) else v for k, v in extra.items()}}
+        report = run_evaluate(r["path"], teacher=distilled_teacher(ctx), data=heldout, output_dir=r["path"],
+                              sections=sections, **settings)
         held, passkey = report.get("heldout") or {}, report.get("passkey") or {}
         agreement = held.get("agreement") or {}
         for who, key in (("teacher", "teacher"), (name, "student")):
@@ -313,9 +335,11 @@ def stage_evaluate(cfg: DemoConfig, ctx: dict) -> dict:
                 "top1": agreement.get("top1_agreement", 1.0) if key == "student" else 1.0,
                 "passkey": (passkey.get(key) or {}).get("accuracy"),
             }
-        latency = (report.get("latency") or {}).get("plot")
-        if latency:
-            plots[name] = {"latency": os.path.join(report["output_dir"], latency)}
+        latency = report.get("latency") or {}
+        if latency.get("plot"):
+            plots[name] = {"latency": os.path.join(report["output_dir"], latency["plot"]),
+                           "latency_rows": {who: latency[who]["rows"] for who in ("student", "teacher")
+                                            if who in latency}}
         write_card(r["path"])
     return {"models": models, "plots": plots}
 
@@ -332,7 +356,7 @@ def stage_report(cfg: DemoConfig, ctx: dict) -> dict:
 def plan(cfg: DemoConfig) -> list[tuple[str, str, object, dict]]:
     """(key, title, function, settings it depends on) for every stage, in order."""
     base = {"teacher": cfg.teacher, "teacher_tokenizer": cfg.teacher_tokenizer, "stories": cfg.stories,
-            "stories_limit": cfg.stories_limit, "heldout_stories": cfg.heldout_stories}
+            "stories_limit": cfg.stories_limit, "heldout_stories": cfg.heldout_stories, "synthesize": cfg.synthesize}
     shards = {**base, "max_seq_length": cfg.max_seq_length, "pack": cfg.pack, "append_eos": cfg.append_eos}
     finetune = {**shards, "finetune_teacher": cfg.finetune_teacher, "finetune": cfg.finetune}
     cache = {**finetune, "topk": cfg.teacher_topk, "encoding": cfg.cache_encoding}
@@ -352,10 +376,12 @@ def plan(cfg: DemoConfig) -> list[tuple[str, str, object, dict]]:
         stages.append((f"student:{r.name}", f"student {r.name}: {r.description or kind}",
                        lambda c, x, r=r: stage_student(c, x, r), deps))
     evaluate = {"students": student_deps, "eval_stories": cfg.eval_stories, "eval": cfg.eval,
+                "recipe_eval": {r.name: r.eval for r in cfg.students},
                 "append_eos": cfg.append_eos}
     stages.append(("evaluate", "evaluate: teacher and students on the held-out stories", stage_evaluate, evaluate))
     stages.append(("report", "report: report.md, plots, stories, model card", stage_report,
-                   {**evaluate, "prompts": cfg.prompts, "sample_tokens": cfg.sample_tokens}))
+                   {**evaluate, "prompts": cfg.prompts, "sample_tokens": cfg.sample_tokens,
+                    "chat_requests": cfg.chat_requests}))
     return stages
 
 

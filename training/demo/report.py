@@ -39,6 +39,54 @@ def generate_stories(path: str, prompts: list[str], max_new_tokens: int, seed: i
     return out
 
 
+def chat_answers(path: str, requests: list[list[dict]], max_new_tokens: int) -> list[str]:
+    """Greedy answers through the model's chat template, one per request (the conversation up to its last user
+    turn): what a user of `pipeline("text-generation")` with messages would see."""
+    import torch
+
+    model, tok = _load(path)
+    stops = [i for i in {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab()
+                         else None} if i is not None]
+    out = []
+    for messages in requests:
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
+                                 pad_token_id=tok.pad_token_id)
+        out.append(tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    return out
+
+
+def heldout_requests(path: str, n: int) -> list[list[dict]]:
+    """The first `n` held-out conversations, cut before their last assistant turn."""
+    import json
+
+    requests = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            messages = json.loads(line)["messages"]
+            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+            requests.append(messages[:last])
+            if len(requests) >= n:
+                break
+    return requests
+
+
+def latency_table_md(rows: dict) -> str:
+    """Decoding latency and cache memory of the student against the teacher at each context length."""
+    student, teacher = rows.get("student") or [], {r["context_length"]: r for r in rows.get("teacher") or []}
+    lines = []
+    for r in student:
+        t = teacher.get(r["context_length"])
+        if t is None:
+            continue
+        lines.append([r["context_length"], f"{r['ms_per_token']:.1f}", f"{t['ms_per_token']:.1f}",
+                      f"{t['ms_per_token'] / r['ms_per_token']:.2f}x", f"{r['cache_bytes'] / 2**20:.2f} MiB",
+                      f"{t['cache_bytes'] / 2**20:.1f} MiB"])
+    return _md_table(["context", "student ms/token", "teacher ms/token", "teacher / student", "student state",
+                      "teacher KV cache"], lines)
+
+
 def plot_loss_vs_tokens(students: dict, scores: dict, path: str) -> str | None:
     """Held-out loss of every student against the tokens it has seen (scored during training on the first held-out
     stories), each one's final held-out loss, and the teacher's as a reference line."""
@@ -126,16 +174,22 @@ def write_report(cfg, ctx: dict) -> dict:
     best = min((n for n in students if n in ev), key=lambda n: ev[n]["loss"], default=None)
     ft = ctx.get("finetune") or {}
     teacher = ft.get("teacher") or ctx["teacher"]["teacher"]
-    samples = {}
-    if best is not None and cfg.prompts:
+    samples, answers, requests = {}, {}, []
+    if best is not None and cfg.chat and cfg.chat_requests:
+        requests = heldout_requests(ctx["teacher"]["heldout_data"], cfg.chat_requests)
+        answers = {"teacher": chat_answers(teacher, requests, cfg.sample_tokens),
+                   best: chat_answers(students[best]["path"], requests, cfg.sample_tokens)}
+    elif best is not None and cfg.prompts:
         samples = {"teacher": generate_stories(teacher, cfg.prompts, cfg.sample_tokens, cfg.seed),
                    best: generate_stories(students[best]["path"], cfg.prompts, cfg.sample_tokens, cfg.seed)}
 
     lines = ["# Distilling a pretrained Llama into RetNet students", ""]
     lines += [f"Teacher: `{cfg.teacher}`" + (" (llama2.c checkpoint, converted with `training.convert_llama2c`)"
                                              if cfg.teacher_is_llama2c else ""),
-              f"Data: `{cfg.stories}`: {ctx['teacher']['num_train']} training records "
-              f"({_fmt_tokens(ctx['shards']['num_tokens'])} tokens), {ctx['teacher']['num_heldout']} held out.",
+              (f"Data: conversations the teacher wrote itself (`training.synthesize`, Magpie-style requests, sampled "
+               f"answers): {ctx['teacher']['num_train']} to train on " if cfg.chat else
+               f"Data: `{cfg.stories}`: {ctx['teacher']['num_train']} training records ")
+              + f"({_fmt_tokens(ctx['shards']['num_tokens'])} tokens), {ctx['teacher']['num_heldout']} held out.",
               (f"LoRA teacher correction kept: the teacher's held-out loss went {ft['eval_loss_before']:.4f} -> "
                f"{ft['eval_loss_after']:.4f}; the students learn from, and are compared with, the corrected teacher."
                if ft.get("teacher") else
@@ -144,9 +198,14 @@ def write_report(cfg, ctx: dict) -> dict:
               f"Teacher top-{cfg.teacher_topk} cached once ({ctx['cache']['bytes_per_token']:.1f} bytes/token); "
               "every student reads the same cache and data order, and gets the same token budget (a "
               "teacher-initialized student's stage-1 tokens count in it).", ""]
-    lines += ["## Teacher against students (held-out stories)", "", _md_table(HEADER, summary_rows(ctx)), ""]
+    what = "held-out conversations, assistant tokens" if cfg.chat else "held-out stories"
+    lines += [f"## Teacher against students ({what})", "", _md_table(HEADER, summary_rows(ctx)), ""]
     n_tok = ev.get("teacher", {}).get("tokens_scored")
-    if n_tok:
+    if n_tok and cfg.chat:
+        lines.append(f"Scored on {n_tok} held-out tokens, identical for every model: the assistant turns of "
+                     f"{ctx['teacher']['num_heldout']} conversations no model trained on (requests and answers the "
+                     "teacher sampled), each scored whole.")
+    elif n_tok:
         lines.append(f"Scored on {n_tok} held-out tokens, identical for every model: each story BOS-prefixed and "
                      f"scored whole (cut at {cfg.max_seq_length} tokens"
                      + ("" if cfg.append_eos else ", no EOS appended: the teacher never saw one") + ").")
@@ -170,15 +229,29 @@ def write_report(cfg, ctx: dict) -> dict:
                   + ".", ""]
         if os.path.isfile(png):
             lines += [f"![alignment error]({os.path.relpath(png, out)})", ""]
-    latency = ((ctx.get("evaluate") or {}).get("plots") or {}).get(best, {}).get("latency")
+    measured = (ctx.get("evaluate") or {}).get("plots") or {}
+    shown = best if best in measured else next(iter(measured), None)
+    latency = measured.get(shown, {}).get("latency")
     latency = os.path.relpath(latency, out) if latency else None
     lines += ["## Decoding latency and memory against context", ""]
     if latency:
         files["latency"] = latency
         lines += [f"![latency and memory]({latency})", ""]
+        for name, m in measured.items():
+            if m.get("latency_rows"):
+                lines += [f"`{name}` against the teacher (one sequence, recurrent state vs KV cache):", "",
+                          latency_table_md(m["latency_rows"]), ""]
     else:
         lines += ["Measured by `training.evaluate` (student recurrent state against the teacher's KV cache); "
                   "not available in this checkout yet.", ""]
+    if answers:
+        lines += [f"## Answers to held-out requests: teacher and `{best}`", "",
+                  f"Greedy, through the chat template, {cfg.sample_tokens} new tokens at most.", ""]
+        for i, messages in enumerate(requests):
+            lines += [f"**Request:** {messages[-1]['content']}", ""]
+            for who, texts in answers.items():
+                lines += [f"- *{who}*: {texts[i]}"]
+            lines.append("")
     if samples:
         lines += ["## Stories from the same prompts", "",
                   f"Sampled (temperature 0.8, top-k 50, seeded), {cfg.sample_tokens} new tokens at most.", ""]
@@ -204,7 +277,8 @@ def write_report(cfg, ctx: dict) -> dict:
     lines += [f"| {k} | {v:.1f} | {cpu.get(k, 0.0):.1f} |" for k, v in ctx.get("timings", {}).items()]
     lines.append("")
     path = atomic_write_text(os.path.join(out, REPORT_NAME), "\n".join(lines))
-    return {"report": os.path.abspath(path), "files": files, "best": best, "samples": samples}
+    return {"report": os.path.abspath(path), "files": files, "best": best, "samples": samples,
+            "answers": {"requests": [m[-1]["content"] for m in requests], **answers}}
 
 
 def _embed_card(card: str, folder: str) -> str:

@@ -17,13 +17,20 @@ def _register_retnet() -> None:
         pass
 
 
+def _resolve(spec) -> str:
+    """A folder or Hub id as given; a Llama .gguf file as the folder it converts to (once, cached)."""
+    from training.converters.gguf import resolve_pretrained
+
+    return resolve_pretrained(os.fspath(spec))
+
+
 def load_model_config(spec: str, role: str, trust_remote_code: bool):
     """The config of `spec` (folder or Hub id), checked to be one AutoModelForCausalLM can load."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     _register_retnet()
-    spec = os.fspath(spec)
+    spec = _resolve(spec)
     if os.path.isdir(spec) and not os.path.isfile(os.path.join(spec, "config.json")):
         raise ValueError(
             f"{role} {spec!r}: this folder has no config.json, so it is not a model checkpoint; pass a folder "
@@ -56,6 +63,7 @@ def load_causal_lm(spec: str, role: str = "model", *, dtype: str = "float32", de
     import torch
     from transformers import AutoModelForCausalLM
 
+    spec = _resolve(spec)
     config = load_model_config(spec, role, trust_remote_code)
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     try:
@@ -74,7 +82,7 @@ def load_tokenizer(spec: str, role: str = "model"):
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(os.fspath(spec))
+        tokenizer = AutoTokenizer.from_pretrained(_resolve(spec))
     except Exception as e:
         raise ValueError(
             f"{role} {spec!r}: no tokenizer could be loaded ({type(e).__name__}); save the tokenizer beside the "

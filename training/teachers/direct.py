@@ -24,16 +24,18 @@ def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
 
 
 def load_teacher_model(model: str, adapter: str | None = None, dtype=None, device=None):
-    """Load a causal LM from a folder or Hub id (safetensors only), merge an optional peft adapter, freeze it.
+    """Load a causal LM from a folder, Hub id or Llama `.gguf` file (safetensors only: a GGUF is converted once,
+    `training.convert_gguf.resolve_pretrained`), merge an optional peft adapter, freeze it.
 
     The one way every teacher consumer (DirectTeacher, the cache builder, the teacher server) gets its teacher, so an
     adapter is checked against its base and merged once, identically, whichever source later serves the teacher.
     """
     from transformers import AutoModelForCausalLM
 
+    from training.converters.gguf import resolve_pretrained
     from .adapter import check_adapter_folder, merge_adapter
 
-    model = os.path.expanduser(model)
+    model = resolve_pretrained(os.path.expanduser(model))  # a .gguf file: its converted folder (cached)
     if looks_like_local_path(model) and not os.path.isdir(model):
         raise FileNotFoundError(
             f"teacher model folder {model!r} does not exist; pass an existing folder or a Hub id such as "

@@ -37,7 +37,7 @@ CHECKPOINT_DIR = ".align-checkpoint"
 class AlignConfig:
     """Attention transfer settings (every field is also a `--key value` flag and a YAML key)."""
 
-    teacher: str = field(default=None, metadata={"help": "LlamaForCausalLM folder (or Hub id) to convert and align to."})
+    teacher: str = field(default=None, metadata={"help": "LlamaForCausalLM folder, Hub id or Llama .gguf file to convert and align to."})
     student_out: str = field(default=None, metadata={"help": "Folder to write the aligned student into."})
     data: str = field(
         default=None,
@@ -224,10 +224,13 @@ def run(config: AlignConfig) -> dict:
 
     set_seed(config.seed)
     device = torch.device(config.device)
-    tokenizer = AutoTokenizer.from_pretrained(config.teacher)
+    from training.converters.gguf import resolve_pretrained
+
+    teacher = resolve_pretrained(config.teacher)  # a .gguf file: its converted folder
+    tokenizer = AutoTokenizer.from_pretrained(teacher)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    llama = AutoModelForCausalLM.from_pretrained(config.teacher, dtype=torch.float32).to(device).eval()
+    llama = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).to(device).eval()
     for p in llama.parameters():
         p.requires_grad_(False)
     collator = PaddingCollator(tokenizer.pad_token_id)

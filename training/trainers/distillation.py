@@ -44,7 +44,9 @@ def build_tokenizer(config: DistillationConfig):
 
     if not config.tokenizer:
         raise ValueError("config key 'tokenizer': required unless teacher_source=direct (then the teacher's is used)")
-    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
+    from training.converters.gguf import resolve_pretrained
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(config.tokenizer))  # .gguf: its converted folder
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # Llama-3 base tokenizers ship without a pad token
     return tokenizer
@@ -56,7 +58,9 @@ def teacher_vocab_size(config: DistillationConfig, source=None) -> int:
         return int(source.vocab_size)
     from transformers import AutoConfig
 
-    return int(AutoConfig.from_pretrained(config.teacher_model).vocab_size)
+    from training.converters.gguf import resolve_pretrained
+
+    return int(AutoConfig.from_pretrained(resolve_pretrained(config.teacher_model)).vocab_size)
 
 
 def build_student_config(config: DistillationConfig, tokenizer, teacher_vocab: int | None = None):

@@ -15,6 +15,7 @@ from transformers import TrainingArguments
 from transformers.training_args import OptimizerNames
 
 from training.utils.paths import looks_like_local_path
+from training.converters.gguf import is_gguf_path
 
 TEACHER_SOURCES = ("direct", "cached", "network")
 KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")
@@ -60,7 +61,8 @@ class DistillationConfig(TrainingArguments):
     )
     teacher_model: str | None = field(
         default=None,
-        metadata={"help": "Teacher Hub id or folder (direct mode); its tokenizer is the default `tokenizer`. With "
+        metadata={"help": "Teacher Hub id, folder or Llama .gguf file (direct mode; a GGUF is converted once, "
+                          "training.convert_gguf); its tokenizer is the default `tokenizer`. With "
                           "teacher_protocol=openai, the model id the vLLM server must serve (when set)."},
     )
     teacher_adapter: str | None = field(
@@ -252,7 +254,10 @@ class DistillationConfig(TrainingArguments):
         if self.teacher_source == "direct":
             if not self.teacher_model:
                 raise bad("teacher_model", "required when teacher_source=direct (a Hub id or a folder)")
-            if looks_like_local_path(self.teacher_model) and not os.path.isdir(os.path.expanduser(self.teacher_model)):
+            if is_gguf_path(self.teacher_model):  # converted once when a loader first needs it
+                if not os.path.isfile(os.path.expanduser(self.teacher_model)):
+                    raise FileNotFoundError(f"config key 'teacher_model': GGUF file {self.teacher_model!r} does not exist")
+            elif looks_like_local_path(self.teacher_model) and not os.path.isdir(os.path.expanduser(self.teacher_model)):
                 raise FileNotFoundError(
                     f"config key 'teacher_model': folder {self.teacher_model!r} does not exist; pass an existing "
                     "folder or a Hub id such as 'meta-llama/Llama-3.2-1B-Instruct'"

@@ -35,6 +35,7 @@ except ImportError as err:  # pragma: no cover - trl ships with the dev and trl 
 
 from training.utils.io import atomic_write_json, staged_folder
 from training.utils.paths import looks_like_local_path
+from training.converters.gguf import is_gguf_path
 
 QUANTIZATION = ("auto", "4bit", "none")
 RESULT_FILE = "teacher_ft.json"
@@ -66,7 +67,8 @@ class TeacherFinetuneConfig(SFTConfig):
 
     # ---- teacher ----
     teacher_model: str | None = field(
-        default=None, metadata={"help": "Base teacher: Hub id or folder (safetensors) with its tokenizer."}
+        default=None, metadata={"help": "Base teacher: Hub id or folder (safetensors) with its tokenizer, or a Llama "
+                                          ".gguf file (converted once: training.convert_gguf)."}
     )
     teacher_dtype: str = field(
         default="auto",
@@ -113,7 +115,10 @@ class TeacherFinetuneConfig(SFTConfig):
 
         if not self.teacher_model:
             raise bad("teacher_model", "required (a Hub id or a folder with the base teacher)")
-        if looks_like_local_path(self.teacher_model) and not os.path.isdir(os.path.expanduser(self.teacher_model)):
+        if is_gguf_path(self.teacher_model):  # converted once when run() loads it
+            if not os.path.isfile(os.path.expanduser(self.teacher_model)):
+                raise FileNotFoundError(f"config key 'teacher_model': GGUF file {self.teacher_model!r} does not exist")
+        elif looks_like_local_path(self.teacher_model) and not os.path.isdir(os.path.expanduser(self.teacher_model)):
             raise FileNotFoundError(f"config key 'teacher_model': folder {self.teacher_model!r} does not exist")
         if not self.train_data:
             raise bad("train_data", "required (the data the student will be distilled on)")
@@ -248,9 +253,11 @@ def run(config: TeacherFinetuneConfig) -> dict:
     from transformers import AutoTokenizer
     from trl import SFTTrainer
 
+    from training.converters.gguf import resolve_pretrained
     from training.teachers.adapter import write_adapter_base
 
-    tokenizer = AutoTokenizer.from_pretrained(config.teacher_model)
+    base = resolve_pretrained(config.teacher_model)  # a .gguf file: its converted folder (cached)
+    tokenizer = AutoTokenizer.from_pretrained(base)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     train_dataset, eval_dataset = train_eval_datasets(config, tokenizer)
@@ -268,7 +275,7 @@ def run(config: TeacherFinetuneConfig) -> dict:
         )
     config.model_init_kwargs = init_kwargs
     trainer = SFTTrainer(
-        model=config.teacher_model,
+        model=base,
         args=config,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
@@ -300,9 +307,9 @@ def run(config: TeacherFinetuneConfig) -> dict:
         with staged_folder(adapter_dir) as staging:
             trainer.model.save_pretrained(staging, safe_serialization=True)
             tokenizer.save_pretrained(staging)
-            write_adapter_base(staging, config.teacher_model)
+            write_adapter_base(staging, base)
         if config.save_merged:
-            save_merged(config.teacher_model, adapter_dir, tokenizer, result["merged"], dtype=config.teacher_dtype)
+            save_merged(base, adapter_dir, tokenizer, result["merged"], dtype=config.teacher_dtype)
         atomic_write_json(os.path.join(config.output_dir, RESULT_FILE), result)
         print(
             f"teacher held-out loss: before {before:.4f} -> after {after:.4f} "

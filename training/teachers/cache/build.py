@@ -195,9 +195,13 @@ def _folder_revision(folder: str, full_hash_limit: int = 8 << 30) -> str:
 
 def teacher_identity(model_id: str | None, adapter: str | None, model=None) -> dict:
     """id and revision (Hub commit, or a content hash of a local folder) of the teacher and its adapter."""
+    from training.converters.gguf import gguf_sha256, is_gguf_path
+
     out = {"id": model_id, "revision": None, "adapter": adapter, "adapter_revision": None}
     if model_id and os.path.isdir(model_id):
         out["revision"] = _folder_revision(model_id)
+    elif model_id and is_gguf_path(model_id) and os.path.isfile(os.path.expanduser(model_id)):
+        out["revision"] = "sha256:" + gguf_sha256(model_id)  # the .gguf file itself
     elif model is not None:
         out["revision"] = getattr(model.config, "_commit_hash", None)
     if adapter and os.path.isdir(adapter):
@@ -287,7 +291,8 @@ class CacheArguments:
                                       "id; Parquet/JSONL with an input_ids column are taken as already tokenized. "
                                       "Several may be given."})
     output: str = field(metadata={"help": "cache folder to write (created; resumed if it exists)"})
-    teacher: str | None = field(default=None, metadata={"help": "teacher folder or Hub id (also the default tokenizer)"})
+    teacher: str | None = field(default=None, metadata={
+        "help": "teacher folder, Hub id or Llama .gguf file (also the default tokenizer)"})
     adapter: str | None = field(default=None, metadata={"help": "optional peft adapter folder merged into the teacher"})
     teacher_url: str | None = field(default=None, metadata={
         "help": "use a running `training.serve_teacher` (or vLLM) server as the producer instead"})
@@ -353,7 +358,9 @@ def main(argv=None) -> int:
 
     state = PartialState()
     rank, world = state.process_index, state.num_processes
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.teacher)
+    from training.converters.gguf import resolve_pretrained
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(args.tokenizer or args.teacher))
     inputs = [open_sequences(spec, tokenizer, args.max_seq_length) for spec in args.data]
     for spec, source in zip(args.data, inputs):
         if len(source) == 0:

@@ -300,12 +300,15 @@ def create_app(
 
 
 def build_engine(args) -> object:
-    """The engine named by --engine, loaded from --model (+ --adapter)."""
+    """The engine named by --engine, loaded from --model (+ --adapter); a .gguf file is converted once (cached)."""
+    from training.converters.gguf import resolve_pretrained
+
+    model = resolve_pretrained(args.model)
     if args.engine == "vllm":
         from training.teachers.server.vllm_engine import VLLMEngine
 
         return VLLMEngine(
-            args.model, adapter=args.adapter, max_k=args.max_k, dtype=args.dtype,
+            model, adapter=args.adapter, max_k=args.max_k, dtype=args.dtype,
             tensor_parallel_size=args.tensor_parallel_size, max_model_len=args.max_model_len,
             enforce_eager=args.enforce_eager,
         )
@@ -315,14 +318,15 @@ def build_engine(args) -> object:
     from training.teachers.server.hf_engine import HFEngine
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return HFEngine(DirectTeacher(args.model, adapter=args.adapter, dtype=args.dtype, device=device))
+    return HFEngine(DirectTeacher(model, adapter=args.adapter, dtype=args.dtype, device=device))
 
 
 @dataclass
 class ServeArguments:
     """`python -m training.serve_teacher` (hf-retnet serve): every field is a flag (`_` or `-`) and a YAML key."""
 
-    model: str = field(metadata={"help": "teacher folder or Hub id (safetensors weights)"})
+    model: str = field(metadata={"help": "teacher folder, Hub id (safetensors weights) or Llama .gguf file (converted "
+                                         "once: training.convert_gguf)"})
     adapter: str | None = field(default=None, metadata={"help": "optional peft adapter folder, merged into the teacher"})
     host: str = field(default="127.0.0.1", metadata={"help": "bind address (default 127.0.0.1: this machine only)"})
     port: int = field(default=8080, metadata={"help": "TCP port"})
