@@ -180,7 +180,7 @@ def direct_losses(tmp_path_factory, sharp_teacher_dir, text_data):
 def test_training_from_the_cache_matches_direct_mode(tmp_path, sharp_teacher_dir, text_data, direct_losses,
                                                      encoding, rel):
     """Same data, same student init, same k: naive gives direct mode's losses up to fp16 rounding; compact
-    (entries holding 99% of the top-k mass, 5-bit log-probs) stays within 2%."""
+    (entries holding 99% of the top-k mass, 4-bit log-probs) stays within 2%."""
     cache = tmp_path / "cache"
     assert cache_main(["--teacher", sharp_teacher_dir, "--data", text_data, "--output", str(cache), "--topk", "32",
                        "--encoding", encoding, "--dtype", "float32", "--max-seq-length", "64",

@@ -461,13 +461,17 @@ class PreprocessArguments:
     overwrite: bool = field(default=False, metadata={"help": "delete shards and manifest already in --output"})
 
 
+def build_parser():
+    """`python -m training.preprocess`'s parser (every PreprocessArguments field as a flag and a YAML key)."""
+    from training.utils.parser import CommandParser
+
+    return CommandParser(PreprocessArguments, prog="python -m training.preprocess",
+                         description="Tokenize text/chat data into Parquet shards + manifest.json (docs/data_format.md).")
+
+
 @command
 def main(argv: list[str] | None = None) -> int:
-    from transformers import HfArgumentParser
-
-    parser = HfArgumentParser(PreprocessArguments, prog="python -m training.preprocess",
-                              description="Tokenize text/chat data into Parquet shards + manifest.json.")
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    (args,) = build_parser().parse_or_exit(argv)
     try:
         kwargs = {k: v for k, v in asdict(args).items() if k != "input"}
         with no_empty_folder_left(args.output):  # a mistake found while reading leaves no empty folder behind

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import string
+from dataclasses import dataclass, field
 
 import yaml
 
@@ -392,16 +393,28 @@ def write_card(run_dir: str, path: str | None = None, **kwargs) -> str:
     return atomic_write_text(path or os.path.join(run_dir, CARD_NAME), card)
 
 
+@dataclass
+class ModelCardArguments:
+    """`python -m training.model_card RUN_DIR`: every field is a flag (or positional) and a YAML key."""
+
+    run_dir: str = field(metadata={"positional": True, "help": "a finished training.train output_dir"})
+    repo_id: str | None = field(default=None, metadata={
+        "help": "Hub id used in the card's code (default: the folder name)"})
+    base_model: str | None = field(default=None, metadata={
+        "help": "Hub id of the teacher (default: from the run's config)"})
+    license: str | None = field(default=None, metadata={"help": "license identifier for the YAML header"})
+
+
+def build_parser():
+    from training.utils.parser import CommandParser
+
+    return CommandParser(ModelCardArguments, prog="python -m training.model_card",
+                         description="Write RUN_DIR/README.md, the student's model card.")
+
+
 @command
 def main(argv=None) -> int:
     """python -m training.model_card RUN_DIR [--repo_id ...]: write RUN_DIR/README.md, the student's model card."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m training.model_card", description=main.__doc__)
-    parser.add_argument("run_dir", help="a finished training.train output_dir")
-    parser.add_argument("--repo_id", default=None, help="Hub id used in the card's code (default: the folder name)")
-    parser.add_argument("--base_model", default=None, help="Hub id of the teacher (default: from the run's config)")
-    parser.add_argument("--license", default=None, help="license identifier for the YAML header")
-    args = parser.parse_args(argv)
+    (args,) = build_parser().parse_or_exit(argv)
     print(write_card(args.run_dir, repo_id=args.repo_id, base_model=args.base_model, license=args.license))
     return 0

@@ -583,15 +583,19 @@ def synthesize(args: SynthesizeArguments, model=None, tokenizer=None) -> dict:
     return result
 
 
+def build_parser():
+    from training.utils.parser import CommandParser
+
+    return CommandParser(SynthesizeArguments, prog="python -m training.synthesize",
+                         description="Write instruction-following chat data with an instruct teacher: it writes "
+                         "the requests (Magpie) or answers --prompts; resumable, deterministic given --seed.")
+
+
 @command
 def main(argv: list[str] | None = None) -> int:
-    from transformers import HfArgumentParser
-
-    parser = HfArgumentParser(SynthesizeArguments, prog="python -m training.synthesize",
-                              description="Write instruction-following chat data with an instruct teacher: it writes "
-                              "the requests (Magpie) or answers --prompts; resumable, deterministic given --seed.")
+    parser = build_parser()
     try:
-        (args,) = parser.parse_args_into_dataclasses(args=argv)
+        (args,) = parser.parse_or_exit(argv)  # a bad key exits 2 with one line; a bad value (ValueError) below
         result = synthesize(args)
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:
         print(f"synthesize: error: {err}", file=sys.stderr)

@@ -436,39 +436,21 @@ def _write_outputs(folder: str, student, tokenizer, report: dict) -> None:
         plot_alignment(report["history"], os.path.join(staging, "align_error.png"))
 
 
-def parse_args(argv: list[str] | None = None) -> AlignConfig:
-    """`--config file.yaml` (optional) then `--key value` overrides, through HfArgumentParser."""
-    import yaml
-    from transformers import HfArgumentParser
+def build_parser():
+    """`python -m training.align`'s parser: every AlignConfig field as a YAML key (`--config`) and a flag."""
+    from training.utils.parser import CommandParser
 
-    argv = sys.argv[1:] if argv is None else list(argv)
-    parser = HfArgumentParser(AlignConfig)
-    parser.prog = "python -m training.align"
-    parser.add_argument("--config", default=None, help="YAML file of AlignConfig keys (command-line flags win)")
-    values = {}
-    if "--config" in argv:
-        i = argv.index("--config")
-        path = argv[i + 1] if i + 1 < len(argv) else ""
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"config file {path!r} does not exist")
-        with open(path, encoding="utf-8") as handle:
-            values = yaml.safe_load(handle) or {}
-        known = {f for f in AlignConfig.__dataclass_fields__}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"config file {path!r}: unknown keys {unknown}; known keys: {sorted(known)}")
-        argv = argv[:i] + argv[i + 2 :]
-        parser.set_defaults(**values)
-        for action in parser._actions:  # YAML-given required fields are no longer required on the command line
-            if action.dest in values:
-                action.required = False
-    config = parser.parse_args_into_dataclasses(args=argv)[0]  # [1]: the namespace holding --config
-    return config
+    return CommandParser(AlignConfig, prog="python -m training.align", description=__doc__)
+
+
+def parse_args(argv: list[str] | None = None) -> AlignConfig:
+    """`--config file.yaml` (optional) then `--key value` overrides; raises ConfigError (a ValueError) on a bad key."""
+    return build_parser().parse(argv)[0]
 
 
 @command
 def main(argv: list[str] | None = None) -> int:
-    config = parse_args(argv)
+    (config,) = build_parser().parse_or_exit(argv)
     check_output_folder(config.student_out, "config key 'student_out':")
     with no_empty_folder_left(config.student_out):  # a run stopped by a mistake leaves no empty folder behind
         os.makedirs(config.student_out, exist_ok=True)

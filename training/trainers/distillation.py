@@ -10,17 +10,11 @@ any weights load or anything is written; the final student and tokenizer land in
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
 
-from training.trainers.distillation_config import (
-    DistillationConfig,
-    config_parser,
-    load_config,
-    student_config_from_folder,
-)
+from training.trainers.distillation_config import DistillationConfig, student_config_from_folder
 from training.utils.checks import check_local_folder, no_empty_folder_left
 from training.utils.errors import command
 from training.utils.io import staged_files
@@ -29,35 +23,22 @@ from training.utils.plots import plot_loss_curves
 logger = logging.getLogger(__name__)
 
 
-def _split_argv(argv: list[str]) -> tuple[str | None, list[str], bool]:
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=None)
-    pre.add_argument("-h", "--help", action="store_true")
-    known, rest = pre.parse_known_args(argv)
-    return known.config, rest, known.help
+def build_parser():
+    """`python -m training.train`'s parser: every DistillationConfig / TrainingArguments field as a YAML key and flag."""
+    from training.utils.parser import CommandParser
+
+    return CommandParser(DistillationConfig, prog="python -m training.train", description=__doc__)
 
 
 def _wants_expandable_segments(config_path: str | None, overrides: list[str]) -> bool:
     """`cuda_expandable_segments` from the YAML / command line, read before anything can touch CUDA."""
-    from transformers.hf_argparser import string_to_bool
+    from training.utils.parser import ConfigError
 
-    value = False
-    if config_path and os.path.isfile(config_path):
-        import yaml
-
-        with open(config_path, encoding="utf-8") as handle:
-            loaded = yaml.safe_load(handle)
-        if isinstance(loaded, dict):
-            value = loaded.get("cuda_expandable_segments", False)
-    for i, arg in enumerate(overrides):
-        key, _, inline = arg.partition("=")
-        if key.startswith("--") and key[2:].replace("-", "_") == "cuda_expandable_segments":
-            nxt = overrides[i + 1] if i + 1 < len(overrides) else ""
-            value = inline or (nxt if nxt and not nxt.startswith("--") else True)
     try:
-        return bool(string_to_bool(value)) if isinstance(value, str) else bool(value)
-    except Exception:
-        return False  # load_config reports the bad value, naming the key
+        values = build_parser().parse_values((["--config", config_path] if config_path else []) + list(overrides))
+    except ConfigError:
+        return False  # main reports the bad key or value
+    return bool(values.get("cuda_expandable_segments", False))
 
 
 def build_tokenizer(config: DistillationConfig):
@@ -263,19 +244,14 @@ def _run(config: DistillationConfig, callbacks=None):
 
 @command
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    config_path, overrides, want_help = _split_argv(argv)
-    if want_help:
-        parser = config_parser(DistillationConfig)
-        parser.prog = "python -m training.train --config CONFIG.yaml"
-        parser.print_help()
-        return 0
-    if _wants_expandable_segments(config_path, overrides):
+    parser = build_parser()
+    values = parser.values_or_exit(argv)
+    if values.get("cuda_expandable_segments"):
         from training.trainers.callbacks import configure_cuda_allocator
 
         # Before the config is built: TrainingArguments' bf16 check already initialises CUDA.
         configure_cuda_allocator(expandable_segments=True)
-    config = load_config(config_path, overrides)
+    (config,) = parser.build(values)
     run(config)
     return 0
 

@@ -10,11 +10,9 @@ import dataclasses
 import difflib
 import json
 import os
-import re
 from dataclasses import dataclass, field
-from typing import Any
 
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import TrainingArguments
 from transformers.training_args import OptimizerNames
 
 from training.utils.checks import (
@@ -484,57 +482,24 @@ def distillation_field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(DistillationConfig) if f.name not in base]
 
 
-def config_parser(config_class, **kwargs) -> HfArgumentParser:
-    """HfArgumentParser over `config_class`, with literal `%` in help texts escaped: transformers 5.2
-    ships TrainingArguments help such as "~20% slower", which makes argparse's `--help` raise."""
-    parser = HfArgumentParser(config_class, **kwargs)
-    for action in parser._actions:
-        if action.help:
-            action.help = re.sub(r"(?<!%)%(?![(%])", "%%", action.help)
-    return parser
+def config_parser(config_class, **kwargs):
+    """The command parser (`training.utils.parser.CommandParser`: YAML + `--key value`) over `config_class`."""
+    from training.utils.parser import CommandParser
+
+    return CommandParser(config_class, **kwargs)
 
 
 def load_config(
     yaml_path: str | os.PathLike | None = None, overrides: list[str] | None = None, config_class: type | None = None
 ):
-    """YAML file, then `--key value` overrides (HfArgumentParser semantics) -> a validated DistillationConfig
-    (or `config_class`, any `TrainingArguments` dataclass, e.g. the teacher finetuning config).
+    """YAML file, then `--key value` overrides -> a validated DistillationConfig (or `config_class`, any
+    `TrainingArguments` dataclass, e.g. the teacher finetuning config). The parsing is the one every command uses
+    (`training.utils.parser.CommandParser`).
 
     Raises ValueError naming the key for an unknown key, a malformed override or an out-of-range value, and
     FileNotFoundError for a missing config file or teacher/student folder. Nothing is loaded or written.
     """
-    import yaml
-
-    values: dict[str, Any] = {}
-    if yaml_path is not None:
-        if not os.path.isfile(yaml_path):
-            raise FileNotFoundError(f"config file {str(yaml_path)!r} does not exist")
-        with open(yaml_path, encoding="utf-8") as handle:
-            loaded = yaml.safe_load(handle)
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ValueError(f"config file {str(yaml_path)!r} must hold a mapping of keys to values")
-        values = dict(loaded or {})
-    config_class = config_class or DistillationConfig
-    known = {f.name for f in dataclasses.fields(config_class) if f.init}
-    _reject_unknown(values, known, where=f"config file {str(yaml_path)!r}")
-
-    parser = config_parser(config_class, exit_on_error=False)
-    parser.set_defaults(**values)
-    overrides = list(overrides or [])
-    flags = [a.split("=", 1)[0][2:].replace("-", "_") for a in overrides if a.startswith("--")]
-    _reject_unknown(dict.fromkeys(flags), known, where="command line")
-    try:
-        namespace, remaining = parser.parse_known_args(overrides)
-    except Exception as err:  # argparse.ArgumentError: a value of the wrong type
-        raise ValueError(f"bad command-line override: {err}") from None
-    if remaining:
-        raise ValueError(f"unused command-line arguments {remaining}; pass overrides as --key value")
-    return config_class(**{k: v for k, v in vars(namespace).items() if k in known})
-
-
-def _reject_unknown(values: dict, known: set[str], where: str) -> None:
-    for key in values:
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else "; see `python -m training.train --help`"
-            raise ValueError(f"unknown config key '{key}' in {where}{hint}")
+    argv = (["--config", os.fspath(yaml_path)] if yaml_path is not None else []) + list(overrides or [])
+    prog = "python -m training.train" if config_class in (None, DistillationConfig) else None
+    (config,) = config_parser(config_class or DistillationConfig, prog=prog).parse(argv)
+    return config

@@ -33,7 +33,6 @@ try:
 except ImportError as err:  # pragma: no cover - trl ships with the dev and trl extras
     raise ImportError("teacher finetuning needs TRL: pip install 'hf-retnet[trl]' (or pip install 'trl>=1.16')") from err
 
-from training.trainers.distillation_config import config_parser, load_config
 from training.utils.checks import check_output_folder
 from training.utils.errors import command
 from training.utils.io import atomic_write_json, staged_folder
@@ -216,16 +215,11 @@ def check_lora_targets(targets: str, model_name_or_path: str, key: str = "lora_t
 
 
 def load_records(spec: str) -> list:
-    """(where, record) pairs of a local file or folder of files, in file order (the student's reader)."""
-    from training.data import records as raw_records
+    """(where, record) pairs of a local file or folder of files (or a datasets id), in file order: the student's
+    reader (`training.data.records.read_records`)."""
+    from training.data.records import read_records
 
-    records = []
-    for src in raw_records.discover_sources([os.path.expanduser(spec)], recursive=False):
-        if src.kind == "hub":
-            records.extend((f"{src.path} row {i}", row) for i, row in enumerate(raw_records.load_hub_split(src)))
-        else:
-            records.extend(raw_records.iter_source_records(src))
-    return records
+    return read_records(spec)
 
 
 def tokenize_records(records: list, tokenizer, max_length: int | None):
@@ -374,21 +368,16 @@ def run(config: TeacherFinetuneConfig) -> dict:
     return result
 
 
+def build_parser():
+    """`python -m training.finetune_teacher`'s parser: every TeacherFinetuneConfig / SFTConfig field as a key and flag."""
+    from training.utils.parser import CommandParser
+
+    return CommandParser(TeacherFinetuneConfig, prog="python -m training.finetune_teacher", description=__doc__)
+
+
 @command
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    argv = sys.argv[1:] if argv is None else list(argv)
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=None)
-    pre.add_argument("-h", "--help", action="store_true")
-    known, overrides = pre.parse_known_args(argv)
-    if known.help:
-        parser = config_parser(TeacherFinetuneConfig)
-        parser.prog = "python -m training.finetune_teacher --config CONFIG.yaml"
-        parser.print_help()
-        return 0
-    config = load_config(known.config, overrides, config_class=TeacherFinetuneConfig)
+    (config,) = build_parser().parse_or_exit(argv)
     run(config)
     return 0
 
