@@ -1,12 +1,14 @@
-"""Hybrid RetNet (attention_window = W) against the pure RetNet and a Llama with a KV cache, measured side by side.
+"""Hybrid RetNet (attention_window = W, attention_sinks = S) against the pure RetNet and a Llama with a KV cache,
+measured side by side.
 
 One Llama of the SmolLM2-135M shape with fewer layers (hidden 576, 9 heads / 3 k/v heads, head_dim 64) is the
 teacher; the pure RetNet and the hybrid are converted from it (`from_llama`, same weights). Each model prefills a
 context of 256 and of 8192 tokens, then decodes single tokens, the six (model, context) pairs in turn step by step so
 machine noise hits them alike. Reports the median latency per decoded token and the bytes of decoding state (RetNet
-state + window vs KV cache), with ratios. One thread by default (CPU timings are only quoted as ratios).
+state + window + sinks vs KV cache), with ratios. One thread by default (CPU timings are only quoted as ratios).
 
-    python bench/bench_hybrid.py --quick      # CPU, a few minutes
+    python bench/bench_hybrid.py --quick      # CPU, a few minutes (W = 64, S = 4)
+    python bench/bench_hybrid.py --quick --sinks 0
     python bench/bench_hybrid.py --device cuda --threads 0
 """
 
@@ -33,10 +35,15 @@ def build(args):
     models = {
         "llama+kv": llama,
         "retnet": retnet_from_llama(llama, chunk_size=args.chunk_size),
-        f"hybrid W={args.window}": retnet_from_llama(llama, chunk_size=args.chunk_size, attention_window=args.window),
+        hybrid_name(args): retnet_from_llama(llama, chunk_size=args.chunk_size, attention_window=args.window,
+                                             attention_sinks=args.sinks),
     }
     dtype = getattr(torch, args.dtype)
     return {name: m.eval().to(args.device, dtype) for name, m in models.items()}
+
+
+def hybrid_name(args) -> str:
+    return f"hybrid W={args.window}" + (f" S={args.sinks}" if args.sinks else "")
 
 
 def state_bytes(cache) -> int:
@@ -61,6 +68,7 @@ def main():
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab-size", type=int, default=49152)
     parser.add_argument("--window", type=int, default=64)
+    parser.add_argument("--sinks", type=int, default=4, help="attention sinks S of the hybrid (0: window only)")
     parser.add_argument("--chunk-size", type=int, default=64)
     parser.add_argument("--contexts", default="256,8192")
     parser.add_argument("--decode-steps", type=int, default=None)
@@ -71,7 +79,8 @@ def main():
         torch.set_num_threads(args.threads)
     models = build(args)
     print(f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} layers={args.layers} "
-          f"hidden=576 heads=9/3 kv vocab={args.vocab_size} window={args.window} steps={args.decode_steps}")
+          f"hidden=576 heads=9/3 kv vocab={args.vocab_size} window={args.window} sinks={args.sinks} "
+          f"steps={args.decode_steps}")
 
     caches, tokens, times = {}, {}, {}
     for name, model in models.items():
@@ -81,7 +90,7 @@ def main():
             kwargs = {"retention_mode": "chunkwise"} if retnet else {}
             start = time.perf_counter()
             out = model(ids, use_cache=True, logits_to_keep=1, **kwargs)
-            print(f"  prefill {name:>14} T={c:>5}: {time.perf_counter() - start:6.2f} s", flush=True)
+            print(f"  prefill {name:>18} T={c:>5}: {time.perf_counter() - start:6.2f} s", flush=True)
             caches[name, c], tokens[name, c], times[name, c] = out[CACHE_FIELD], out.logits[:, -1:].argmax(-1), []
     for step in range(args.decode_steps):
         for (name, c), cache in list(caches.items()):
@@ -97,13 +106,13 @@ def main():
 
     median = {key: sorted(v)[len(v) // 2] for key, v in times.items()}
     size = {key: state_bytes(cache) for key, cache in caches.items()}
-    hybrid = f"hybrid W={args.window}"
+    hybrid = hybrid_name(args)
     lo, hi = min(args.contexts), max(args.contexts)
-    print(f"\n{'model':>14} | {'context':>7} | {'ms/token':>8} | {'state KiB':>10} | {'latency / llama':>15} | "
+    print(f"\n{'model':>18} | {'context':>7} | {'ms/token':>8} | {'state KiB':>10} | {'latency / llama':>15} | "
           f"{'state / llama':>13}")
     for name in models:
         for c in args.contexts:
-            print(f"{name:>14} | {c:>7} | {1e3 * median[name, c]:8.2f} | {size[name, c] / 1024:10.1f} | "
+            print(f"{name:>18} | {c:>7} | {1e3 * median[name, c]:8.2f} | {size[name, c] / 1024:10.1f} | "
                   f"{median[name, c] / median['llama+kv', c]:15.2f} | {size[name, c] / size['llama+kv', c]:13.4f}")
     print(f"\nratios (same run, {args.device}):")
     for c in args.contexts:

@@ -73,6 +73,13 @@ class RetNetConfig(PretrainedConfig):
             teacher-initialised student computes the teacher's attention exactly while T <= W); the retention part
             keeps its per-head norm and output gate. Decoding state: the retention matrix plus the last W keys and
             values per layer, constant in the context length.
+        attention_sinks (`int`, defaults to 0): S > 0 (hybrid only) keeps the first S real tokens of every document
+            ("attention sinks", StreamingLLM) visible to the window softmax of every later query of that document:
+            each query attends to the union of its document's first S tokens and its last W tokens in one softmax
+            (a sink still inside the window counts once), and sink tokens never enter the retention state, which
+            covers exactly the tokens that are neither sinks nor in the window. A document is a row after its left
+            padding, or each document of a packed row (where position_ids restart). Decoding state: S more keys
+            and values per layer.
         teacher_layers (`list[int]`, *optional*): for a student converted from a teacher (`from_llama(layers=...)`),
             the teacher layer each of its layers was copied from, in order. Informational; None otherwise.
     """
@@ -112,6 +119,7 @@ class RetNetConfig(PretrainedConfig):
         retention_score_normalization: bool = False,
         fp32_decays: bool = False,
         attention_window: int = 0,
+        attention_sinks: int = 0,
         teacher_layers: list | None = None,
         **kwargs,
     ):
@@ -145,6 +153,16 @@ class RetNetConfig(PretrainedConfig):
             raise ValueError(
                 f"attention_window={attention_window!r} must be a non-negative number of tokens (0: pure RetNet, "
                 "W > 0: softmax attention over the last W tokens beside retention over the older ones)"
+            )
+        if isinstance(attention_sinks, bool) or not isinstance(attention_sinks, int) or attention_sinks < 0:
+            raise ValueError(
+                f"attention_sinks={attention_sinks!r} must be a non-negative number of tokens (0: no sinks, S > 0: "
+                "the first S tokens of each document stay visible to the window softmax)"
+            )
+        if attention_sinks and not attention_window:
+            raise ValueError(
+                f"attention_sinks={attention_sinks} needs attention_window > 0: sinks extend the hybrid's softmax "
+                "window; the pure RetNet (attention_window=0) has no softmax to extend"
             )
         if attention_window and retention_score_normalization:
             raise ValueError(
@@ -184,6 +202,7 @@ class RetNetConfig(PretrainedConfig):
         self.retention_score_normalization = retention_score_normalization
         self.fp32_decays = fp32_decays
         self.attention_window = attention_window
+        self.attention_sinks = attention_sinks
         self.teacher_layers = teacher_layers
         super().__init__(
             pad_token_id=pad_token_id,

@@ -29,6 +29,14 @@ DECAY_CHOICES = ("retnet", "attention")
 # A constant gate swish(b) with b = 2 passes 88% of its input; the output norm is divided by swish(b) so the
 # layer's output is unchanged, and the gate's weights (zero) still get gradients through swish'(b) > 0.
 CONSTANT_GATE_BIAS = 2.0
+# A hybrid student (attention_window > 0) starts as the window (+ sinks) attention alone: its retention part must
+# add nothing at conversion, since the window's softmax output is already normalised over its keys (added at full
+# size on top of it, the retention made the converted hybrid ~10^4 times the teacher's perplexity). With
+# gate="constant" the gate starts at swish(0) = 0 (zero weights and bias): its value is 0 but its derivative
+# swish'(0) = 1/2 is not, so stage 1 grows the gate (bias and weights) from the first step. With gate="none" or
+# "random" the per-head output norm's weight starts at 0 instead (its gradient, the normalised retention output
+# times the gate, is not zero), and the rest follows once it has grown.
+HYBRID_GATE_BIAS = 0.0
 
 
 def _rope_settings(llama_config) -> tuple[float, dict | None]:
@@ -70,6 +78,7 @@ def retnet_config_from_llama(
     retention_mode: str = "chunkwise",
     layers: list[int] | None = None,
     attention_window: int = 0,
+    attention_sinks: int = 0,
 ) -> RetNetConfig:
     """The RetNet config with the teacher's shapes. share_kv=False repeats k/v heads (a state per query head).
     layers: the teacher layers kept (all by default), recorded as `teacher_layers`."""
@@ -87,6 +96,7 @@ def retnet_config_from_llama(
         num_hidden_layers=len(layers),
         teacher_layers=layers,
         attention_window=attention_window,
+        attention_sinks=attention_sinks,
         num_heads=heads,
         num_kv_heads=kv_heads if share_kv else heads,
         head_dim=head_dim,
@@ -278,6 +288,7 @@ def retnet_from_llama(
     dtype: torch.dtype | None = None,
     layers: list[int] | None = None,
     attention_window: int = 0,
+    attention_sinks: int = 0,
 ) -> RetNetForCausalLM:
     """A RetNet holding the teacher's weights wherever they have a counterpart.
 
@@ -292,7 +303,12 @@ def retnet_from_llama(
         starts from the teacher's weights; `select_layers` chooses them. Decays and norm scales of student layer i
         come from teacher layer `layers[i]`; explicit `decays` are given per student layer.
     attention_window: W > 0 builds the hybrid student (`RetNetConfig.attention_window`): softmax attention over the
-        last W tokens with the teacher's own q/k/v/o, retention over the older ones.
+        last W tokens with the teacher's own q/k/v/o, retention over the older ones. Its retention part starts
+        switched off (see HYBRID_GATE_BIAS): gate="constant" starts at swish(0) = 0, "none" and "random" with a zero
+        output-norm weight; so the converted hybrid is exactly the teacher with its attention masked to the window
+        (and sinks), and stage 1 (`training.align`) trains the retention part to supply what the older tokens gave.
+    attention_sinks: S > 0 (with W > 0) also keeps each document's first S tokens in the softmax
+        (`RetNetConfig.attention_sinks`); the masked teacher then attends to {k <= q : q - k < W or k < S}.
     """
     llama = _load_llama(llama_model_or_path, dtype)
     _check_convertible(llama.config)
@@ -321,7 +337,9 @@ def retnet_from_llama(
         retention_mode=retention_mode,
         layers=layers,
         attention_window=attention_window,
+        attention_sinks=attention_sinks,
     )
+    hybrid = attention_window > 0
     student = RetNetForCausalLM(config).to(dtype=next(llama.parameters()).dtype)
     theirs = llama.state_dict()
     ours = student.state_dict()
@@ -340,10 +358,15 @@ def retnet_from_llama(
             scale = torch.ones(config.num_heads)
             if stats is not None and calibrate_norm:
                 scale = stats[1][layer_idx].clamp(min=1e-4)
-            if gate == "constant":
+            if gate == "constant" and hybrid:  # gate swish(0) = 0: the retention part starts silent
+                retention.g_proj.weight.zero_()
+                retention.g_proj.bias.fill_(HYBRID_GATE_BIAS)
+            elif gate == "constant":
                 retention.g_proj.weight.zero_()
                 retention.g_proj.bias.fill_(CONSTANT_GATE_BIAS)
                 scale = scale / (CONSTANT_GATE_BIAS / (1 + math.exp(-CONSTANT_GATE_BIAS)))
+            elif hybrid:  # no gate to close (or a random one): the output norm starts at zero instead
+                scale = torch.zeros_like(scale)
             dv = config.head_dim * config.value_factor
             retention.group_norm.weight.copy_(scale.repeat_interleave(dv).to(retention.group_norm.weight.dtype))
     if config.tie_word_embeddings:

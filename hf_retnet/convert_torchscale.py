@@ -6,7 +6,8 @@
 
 The checkpoint is the state dict of a torchscale `RetNetDecoder` (torchscale 0.3.0), bare or under a prefix as
 training scripts save it (`model.`, `decoder.`, `model.decoder.`, or nested under a "model" / "state_dict" entry).
-`.pt` / `.bin` files are read with `torch.load(weights_only=True)`: no code in the checkpoint runs.
+`.pt` / `.bin` files are read with `torch.load(weights_only=True)`: no code in the checkpoint runs; the format is told
+from the first bytes, and a file that is neither a torch.save file nor safetensors is refused without unpickling it.
 
 The config is torchscale's `RetNetConfig` arguments (`decoder_embed_dim`, `decoder_retention_heads`, ...) as a
 mapping, an object with those attributes, or a JSON / YAML file; widths, depth, vocabulary and head count are
@@ -91,23 +92,76 @@ NESTED = ("model", "state_dict", "module", "decoder")  # dict entries training s
 # ----------------------------------------------------------------------------------------------------------------
 
 
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format (a zip archive)
+LEGACY_MAGIC = b"\x80\x02\x8a\x0a"  # torch.save(_use_new_zipfile_serialization=False): pickled magic number first
+
+
+def checkpoint_format(path: str | os.PathLike) -> str:
+    """'safetensors', 'torch' (a torch.save file, zip or legacy) or 'unknown', from the file's first bytes (its
+    suffix is not trusted: a file is only ever unpickled by torch.load(weights_only=True), and only when it is a
+    torch.save file)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    if head.startswith(ZIP_MAGIC) or head.startswith(LEGACY_MAGIC):
+        return "torch"
+    if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8:
+        return "safetensors"
+    return "unknown"
+
+
+def _describe_folder(path: Path) -> str:
+    """What a folder passed as a checkpoint holds, and what to do instead."""
+    config = path / "config.json"
+    model_type = None
+    if config.is_file():
+        try:
+            model_type = json.loads(config.read_text()).get("model_type")
+        except (ValueError, AttributeError):
+            model_type = None
+    if model_type == RetNetConfig.model_type:
+        return (f"{path} is an hf_retnet model folder, not a torchscale checkpoint; to write it as torchscale, run "
+                f"python -m hf_retnet.convert_torchscale --to-torchscale {path} out.pt")
+    if model_type:
+        return (f"{path} is a {model_type!r} model folder, not a torchscale checkpoint; this converter reads the "
+                "state dict of a torchscale RetNetDecoder (.pt or .safetensors file). A Llama becomes a RetNet with "
+                "RetNetForCausalLM.from_llama or python -m training.align")
+    return f"{path} is a folder; pass the torchscale checkpoint file in it (.pt, .bin or .safetensors)"
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A flat {name: tensor} from a `.safetensors` file, or a `.pt` / `.bin` read with weights_only=True."""
+    """A flat {name: tensor} from a safetensors file, or a torch.save file (`.pt` / `.bin`) read with
+    weights_only=True. Anything else (random bytes, a plain pickle, a text file) is refused unread."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(_describe_folder(path))
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist (expected a .pt, .bin or .safetensors file)")
-    if path.suffix == ".safetensors":
+    kind = checkpoint_format(path)
+    if kind == "unknown":
+        raise ValueError(
+            f"{path} is not a torchscale checkpoint: it is neither a torch.save file nor safetensors (it was not "
+            "unpickled); pass the .pt / .safetensors file torchscale's training wrote"
+        )
+    if kind == "safetensors":
         from safetensors.torch import load_file
 
-        return load_file(path)
+        try:
+            return load_file(path)
+        except Exception as err:  # safetensors' own error type: a truncated or damaged file
+            raise ValueError(f"{path} is a truncated or corrupt safetensors file ({str(err).splitlines()[0]}); "
+                             "copy or save it again") from err
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle.UnpicklingError and friends
-        raise ValueError(
-            f"{path} cannot be read with torch.load(weights_only=True): {str(err).splitlines()[0]}. It pickles "
-            "objects beside the tensors (e.g. an argparse.Namespace); re-save the weights alone, e.g. "
-            "torch.save(checkpoint['model'], 'weights.pt'), and pass the arguments with --config"
-        ) from err
+    except Exception as err:  # pickle.UnpicklingError, RuntimeError from the zip reader, EOFError, ...
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if "weights_only" in str(err) or "Unsupported global" in str(err):
+            raise ValueError(
+                f"{path} cannot be read with torch.load(weights_only=True): it pickles objects beside the tensors "
+                "(e.g. an argparse.Namespace), which are not loaded. Re-save the weights alone, e.g. "
+                "torch.save(checkpoint['model'], 'weights.pt'), and pass the arguments with --config"
+            ) from err
+        raise ValueError(f"{path} is a truncated or corrupt torch.save file ({reason}); copy or save it again") from err
     return _unnest(obj, str(path))
 
 
@@ -352,6 +406,12 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], config: RetNetCon
 def torchscale_to_hf(state_dict: Mapping[str, torch.Tensor], args=None, **overrides) -> RetNetForCausalLM:
     """A RetNetForCausalLM (eval mode, in the checkpoint's dtype) computing what the torchscale RetNet computes."""
     state_dict = strip_prefix(state_dict)
+    if "layers.0.mlp.gate_proj.weight" in state_dict or "layers.0.retention.o_proj.weight" in state_dict:
+        raise ValueError(
+            "these are hf_retnet weights (already converted: mlp.gate_proj, retention.o_proj), not a torchscale "
+            "RetNetDecoder's; load the folder with RetNetForCausalLM.from_pretrained, or write torchscale with "
+            "--to-torchscale"
+        )
     given = load_torchscale_args(args)
     if "share_decoder_input_output_embed" not in given:
         # Not stated: a shared output projection is either absent (safetensors' save_model keeps one name of a
@@ -385,7 +445,12 @@ def convert_torchscale(
     if tokenizer is not None:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(tokenizer)
+        name = os.fspath(tokenizer)
+        local = name.startswith(("/", ".", "~")) or name.count("/") > 1  # not a Hub id ('org/name')
+        if local and not os.path.isdir(os.path.expanduser(name)):
+            raise FileNotFoundError(f"--tokenizer: folder {os.fspath(tokenizer)!r} does not exist; pass the folder "
+                                    "holding the model's tokenizer (tokenizer.json / tokenizer_config.json)")
+        tok = AutoTokenizer.from_pretrained(os.path.expanduser(os.fspath(tokenizer)))
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if getattr(tok, name, None) is not None:
                 overrides.setdefault(name, getattr(tok, name))
@@ -478,6 +543,30 @@ def to_torchscale_state_dict(model: RetNetForCausalLM, prefix: str = "") -> dict
     return {prefix + k: v.detach().cpu().contiguous() for k, v in out.items()}
 
 
+def check_retnet_folder(folder: str | os.PathLike) -> None:
+    """Refuse, before loading, a --to-torchscale source that is not an hf_retnet folder: RetNetForCausalLM would
+    otherwise load a Llama folder's config as a RetNet's (random weights, Llama's rotary layout) and fail later with
+    a misleading rotary_style error."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder; --to-torchscale converts an hf_retnet model folder")
+    config = folder / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json; --to-torchscale converts an hf_retnet model folder")
+    try:
+        values = json.loads(config.read_text())
+    except ValueError as err:
+        raise ValueError(f"{config} is not valid JSON ({err})") from None
+    model_type = values.get("model_type") if isinstance(values, dict) else None
+    if model_type != RetNetConfig.model_type:
+        archs = ", ".join(values.get("architectures") or []) if isinstance(values, dict) else ""
+        raise ValueError(
+            f"{folder} holds a {model_type!r} model ({archs or 'no architectures listed'}), not an hf_retnet RetNet: "
+            "only RetNets convert to torchscale (a Llama has no torchscale form; RetNetForCausalLM.from_llama turns "
+            "one into a RetNet, whose Llama rotary layout torchscale cannot express either)"
+        )
+
+
 def save_torchscale(model: RetNetForCausalLM, path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write the torchscale state dict to `path` (.pt or .safetensors) and its arguments to `<stem>.args.json`."""
     path = Path(path)
@@ -555,11 +644,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", help="tokenizer folder to save beside the model (sets bos/eos/pad ids)")
     parser.add_argument("--to-torchscale", action="store_true", help="convert an hf_retnet folder to torchscale")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also HF_RETNET_DEBUG=1)")
     args = parser.parse_args(argv)
     try:
         if args.to_torchscale:
             if args.config or args.tokenizer:
                 parser.error("--config and --tokenizer apply to torchscale -> hf_retnet only")
+            check_retnet_folder(args.source)
             model = RetNetForCausalLM.from_pretrained(args.source)
             path = save_torchscale(model, args.output, overwrite=args.overwrite)
             print(f"wrote {path} and {path.with_name(path.stem + '.args.json')}")
@@ -567,7 +658,9 @@ def main(argv: list[str] | None = None) -> int:
             model = convert_torchscale(args.source, args.output, args.config, args.tokenizer, overwrite=args.overwrite)
             n = sum(p.numel() for p in model.parameters())
             print(f"wrote {args.output}: RetNetForCausalLM, {n / 1e6:.2f}M parameters")
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, KeyError, OSError) as err:
+        if args.debug or os.environ.get("HF_RETNET_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off"):
+            raise
         print(f"error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
         return 2
     return 0

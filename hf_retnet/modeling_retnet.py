@@ -64,6 +64,10 @@ class RetNetCache(Cache):
     Hybrid models (`attention_window` = W > 0) also keep the window, still constant in the context length:
     window_keys[i] / window_values[i]: [B, H, W, d_k] / [B, H, W, d_v] float32, the last W real tokens' rotated,
     scaled keys and values, newest last; window_valid: [B, W] bool, which slots hold a token (fewer than W read).
+    With attention sinks (`attention_sinks` = S > 0), also: sink_keys[i] / sink_values[i]: [B, H, S, d_k] /
+    [B, H, S, d_v] float32, slot s the key/value of the current document's token s once it has left the window
+    (zeros before; a sink still in the window lives in the window slots only); doc_tokens: [B] int64, real tokens of
+    the row's current document read so far, which says which slots hold a sink.
     transformers' sliding-window cache layers keep the last W - 1 positions, padding included, and drop what leaves;
     here a slot is a real token and what leaves goes into the retention state, so the window lives in this class.
     """
@@ -79,6 +83,9 @@ class RetNetCache(Cache):
         self.window_keys: list[torch.Tensor | None] = [None] * (num_layers or 0)
         self.window_values: list[torch.Tensor | None] = [None] * (num_layers or 0)
         self.window_valid: torch.Tensor | None = None
+        self.sink_keys: list[torch.Tensor | None] = [None] * (num_layers or 0)
+        self.sink_values: list[torch.Tensor | None] = [None] * (num_layers or 0)
+        self.doc_tokens: torch.Tensor | None = None
 
     def __repr__(self) -> str:
         shape = None if not self.states or self.states[0] is None else tuple(self.states[0].shape)
@@ -88,25 +95,32 @@ class RetNetCache(Cache):
         return len(self.states)
 
     def get_state(self, layer_idx: int):
-        """The layer's state: the retention matrix, or (matrix, window keys, window values) for a hybrid layer."""
+        """The layer's state: the retention matrix, or for a hybrid layer (matrix, window keys, window values), with
+        (..., sink keys, sink values) appended when it keeps attention sinks."""
         state = self.states[layer_idx] if layer_idx < len(self.states) else None
         if state is not None and layer_idx < len(self.window_keys) and self.window_keys[layer_idx] is not None:
-            return state, self.window_keys[layer_idx], self.window_values[layer_idx]
+            state = (state, self.window_keys[layer_idx], self.window_values[layer_idx])
+            if layer_idx < len(self.sink_keys) and self.sink_keys[layer_idx] is not None:
+                state = state + (self.sink_keys[layer_idx], self.sink_values[layer_idx])
         return state
 
     def set_state(self, layer_idx: int, state) -> None:
-        keys = values = None
+        keys = values = sink_keys = sink_values = None
         if isinstance(state, tuple):
-            state, keys, values = state
-        for store in (self.states, self.window_keys, self.window_values):
+            state, keys, values, *sinks = state
+            sink_keys, sink_values = sinks if sinks else (None, None)
+        for store in (self.states, self.window_keys, self.window_values, self.sink_keys, self.sink_values):
             while len(store) <= layer_idx:
                 store.append(None)
         self.states[layer_idx] = state
         self.window_keys[layer_idx], self.window_values[layer_idx] = keys, values
+        self.sink_keys[layer_idx], self.sink_values[layer_idx] = sink_keys, sink_values
 
     def nbytes(self) -> int:
-        """Bytes held: retention states plus (hybrid) the window keys, values and slot flags."""
-        tensors = [*self.states, *self.window_keys, *self.window_values, self.window_valid]
+        """Bytes held: retention states plus (hybrid) the window keys, values and slot flags, and (sinks) the sink
+        keys, values and per-row document token counts."""
+        tensors = [*self.states, *self.window_keys, *self.window_values, self.window_valid, *self.sink_keys,
+                   *self.sink_values, self.doc_tokens]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def advance(
@@ -155,8 +169,12 @@ class RetNetCache(Cache):
         self.states = [None if s is None else fn(s) for s in self.states]
         self.window_keys = [None if s is None else fn(s) for s in self.window_keys]
         self.window_values = [None if s is None else fn(s) for s in self.window_values]
+        self.sink_keys = [None if s is None else fn(s) for s in self.sink_keys]
+        self.sink_values = [None if s is None else fn(s) for s in self.sink_values]
         if self.window_valid is not None:
             self.window_valid = fn(self.window_valid)
+        if self.doc_tokens is not None:
+            self.doc_tokens = fn(self.doc_tokens)
         if self.seen_tokens is not None:
             self.seen_tokens = fn(self.seen_tokens)
 
@@ -175,6 +193,9 @@ class RetNetCache(Cache):
         self.window_keys = [None] * len(self.states)
         self.window_values = [None] * len(self.states)
         self.window_valid = None
+        self.sink_keys = [None] * len(self.states)
+        self.sink_values = [None] * len(self.states)
+        self.doc_tokens = None
         self.seen_tokens = None
         self._length = 0
 
@@ -355,6 +376,12 @@ def retention_score_scale(qz: torch.Tensor, positions: torch.Tensor, log_decay: 
 # in the cache, then this call's T tokens, stably reordered so invalid slots and padding come first. Real tokens are
 # then contiguous, so "the last W real tokens" is an index band and "has left the window" an index shift by W,
 # whatever the padding. All tensors fp32.
+#
+# Attention sinks (`attention_sinks` = S > 0): the first S real tokens of each document stay visible to every later
+# query of it. A sink within the last W tokens of a query is attended through the band (once); one further back is
+# attended through S extra key slots per query, in the same softmax. Sinks that have left the window are carried in
+# S sink slots (slot s: the document's token s), and sinks never enter the retention state (their keys are zeroed
+# on the way in, their time still counts, so the decay between other tokens is unchanged).
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -367,13 +394,22 @@ class WindowLayout:
     document; 0 on the invalid entries too, so the row stays non-decreasing), or None for one document per row.
     order / restore: [B, W + T] int64 gather indices extended -> compacted and back, or None when already compact
     (decoding and unpadded training: no reordering at all).
+
+    With S = `sinks` > 0 (see `_place_sinks`), also: sink_index [B, S] (one document per row) or [B, T, S] (packed
+    rows): where each query's sink s sits in [S carried sink slots | W + T compacted entries]; sink_allowed
+    [B, T, S]: sink s is a key of query n in addition to its band (s <= rank(n) - W: it exists and is not in the
+    band already); any_sink: whether any query has such a key (else the sink part is skipped); retention_keep
+    [B, T]: the entries that may leave the window and are not sinks (the others enter the retention state as zero);
+    carry_index / carry_valid [B, S]: the sink slots carried on (the last document's sinks that have left the
+    window); next_doc_tokens [B]: that document's real tokens read so far.
     """
 
     def __init__(self, mask: torch.Tensor, window_valid: torch.Tensor | None, window: int,
-                 segments: torch.Tensor | None = None):
+                 segments: torch.Tensor | None = None, sinks: int = 0, doc_tokens: torch.Tensor | None = None):
         b = mask.shape[0]
         if window_valid is None:  # nothing carried over: W empty slots
             window_valid = torch.zeros(b, window, dtype=torch.bool, device=mask.device)
+        carried = window_valid.to(mask.device).sum(-1)  # [B] window slots holding a token of the carried document
         valid = torch.cat([window_valid.to(mask.device), mask.bool()], dim=1)  # [B, W + T]
         self.window = window
         self.order = self.restore = None
@@ -389,6 +425,56 @@ class WindowLayout:
             if self.order is not None:
                 segments = segments.gather(1, self.order)
             self.segments = segments.masked_fill(~valid, 0)
+        self.sinks = sinks
+        if sinks:
+            self._place_sinks(carried, carried if doc_tokens is None else doc_tokens.to(mask.device).long())
+
+    def _place_sinks(self, carried: torch.Tensor, doc_tokens: torch.Tensor) -> None:
+        """Rank of every compacted entry in its document (real tokens before it), and from it where the sinks are.
+        carried: [B] real window slots carried over; doc_tokens: [B] real tokens of the carried document read before
+        this call. Real entries are contiguous and ordered by document, so document g's rank-r token sits at
+        compacted index (invalid entries) + (real entries of earlier documents) + r - base_g, where base_g is the
+        rank of its first entry here: doc_tokens - carried for the carried document (its older tokens are in the
+        retention state, its sinks among them in the sink slots), 0 for a document that starts in this call."""
+        valid, w, s = self.valid, self.window, self.sinks
+        b, length = valid.shape
+        t = length - w
+        real = valid.long()
+        count = real.cumsum(1)  # [B, W + T] real entries up to and including each
+        invalid = length - count[:, -1]  # [B]
+        base0 = doc_tokens - carried  # [B] rank of the carried document's first entry in the extended row
+        if self.segments is None:  # one document: every query shares its sinks
+            rank = count - 1 + base0[:, None]
+            query_base, query_first = base0[:, None], invalid[:, None]  # [B, 1]
+            last_base, last_first, last_count = base0, invalid, count[:, -1]
+        else:
+            seg = self.segments
+            per_seg = torch.zeros(b, int(seg.max()) + 1, dtype=torch.long, device=valid.device).scatter_add_(1, seg, real)
+            prior = per_seg.cumsum(1) - per_seg  # [B, G] real entries of earlier documents
+            base = torch.zeros_like(per_seg)
+            base[:, 0] = base0
+            rank = count - 1 - prior.gather(1, seg) + base.gather(1, seg)
+            query_seg = seg[:, w:]
+            query_base, query_first = base.gather(1, query_seg), invalid[:, None] + prior.gather(1, query_seg)  # [B, T]
+            last = seg[:, -1:]
+            last_base, last_first = base.gather(1, last).squeeze(1), invalid + prior.gather(1, last).squeeze(1)
+            last_count = per_seg.gather(1, last).squeeze(1)
+        slots = torch.arange(s, device=valid.device)
+
+        def where_sinks(doc_base, doc_first):  # [...] -> [..., S] index into [S sink slots | W + T entries]
+            doc_base, doc_first = doc_base.unsqueeze(-1), doc_first.unsqueeze(-1)
+            index = torch.where(slots < doc_base, slots, s + doc_first + slots - doc_base)
+            return index.clamp(0, s + length - 1)  # (entries of absent sinks are never read)
+
+        query_rank = rank[:, w:]  # [B, T]
+        self.sink_allowed = valid[:, w:, None] & (slots <= query_rank.unsqueeze(-1) - w)  # [B, T, S]
+        self.any_sink = bool(self.sink_allowed.any())
+        index = where_sinks(query_base, query_first)  # [B, 1 | T, S]
+        self.sink_index = index.squeeze(1) if self.segments is None else index
+        self.retention_keep = ~(valid[:, :t] & (rank[:, :t] < s))  # [B, T]
+        self.next_doc_tokens = last_base + last_count  # [B]
+        self.carry_index = where_sinks(last_base, last_first)  # [B, S]
+        self.carry_valid = slots < (self.next_doc_tokens - w).unsqueeze(-1)  # [B, S]: sink s has left the window
 
     @property
     def next_window_valid(self) -> torch.Tensor:
@@ -414,29 +500,42 @@ class WindowLayout:
         return full.gather(2, where[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]))
 
 
-def _softmax_attend(scores: torch.Tensor, allowed: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _softmax_attend(scores: torch.Tensor, allowed: torch.Tensor, v: torch.Tensor, sinks=None) -> torch.Tensor:
     """softmax over the allowed keys of each query row, times v; a row with no allowed key (padding) gives 0.
-    scores: [..., Q, K], allowed: bool broadcastable to it, v: [..., K, d_v] -> [..., Q, d_v]."""
+    scores: [..., Q, K], allowed: bool broadcastable to it, v: [..., K, d_v] -> [..., Q, d_v].
+    sinks: None, or (scores [..., Q, S] with -inf where not a key, values [..., S, d_v] shared by the Q queries or
+    [..., Q, S, d_v] per query): more keys in the same softmax (the attention sinks outside the band)."""
     scores = scores.masked_fill(~allowed, float("-inf"))
     top = scores.amax(-1, keepdim=True)
+    if sinks is not None:
+        top = torch.maximum(top, sinks[0].amax(-1, keepdim=True))
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     weights = torch.exp(scores - top)  # 0 for the keys left out
     total = weights.sum(-1, keepdim=True)
-    return (weights @ v) / torch.where(total > 0, total, torch.ones_like(total))
+    out = weights @ v
+    if sinks is not None:
+        sink_scores, sink_values = sinks
+        sink_weights = torch.exp(sink_scores - top)
+        total = total + sink_weights.sum(-1, keepdim=True)
+        if sink_values.dim() == sink_weights.dim():  # shared by the queries
+            out = out + sink_weights @ sink_values
+        else:  # one set per query
+            out = out + (sink_weights.unsqueeze(-2) @ sink_values).squeeze(-2)
+    return out / torch.where(total > 0, total, torch.ones_like(total))
 
 
-def window_attention_parallel(q, k, v, valid, window: int, segments=None):
+def window_attention_parallel(q, k, v, valid, window: int, segments=None, sinks=None):
     """q: [B, H, T, d_k] at compacted positions W..W+T-1; k, v: [B, H, W + T, d]; valid (and segments, if any):
-    [B, W + T]. O(T (W + T))."""
+    [B, W + T]; sinks: None or (scores [B, H, T, S], values [B, H, S, d_v] | [B, H, T, S, d_v]). O(T (W + T))."""
     t, length = q.shape[2], k.shape[2]
     diff = torch.arange(length - t, length, device=q.device)[:, None] - torch.arange(length, device=q.device)  # [T, L]
     allowed = (diff >= 0) & (diff < window) & valid[:, None, None, :]  # [B, 1, T, W + T]
     if segments is not None:  # a packed row's window never reaches into the previous document
         allowed = allowed & (segments[:, None, -t:, None] == segments[:, None, None, :])
-    return _softmax_attend(q @ k.transpose(-1, -2), allowed, v)
+    return _softmax_attend(q @ k.transpose(-1, -2), allowed, v, sinks)
 
 
-def window_attention_chunkwise(q, k, v, valid, window: int, chunk_size: int, segments=None):
+def window_attention_chunkwise(q, k, v, valid, window: int, chunk_size: int, segments=None, sinks=None):
     """Blocks of C queries, each against the W + C - 1 keys its band can reach: O(T (W + C)) time and memory."""
     b, h, t, dk = q.shape
     c = min(chunk_size, t)
@@ -456,12 +555,20 @@ def window_attention_chunkwise(q, k, v, valid, window: int, chunk_size: int, seg
         key_seg = torch.cat([segments[:, 1:], segments[:, -1:].expand(b, pad)], dim=1).unfold(1, span, c)  # [B, N, span]
         query_seg = torch.cat([segments[:, -t:], segments[:, -1:].expand(b, pad)], dim=1).view(b, n, c)  # [B, N, C]
         allowed = allowed & (query_seg[:, None, :, :, None] == key_seg[:, None, :, None, :])
-    out = _softmax_attend(queries @ keys.transpose(-1, -2), allowed, values)  # [B, H, N, C, d_v]
+    if sinks is not None:  # the queries' sink scores (and per-query values) in the same blocks
+        sink_scores, sink_values = sinks
+        sink_scores = F.pad(sink_scores, (0, 0, 0, pad)).view(b, h, n, c, -1)  # [B, H, N, C, S]
+        if sink_values.dim() == 4:  # [B, H, S, d_v], shared by every query of the row
+            sink_values = sink_values.unsqueeze(2)  # [B, H, 1, S, d_v]
+        else:  # [B, H, T, S, d_v]
+            sink_values = F.pad(sink_values, (0, 0, 0, 0, 0, pad)).view(b, h, n, c, *sink_values.shape[-2:])
+        sinks = (sink_scores, sink_values)
+    out = _softmax_attend(queries @ keys.transpose(-1, -2), allowed, values, sinks)  # [B, H, N, C, d_v]
     return out.reshape(b, h, n * c, -1)[:, :, :t]
 
 
-def window_attention_recurrent(q, k, v, valid, window: int, segments=None):
-    """One query at a time against the W slots ending at it: O(W) per token (decoding)."""
+def window_attention_recurrent(q, k, v, valid, window: int, segments=None, sinks=None):
+    """One query at a time against the W slots ending at it: O(W) per token (decoding); O(W + S) with sinks."""
     t, length = q.shape[2], k.shape[2]
     outs = []
     for i in range(t):
@@ -470,42 +577,76 @@ def window_attention_recurrent(q, k, v, valid, window: int, segments=None):
         allowed = valid[:, None, None, band]  # [B, 1, 1, W]
         if segments is not None:
             allowed = allowed & (segments[:, None, None, band] == segments[:, None, None, end - 1 : end])
-        outs.append(_softmax_attend(q[:, :, i : i + 1] @ k[:, :, band].transpose(-1, -2), allowed, v[:, :, band]))
+        extra = None
+        if sinks is not None:
+            extra = (sinks[0][:, :, i : i + 1], sinks[1] if sinks[1].dim() == 4 else sinks[1][:, :, i : i + 1])
+        outs.append(
+            _softmax_attend(q[:, :, i : i + 1] @ k[:, :, band].transpose(-1, -2), allowed, v[:, :, band], extra)
+        )
     return torch.cat(outs, dim=2)
 
 
+def _gather_entries(source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """source: [B, H, L, d], index: [B, *idx] into L -> [B, H, *idx, d]."""
+    b, h, _, d = source.shape
+    flat = index.reshape(b, 1, -1, 1).expand(-1, h, -1, d)
+    return source.gather(2, flat).view(b, h, *index.shape[1:], d)
+
+
 def hybrid_window_retention(q, k, v, log_decay, layout: WindowLayout, state=None, window_keys=None,
-                            window_values=None, mode: str = "chunkwise", chunk_size: int = 128):
-    """Softmax attention over the last W real tokens and retention over the older ones, kept apart.
+                            window_values=None, sink_keys=None, sink_values=None, mode: str = "chunkwise",
+                            chunk_size: int = 128):
+    """Softmax attention over the last W real tokens (and the S attention sinks, if any) and retention over the
+    older ones, kept apart.
 
     q: [B, H, T, d_k]; k (rotated, scaled by d_k^-1/2, masked), v (masked): [B, H, T, d_k | d_v]; log_decay: [H];
     state: [B, H, d_k, d_v] retention state of the tokens that have left the window, decayed to the newest of them,
     or None; window_keys / window_values: [B, H, W, d_k | d_v] the window carried over (layout says which slots are
-    real), or None. Returns (window_out, retention_out [B, H, T, d_v], state, window_keys, window_values).
+    real), or None; sink_keys / sink_values: [B, H, S, d_k | d_v] the sink slots carried over (`layout.sinks` > 0),
+    or None. Returns (window_out, retention_out [B, H, T, d_v], state, window_keys, window_values), with
+    (sink_keys, sink_values) appended when the layout has sinks.
 
     Query n (compacted position W + j) reads the retention state after position j, the newest token W real tokens
     before it, decayed by gamma^(c_n - c_j): ordinary retention (any mode) with the queries shifted back by W.
     """
     b, h, t, dk = q.shape
+    dv = v.shape[-1]
     w = layout.window
     if window_keys is None:
-        window_keys, window_values = k.new_zeros(b, h, w, dk), v.new_zeros(b, h, w, v.shape[-1])
+        window_keys, window_values = k.new_zeros(b, h, w, dk), v.new_zeros(b, h, w, dv)
     keys = layout.compact(torch.cat([window_keys, k], dim=2))  # [B, H, W + T, d_k]
     values = layout.compact(torch.cat([window_values, v], dim=2))  # [B, H, W + T, d_v]
     queries = layout.compact(torch.cat([q.new_zeros(b, h, w, dk), q], dim=2))[:, :, w:]  # [B, H, T, d_k]
     seg = layout.segments  # [B, W + T] or None
+    sinks = None
+    if layout.sinks:
+        if sink_keys is None:
+            sink_keys, sink_values = k.new_zeros(b, h, layout.sinks, dk), v.new_zeros(b, h, layout.sinks, dv)
+        source_keys = torch.cat([sink_keys, keys], dim=2)  # [B, H, S + W + T, d_k]: sink slots, then the entries
+        source_values = torch.cat([sink_values, values], dim=2)
+        if layout.any_sink:
+            sink_k = _gather_entries(source_keys, layout.sink_index)  # [B, H, S, d_k] or [B, H, T, S, d_k]
+            sink_v = _gather_entries(source_values, layout.sink_index)
+            if sink_k.dim() == 4:
+                sink_scores = queries @ sink_k.transpose(-1, -2)  # [B, H, T, S]
+            else:
+                sink_scores = (queries.unsqueeze(-2) @ sink_k.transpose(-1, -2)).squeeze(-2)
+            sinks = (sink_scores.masked_fill(~layout.sink_allowed[:, None], float("-inf")), sink_v)
     if mode == "parallel":
-        window_out = window_attention_parallel(queries, keys, values, layout.valid, w, seg)
+        window_out = window_attention_parallel(queries, keys, values, layout.valid, w, seg, sinks)
     elif mode == "chunkwise":
-        window_out = window_attention_chunkwise(queries, keys, values, layout.valid, w, chunk_size, seg)
+        window_out = window_attention_chunkwise(queries, keys, values, layout.valid, w, chunk_size, seg, sinks)
     else:
-        window_out = window_attention_recurrent(queries, keys, values, layout.valid, w, seg)
+        window_out = window_attention_recurrent(queries, keys, values, layout.valid, w, seg, sinks)
     time = layout.time  # [B, W + T]
     lag = _decay_pow(time[:, w:] - time[:, :t], log_decay)  # [B, H, T]
     if seg is not None:  # the state after position j belongs to j's document: a query in a later one reads nothing
         lag = lag * (seg[:, w:] == seg[:, :t]).unsqueeze(1)
     shifted = queries * lag.unsqueeze(-1)  # [B, H, T, d_k]
-    old = (keys[:, :, :t], values[:, :, :t], log_decay, time[:, :t], state)  # the entries that can leave the window
+    old_keys = keys[:, :, :t]  # the entries that can leave the window; sinks among them add nothing to the state
+    if layout.sinks:
+        old_keys = old_keys * layout.retention_keep[:, None, :, None]
+    old = (old_keys, values[:, :, :t], log_decay, time[:, :t], state)
     old_seg = None if seg is None else seg[:, :t]
     if mode == "parallel":
         retention_out, state = retention_parallel(shifted, *old, segments=old_seg)
@@ -518,7 +659,12 @@ def hybrid_window_retention(q, k, v, log_decay, layout: WindowLayout, state=None
         state = state * (seg[:, t - 1] == seg[:, -1]).view(-1, 1, 1, 1)
         carried = layout.next_window_valid[:, None, :, None]  # [B, 1, W, 1]
         keys, values = keys * carried, values * carried
-    return layout.restore_new(window_out), layout.restore_new(retention_out), state, keys, values
+    out = (layout.restore_new(window_out), layout.restore_new(retention_out), state, keys, values)
+    if layout.sinks:  # the last document's sinks that have left the window, slot s = its token s
+        carried = layout.carry_valid[:, None, :, None]  # [B, 1, S, 1]
+        out += (_gather_entries(source_keys, layout.carry_index) * carried,
+                _gather_entries(source_values, layout.carry_index) * carried)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -760,16 +906,20 @@ class RetNetHybridAttention(RetNetMultiScaleRetention):
     gate), so while T <= W the layer is exactly the attention it was converted from. The retention part is RetNet's
     (per-head norm, optional swish gate) over the tokens that left the window; they enter its state only then.
     The two are added rather than normalised together: retention scores are signed and unnormalised, so there is
-    no positive mass to share a softmax denominator with. Same parameters as the pure retention layer."""
+    no positive mass to share a softmax denominator with. Same parameters as the pure retention layer.
+    With `attention_sinks` = S > 0 the softmax also covers the first S tokens of the document (one softmax over
+    the union), and those tokens never enter the retention state."""
 
     def __init__(self, config: RetNetConfig, layer_idx: int):
         super().__init__(config, layer_idx)
         self.window = config.attention_window
+        self.sinks = getattr(config, "attention_sinks", 0)
 
     def forward(self, hidden_states, cos, sin, mask, time, state=None, mode="chunkwise", positions=None,
                 segments=None, window: WindowLayout | None = None):
         """As RetNetMultiScaleRetention; state: None or (retention [B, H_kv, d_k, d_v], window keys
-        [B, H_kv, W, d_k], window values [B, H_kv, W, d_v]) fp32; window: the forward's WindowLayout."""
+        [B, H_kv, W, d_k], window values [B, H_kv, W, d_v]) fp32, with (sink keys [B, H_kv, S, d_k], sink values
+        [B, H_kv, S, d_v]) appended when the layer keeps attention sinks; window: the forward's WindowLayout."""
         b, t, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(b, t, self.num_heads, -1).transpose(1, 2).float()  # [B, H, T, d_k]
         k = self.k_proj(hidden_states).view(b, t, self.num_kv_heads, -1).transpose(1, 2).float()  # [B, H_kv, T, d_k]
@@ -781,8 +931,8 @@ class RetNetHybridAttention(RetNetMultiScaleRetention):
         if window is None:
             if state is not None:
                 raise ValueError("a carried hybrid state needs the forward's WindowLayout (call the model, not the layer)")
-            window = WindowLayout(mask, None, self.window, segments)
-        carried = [None, None, None] if state is None else list(state)
+            window = WindowLayout(mask, None, self.window, segments, self.sinks)
+        carried = [None] * (5 if self.sinks else 3) if state is None else list(state)
         log_decay = self.log_decay.float()
         group = self.num_heads // self.num_kv_heads
         if group > 1:  # query heads of a group read their k/v head: expand, compute, keep one copy
@@ -985,7 +1135,9 @@ class RetNetModel(RetNetPreTrainedModel):
         extra = {}
         if hybrid:  # hybrid layers: where this call's tokens sit in the window (the general path, any T)
             carried = past_key_values.window_valid if has_state else None
-            extra["window"] = WindowLayout(keep, carried, hybrid, segments)
+            doc_tokens = past_key_values.doc_tokens if has_state else None
+            sinks = getattr(self.config, "attention_sinks", 0)
+            extra["window"] = WindowLayout(keep, carried, hybrid, segments, sinks, doc_tokens)
 
         hidden_states = inputs_embeds
         all_hidden_states = (hidden_states,) if output_hidden_states else None
@@ -1004,6 +1156,8 @@ class RetNetModel(RetNetPreTrainedModel):
         if past_key_values is not None:
             if extra:
                 past_key_values.window_valid = extra["window"].next_window_valid
+                if extra["window"].sinks:
+                    past_key_values.doc_tokens = extra["window"].next_doc_tokens
             past_key_values.advance(
                 mask, None if position_ids is None else next_positions(position_ids, mask), num_tokens=t,
                 batch_size=b, device=device,

@@ -2,8 +2,11 @@
 
 Layout (one concept a subpackage): `trainers/` (distillation, alignment, teacher SFT, losses, optim, callbacks),
 `data/` (records, preprocess, shards, download, synthetic), `teachers/` (direct, cached, network; `cache/`,
-`server/`; synthesize: conversations written by the teacher), `converters/` (llama2.c, GGUF), `evaluation/`, `hub/` (push, model card), `demo/`, `utils/`. The modules left at this
-level are the commands (`python -m training.<command>`) and, for one release, aliases of moved modules.
+`server/`; synthesize: conversations written by the teacher), `converters/` (llama2.c, GGUF), `evaluation/`,
+`hub/` (push, model card), `demo/`, `utils/` (incl. `parser`, the one command-line/YAML parser, and `commands`, the
+table of commands). The modules left at this level are `cli` (`hf-retnet <command>`, `python -m training
+<command>`), `docgen` (the generated command reference), the commands (`python -m training.<command>`) and, for one
+release, aliases of moved modules.
 
 The public names load lazily, so `python -m training.preprocess` and its worker processes do not import the
 Trainer stack they never use.

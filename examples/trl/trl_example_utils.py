@@ -93,11 +93,9 @@ def load_teacher(name: str, adapter: str | None = None, dtype: str = "auto"):
 def read_records(path: str) -> list[tuple[str, object]]:
     """(kind, payload) of every record of the file, normalized as the student's own reader does it:
     ("text", str) or ("chat", messages)."""
-    from training.trainers.teacher_sft import load_records
-    from training.data.records import normalize_record
+    from training.data.records import read_normalized
 
-    out = [normalize_record(obj, where) for where, obj in load_records(path)]
-    return [r for r in out if r is not None]
+    return [record for _, record in read_normalized(path)]
 
 
 def split_text(text: str, prompt_words: int) -> tuple[str, str]:

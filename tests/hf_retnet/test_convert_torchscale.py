@@ -3,7 +3,9 @@
 torchscale is installed by `make install` with `pip install --no-deps torchscale==0.3.0 fairscale==0.4.0`: its
 `timm` dependency would pull torchvision and a CUDA torch. torchscale uses timm for `drop_path` only, so
 `_torchscale()` installs a stand-in `timm.models.layers` module before importing it. Tests that need torchscale
-skip (saying why) only when it is not installed; the option tests at the top run everywhere.
+FAIL when it is missing or does not import (CI installs it, so a parity test must not pass by skipping); set
+HF_RETNET_ALLOW_MISSING_TORCHSCALE=1 to skip them instead on a machine without it. The option tests at the top
+run everywhere.
 """
 
 import argparse
@@ -136,11 +138,22 @@ def _drop_path(x, drop_prob=0.0, training=False):
     return x * mask / keep
 
 
+ALLOW_MISSING = "HF_RETNET_ALLOW_MISSING_TORCHSCALE"
+
+
+def _missing(why: str):
+    """Fail (the default: CI has torchscale) or, with HF_RETNET_ALLOW_MISSING_TORCHSCALE=1, skip."""
+    how = ("install it with `pip install --no-deps torchscale==0.3.0 fairscale==0.4.0` (make install does; see "
+           f"docs/torchscale.md), or set {ALLOW_MISSING}=1 to skip the torchscale parity tests")
+    if os.environ.get(ALLOW_MISSING, "").strip().lower() in ("1", "true", "yes"):
+        pytest.skip(f"{why} ({ALLOW_MISSING}=1)")
+    pytest.fail(f"{why}: {how}", pytrace=False)
+
+
 def _torchscale():
     """Import torchscale's RetNet, with a stand-in for timm's drop_path when timm is absent or fails to import."""
-    how = "pip install --no-deps torchscale==0.3.0 fairscale==0.4.0 (make install does; see docs/torchscale.md)"
     if importlib.util.find_spec("torchscale") is None:
-        pytest.skip(f"torchscale is not installed: {how}")
+        _missing("torchscale is not installed")
     stand_in = []
     if "torchscale.component.droppath" not in sys.modules:
         try:
@@ -154,7 +167,7 @@ def _torchscale():
         from torchscale.architecture.config import RetNetConfig as TorchscaleConfig
         from torchscale.architecture.retnet import RetNetDecoder
     except ImportError as err:  # e.g. fairscale missing
-        pytest.skip(f"torchscale is installed but does not import ({err}): {how}")
+        _missing(f"torchscale is installed but does not import ({err})")
     finally:  # torchscale holds its own reference to drop_path; nothing else may mistake the stand-in for timm
         for name in stand_in:
             sys.modules.pop(name, None)
@@ -509,3 +522,104 @@ def test_models_without_torchscale_form_are_refused(tmp_path):
         save_torchscale(model, tmp_path / "ts.pt")
     with pytest.raises(ValueError, match=r"\.pt, \.bin or \.safetensors"):
         save_torchscale(model, tmp_path / "ts.ckpt")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files that are not torchscale checkpoints, and folders in the wrong place: refused before anything is read as one
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_missing_torchscale_fails_unless_allowed(monkeypatch):
+    """The parity tests must not pass by skipping where torchscale is expected (CI): missing means failing."""
+    monkeypatch.delenv(ALLOW_MISSING, raising=False)
+    with pytest.raises(pytest.fail.Exception, match=r"pip install --no-deps torchscale==0.3.0.*" + ALLOW_MISSING):
+        _missing("torchscale is not installed")
+    monkeypatch.setenv(ALLOW_MISSING, "1")
+    with pytest.raises(pytest.skip.Exception, match="torchscale is not installed"):
+        _missing("torchscale is not installed")
+
+
+def _no_unpickling(monkeypatch):
+    import pickle
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an unknown file was handed to the unpickler")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+
+
+@pytest.mark.parametrize("content", ["random", "plain_pickle", "text"])
+def test_unknown_files_are_refused_without_unpickling(tmp_path, monkeypatch, capsys, content):
+    import pickle
+
+    path = tmp_path / "ckpt.pt"
+    if content == "random":
+        path.write_bytes(bytes(torch.randint(0, 256, (3000,), generator=torch.Generator().manual_seed(0)).tolist()))
+    elif content == "plain_pickle":
+        path.write_bytes(pickle.dumps({"layers.0.retention.q_proj.weight": [1.0]}))
+    else:
+        path.write_text("decoder_embed_dim: 32\n")
+    _no_unpickling(monkeypatch)
+    assert main([str(path), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path} is not a torchscale checkpoint: it is neither a torch.save file nor "
+                          "safetensors") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_truncated_checkpoint_is_named_as_truncated(tmp_path, capsys, suffix):
+    from safetensors.torch import save_file
+
+    sd, _ = _state()
+    path = tmp_path / f"ckpt{suffix}"
+    if suffix == ".pt":
+        torch.save(sd, path)
+    else:
+        save_file({k: v.contiguous() for k, v in sd.items()}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    assert main([str(path), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{path} is a truncated or corrupt" in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_llama_folder_is_not_read_as_a_retnet(tmp_path, tiny_teacher_dir, capsys):
+    """--to-torchscale on a Llama folder: refused from its config.json (no RetNet with random weights and Llama's
+    rotary layout is built), and the same folder as a torchscale source is named for what it is."""
+    assert main(["--to-torchscale", tiny_teacher_dir, str(tmp_path / "out.pt")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tiny_teacher_dir} holds a 'llama' model (LlamaForCausalLM), not an hf_retnet RetNet" in err
+    assert "rotary_style" not in err and err.count("\n") == 1
+    assert main([tiny_teacher_dir, str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "is a 'llama' model folder, not a torchscale checkpoint" in err and "from_llama" in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.pt").exists()
+
+
+def test_an_hf_retnet_folder_or_its_weights_as_source_point_to_the_right_direction(tmp_path, capsys):
+    model = RetNetForCausalLM(tiny_config(**TORCHSCALE_OPTIONS))
+    model.save_pretrained(tmp_path / "retnet")
+    assert main([str(tmp_path / "retnet"), str(tmp_path / "out")]) == 2
+    assert "hf_retnet model folder, not a torchscale checkpoint" in capsys.readouterr().err
+    assert main([str(tmp_path / "retnet" / "model.safetensors"), str(tmp_path / "out")]) == 2
+    assert "these are hf_retnet weights (already converted" in capsys.readouterr().err
+
+
+def test_debug_shows_the_traceback(tmp_path, monkeypatch):
+    (tmp_path / "ckpt.pt").write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="not a torchscale checkpoint"):
+        main([str(tmp_path / "ckpt.pt"), str(tmp_path / "out"), "--debug"])
+    monkeypatch.setenv("HF_RETNET_DEBUG", "1")
+    with pytest.raises(ValueError, match="not a torchscale checkpoint"):
+        main([str(tmp_path / "ckpt.pt"), str(tmp_path / "out")])
+
+
+def test_missing_tokenizer_folder_is_named(tmp_path):
+    sd, args = _state()
+    torch.save(sd, tmp_path / "ckpt.pt")
+    with pytest.raises(FileNotFoundError, match=r"--tokenizer: folder '.*no-tok' does not exist"):
+        convert_torchscale(tmp_path / "ckpt.pt", tmp_path / "out", args, tokenizer=str(tmp_path / "no-tok"))

@@ -147,8 +147,10 @@ def test_rerun_of_a_finished_cache_changes_nothing_and_other_settings_are_refuse
     stamp = {n: os.stat(out / n).st_mtime_ns for n in os.listdir(out) if n.startswith("shard-")}
     assert main(cache_args(tiny_teacher_dir, data, out)) == 0
     assert {n: os.stat(out / n).st_mtime_ns for n in stamp} == stamp
-    with pytest.raises(ValueError, match=r"shard-00000\.safetensors was made with other settings"):
-        main(cache_args(tiny_teacher_dir, data, out, "--temperature", "2.0"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_RETNET_DEBUG", "1")  # the exception itself, not the command's one-line report of it
+        with pytest.raises(ValueError, match=r"shard-00000\.safetensors was made with other settings"):
+            main(cache_args(tiny_teacher_dir, data, out, "--temperature", "2.0"))
 
 
 def test_a_missing_shard_is_rebuilt_by_a_rerun(tmp_path, tiny_teacher_dir, token_data):
@@ -214,7 +216,8 @@ def test_keys_are_the_hash_of_each_sequence(tmp_path, tiny_teacher_dir, token_da
     ("bad_topk", ValueError, "--topk"),
     ("bad_encoding", ValueError, "unknown cache encoding"),
 ])
-def test_bad_input_is_refused(tmp_path, tiny_teacher_dir, token_data, problem, exc, match):
+def test_bad_input_is_refused(tmp_path, tiny_teacher_dir, token_data, problem, exc, match, monkeypatch):
+    monkeypatch.setenv("HF_RETNET_DEBUG", "1")  # the exception itself, not the command's one-line report of it
     data, _ = token_data
     args = cache_args(tiny_teacher_dir, data, tmp_path / "out")
     if problem == "missing":

@@ -92,19 +92,27 @@ def test_missing_paths_are_file_not_found(tmp_path, tiny_teacher_dir):
         load_config(write_yaml(tmp_path, **base(tmp_path, tiny_teacher_dir, teacher_source="cached")))
 
 
-def test_cli_bad_input_writes_nothing(tmp_path, tiny_teacher_dir):
+def test_cli_bad_input_writes_nothing(tmp_path, tiny_teacher_dir, capsys):
+    """The command answers each mistake with one `error:` line and exit status 2, and writes nothing."""
     out = tmp_path / "out"
-    with pytest.raises(FileNotFoundError):
-        main(["--config", TINY, "--teacher_model", str(tmp_path / "missing"), "--output_dir", str(out)])
-    with pytest.raises(ValueError, match="distill_alpha"):
-        main(["--config", TINY, "--teacher_model", tiny_teacher_dir, "--distill_alpha", "2", "--output_dir", str(out)])
-    with pytest.raises(ValueError, match="teacher_topk"):  # k > vocabulary: found from the teacher's config
-        main(["--config", TINY, "--teacher_model", tiny_teacher_dir, "--teacher_topk", "100000",
-              "--output_dir", str(out), "--train_data", str(tmp_path / "unused.jsonl")])
-    with pytest.raises(ValueError, match=r"student vocabulary \(1000\)"):
-        main(["--config", TINY, "--teacher_model", tiny_teacher_dir, "--output_dir", str(out),
-              "--student_overrides", '{"vocab_size": 1000, "hidden_size": 64, "num_hidden_layers": 2, "num_heads": 4}',
-              "--train_data", str(tmp_path / "unused.jsonl")])
+
+    def error(argv) -> str:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        lines = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert len(lines) == 1, err
+        return lines[0]
+
+    assert "missing" in error(["--config", TINY, "--teacher_model", str(tmp_path / "missing"), "--output_dir", str(out)])
+    assert "distill_alpha" in error(["--config", TINY, "--teacher_model", tiny_teacher_dir, "--distill_alpha", "2",
+                                     "--output_dir", str(out)])
+    assert "teacher_topk" in error(["--config", TINY, "--teacher_model", tiny_teacher_dir, "--teacher_topk", "100000",
+                                    "--output_dir", str(out), "--train_data", str(tmp_path / "unused.jsonl")])
+    assert "student vocabulary (1000)" in error(  # k > vocabulary and vocabularies: found from the teacher's config
+        ["--config", TINY, "--teacher_model", tiny_teacher_dir, "--output_dir", str(out),
+         "--student_overrides", '{"vocab_size": 1000, "hidden_size": 64, "num_hidden_layers": 2, "num_heads": 4}',
+         "--train_data", str(tmp_path / "unused.jsonl")])
     assert not out.exists()
 
 

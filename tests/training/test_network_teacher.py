@@ -489,21 +489,31 @@ def test_startup_and_connect_timeouts_are_config_keys(tmp_path):
     teacher.close()
 
 
-def test_train_fails_fast_when_nothing_listens(tmp_path, tiny_teacher_dir):
+def test_train_fails_fast_when_nothing_listens(tmp_path, tiny_teacher_dir, capsys):
     """`training.train` in network mode against a closed port stops within seconds (teacher_connect_timeout), with
     one line that names the URL and how to start the server, before any model loads."""
-    from training.trainers.distillation import run
+    import os
+
+    from training.trainers.distillation import main, run
 
     url = closed_port_url()
-    config = network_config(tmp_path, url, "--teacher_connect_timeout", "1", "--tokenizer", tiny_teacher_dir,
-                            "--train_data", str(tmp_path))
+    extra = ["--teacher_connect_timeout", "1", "--tokenizer", tiny_teacher_dir, "--train_data", str(tmp_path)]
     started = time.monotonic()
     with pytest.raises(TeacherUnavailableError) as info:
-        run(config)
+        run(network_config(tmp_path, url, *extra))
     assert time.monotonic() - started < 5
     message = str(info.value)
     assert url in message and "serve_teacher" in message and "teacher_connect_timeout" in message
     assert "\n" not in message
+    # the command answers with that one line on stderr (exit status 2), no traceback
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    capsys.readouterr()
+    started = time.monotonic()
+    code = main(["--config", os.path.join(repo, "examples/configs/train_network.yaml"), "--teacher_url", url,
+                 "--bf16", "false", "--use_cpu", "true", "--output_dir", str(tmp_path / "out"), *extra])
+    assert code == 2 and time.monotonic() - started < 5
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: no teacher server at " + url), err
 
 
 def test_the_default_grace_gives_up_after_about_ten_seconds():
@@ -533,14 +543,19 @@ def test_a_server_answering_but_still_starting_is_not_cut_short_by_the_grace():
     assert len(calls) >= 4
 
 
-def test_cache_teacher_logits_fails_fast_when_nothing_listens(tmp_path, tiny_teacher_dir):
+def test_cache_teacher_logits_fails_fast_when_nothing_listens(tmp_path, tiny_teacher_dir, capsys):
     from training.teachers.cache.build import main as cache_main
 
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps({"input_ids": [1, 2, 3, 4]}) + "\n")
     url = closed_port_url()
+    argv = ["--teacher-url", url, "--tokenizer", tiny_teacher_dir, "--data", str(data), "--output",
+            str(tmp_path / "cache"), "--topk", "4", "--no-progress", "--teacher-connect-timeout", "1"]
     started = time.monotonic()
     with pytest.raises(TeacherUnavailableError, match=f"no teacher server at {url}"):
-        cache_main(["--teacher-url", url, "--tokenizer", tiny_teacher_dir, "--data", str(data), "--output",
-                    str(tmp_path / "cache"), "--topk", "4", "--no-progress", "--teacher-connect-timeout", "1"])
+        cache_main.__wrapped__(argv)
     assert time.monotonic() - started < 5
+    capsys.readouterr()
+    assert cache_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"no teacher server at {url}" in err[0] and "serve_teacher" in err[0], err

@@ -28,7 +28,15 @@ def test_teacher_sources_import_from_training_teachers():
     from training.teachers.network import NetworkTeacher as defined_network
 
     assert CachedTeacher is defined_cached and NetworkTeacher is defined_network
-    assert hasattr(CachedTeacher, "topk") and hasattr(NetworkTeacher, "topk") and TeacherSource is not None
+    # Each source implements TeacherSource.topk with its parameters in its order (callers pass them by position).
+    import inspect
+
+    from training.teachers import DirectTeacher
+
+    protocol = list(inspect.signature(TeacherSource.topk).parameters)
+    assert protocol == ["self", "input_ids", "attention_mask", "k", "temperature"]
+    for source in (DirectTeacher, CachedTeacher, NetworkTeacher):
+        assert list(inspect.signature(source.topk).parameters) == protocol, source.__name__
     import training.teachers as teachers
 
     assert {"CachedTeacher", "NetworkTeacher"} <= set(dir(teachers)) and set(teachers.__all__) <= set(dir(teachers))

@@ -34,7 +34,6 @@ converts, the others wait and reuse it.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import json
@@ -44,6 +43,8 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+
+from training.utils.errors import command
 
 __all__ = [
     "GGUFError",
@@ -509,20 +510,31 @@ def resolve_pretrained(spec, cache_dir: str | None = None, log=_log):
 # ----------------------------------------------------------------------------------------------- CLI
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m training.convert_gguf",
+@dataclass
+class ConvertGGUFArguments:
+    """`python -m training.convert_gguf FILE.gguf --output DIR`: every field is a flag (or positional) and a YAML key."""
+
+    gguf_file: str = field(metadata={"positional": True, "help": "the .gguf file"})
+    output: str = field(metadata={"help": "folder to write (must not exist or be empty unless --overwrite)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing non-empty output folder"})
+    no_check: bool = field(default=False, metadata={"help": "skip the reload-and-compare-logits check"})
+
+
+def build_parser():
+    from training.utils.parser import CommandParser
+
+    return CommandParser(
+        ConvertGGUFArguments, prog="python -m training.convert_gguf",
         description="Convert a Llama GGUF file (e.g. SmolLM2-135M-Instruct.Q4_1.gguf) to a safetensors Llama folder "
         "(fp32 weights, tokenizer with its chat template, generation config), checked to give the GGUF model's "
         f"logits (max |diff| <= {LOGITS_TOLERANCE:g}). Supports the 'llama' architecture with tensors in any type the "
         "gguf package dequantizes (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, K-quants, ...).",
     )
-    parser.add_argument("gguf_file", help="the .gguf file")
-    parser.add_argument("--output", required=True, help="folder to write (must not exist or be empty unless "
-                                                        "--overwrite)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
-    parser.add_argument("--no-check", action="store_true", help="skip the reload-and-compare-logits check")
-    args = parser.parse_args(argv)
+
+
+@command
+def main(argv: list[str] | None = None) -> int:
+    (args,) = build_parser().parse_or_exit(argv)
     try:
         report = convert_gguf(args.gguf_file, args.output, overwrite=args.overwrite, check=not args.no_check)
     except (GGUFError, FileNotFoundError, FileExistsError, ImportError) as err:

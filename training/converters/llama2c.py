@@ -27,17 +27,17 @@ What the formats hold and why the conversion is more than a copy:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import struct
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from training.utils.errors import command
 from training.utils.io import staged_folder
 
 __all__ = [
@@ -392,17 +392,30 @@ def convert_llama2c(
     return output
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m training.convert_llama2c",
+@dataclass
+class ConvertLlama2cArguments:
+    """`python -m training.convert_llama2c`: every field is a flag and a YAML key."""
+
+    checkpoint: str = field(metadata={"help": "llama2.c legacy checkpoint (.bin), e.g. stories15M.bin"})
+    output: str = field(metadata={"help": "folder to write (must not exist unless --overwrite)"})
+    tokenizer: str | None = field(default=None, metadata={
+        "help": "llama2.c tokenizer.bin for this model (omit to convert weights only)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing output folder"})
+
+
+def build_parser():
+    from training.utils.parser import CommandParser
+
+    return CommandParser(
+        ConvertLlama2cArguments, prog="python -m training.convert_llama2c",
         description="Convert a llama2.c legacy checkpoint (and tokenizer.bin) to a Hugging Face LlamaForCausalLM "
         "folder with a PreTrainedTokenizerFast that encodes exactly as llama2.c does.",
     )
-    parser.add_argument("--checkpoint", required=True, help="llama2.c legacy checkpoint (.bin), e.g. stories15M.bin")
-    parser.add_argument("--tokenizer", help="llama2.c tokenizer.bin for this model (omit to convert weights only)")
-    parser.add_argument("--output", required=True, help="folder to write (must not exist unless --overwrite)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    args = parser.parse_args(argv)
+
+
+@command
+def main(argv: list[str] | None = None) -> int:
+    (args,) = build_parser().parse_or_exit(argv)
     try:
         out = convert_llama2c(args.checkpoint, args.tokenizer, args.output, overwrite=args.overwrite)
     except (Llama2cFormatError, FileNotFoundError, FileExistsError) as e:

@@ -16,11 +16,11 @@ network, unknown id) the command stops at once with a message naming each one.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from training.utils.errors import command
 from training.utils.io import atomic_write_jsonl
 
 _TRUE = ("1", "ON", "YES", "TRUE")
@@ -202,20 +202,34 @@ def select_sources(categories: list[str] | None, names: list[str] | None) -> lis
     return picked
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m training.download_datasets",
+@dataclass
+class DownloadArguments:
+    """`python -m training.download_datasets`: every field is a flag (`_` or `-`) and a YAML key."""
+
+    category: list[str] | None = field(default=None, metadata={"choices": list(CATEGORIES),
+                                                               "help": "categories (default: all)"})
+    sources: str | None = field(default=None, metadata={"help": "comma-separated source names to keep (see --dry-run)"})
+    output: str = field(default="data/distillation", metadata={"help": "output folder"})
+    local_root: str | None = field(default=None, metadata={
+        "help": "folder with local copies laid out as <root>/<owner>/<name>"})
+    max_samples: int | None = field(default=None, metadata={"help": "records per source (default: each source's target)"})
+    skip_unreachable: bool = field(default=False, metadata={"help": "download what can be reached, warn about the rest"})
+    force: bool = field(default=False, metadata={"help": "re-download files that already exist"})
+    dry_run: bool = field(default=False, metadata={"help": "print the plan and exit"})
+
+
+def build_parser():
+    from training.utils.parser import CommandParser
+
+    return CommandParser(
+        DownloadArguments, prog="python -m training.download_datasets",
         description="Download the distillation curriculum (public datasets) as JSON lines for training.preprocess.",
     )
-    parser.add_argument("--category", nargs="+", choices=list(CATEGORIES), help="categories (default: all)")
-    parser.add_argument("--sources", help="comma-separated source names to keep (see --dry-run)")
-    parser.add_argument("--output", default="data/distillation", help="output folder (default data/distillation)")
-    parser.add_argument("--local-root", help="folder with local copies laid out as <root>/<owner>/<name>")
-    parser.add_argument("--max-samples", type=int, help="records per source (default: each source's target)")
-    parser.add_argument("--skip-unreachable", action="store_true", help="download what can be reached, warn about the rest")
-    parser.add_argument("--force", action="store_true", help="re-download files that already exist")
-    parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
-    args = parser.parse_args(argv)
+
+
+@command
+def main(argv: list[str] | None = None) -> int:
+    (args,) = build_parser().parse_or_exit(argv)
 
     try:
         picked = select_sources(args.category, args.sources.split(",") if args.sources else None)

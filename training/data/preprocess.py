@@ -53,6 +53,8 @@ from training.data.records import (  # noqa: F401  (normalize_record, encode_rec
     parse_json_line,
     records_from_lines,
 )
+from training.utils.checks import check_output_folder, no_empty_folder_left
+from training.utils.errors import command
 from training.utils.io import atomic_path, atomic_write_json, sha256_file
 
 SHARD_METADATA_KEY = b"hf_retnet"
@@ -423,6 +425,7 @@ def preprocess(
     """Tokenize `inputs` into `output` (resuming a previous run there) and return the manifest."""
     from tqdm.auto import tqdm
 
+    check_output_folder(output, "--output")
     if pack and not max_seq_length:
         raise ValueError("--pack needs --max-seq-length (the length packed sequences are cut to)")
     if max_seq_length is not None and max_seq_length < 2:
@@ -502,15 +505,21 @@ class PreprocessArguments:
     overwrite: bool = field(default=False, metadata={"help": "delete shards and manifest already in --output"})
 
 
-def main(argv: list[str] | None = None) -> int:
-    from transformers import HfArgumentParser
+def build_parser():
+    """`python -m training.preprocess`'s parser (every PreprocessArguments field as a flag and a YAML key)."""
+    from training.utils.parser import CommandParser
 
-    parser = HfArgumentParser(PreprocessArguments, prog="python -m training.preprocess",
-                              description="Tokenize text/chat data into Parquet shards + manifest.json.")
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    return CommandParser(PreprocessArguments, prog="python -m training.preprocess",
+                         description="Tokenize text/chat data into Parquet shards + manifest.json (docs/data_format.md).")
+
+
+@command
+def main(argv: list[str] | None = None) -> int:
+    (args,) = build_parser().parse_or_exit(argv)
     try:
         kwargs = {k: v for k, v in asdict(args).items() if k != "input"}
-        manifest = preprocess(args.input, **kwargs)
+        with no_empty_folder_left(args.output):  # a mistake found while reading leaves no empty folder behind
+            manifest = preprocess(args.input, **kwargs)
     except (ValueError, FileNotFoundError) as e:
         print(f"preprocess: error: {e}", file=sys.stderr)
         return 2

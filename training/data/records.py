@@ -2,8 +2,11 @@
 paragraphs, Hub splits), normalising the accepted shapes (text, chat messages, prompt/response pairs) and
 tokenizing one record with the training rules (text: every token trained; chat: assistant turns only).
 
-Shared by `training.preprocess` (which writes shards) and `training.data` (which tokenizes small inputs on the
-fly), so both give identical tokens; it imports nothing from either.
+The one reader of raw records: `iter_records` / `read_records` (and `read_normalized`) serve the student's
+on-the-fly dataset (`training.data.build_dataset`), the teacher's finetuning (`training.finetune_teacher`), the
+held-out evaluation (`training.evaluate`) and the TRL examples; `training.preprocess` plans its parallel work on
+the same `discover_sources` / `records_from_lines`. So every path reads a file into the same records and tokens.
+It imports nothing from the rest of the package.
 """
 
 from __future__ import annotations
@@ -156,6 +159,65 @@ def iter_source_records(src: Source):
     else:
         for i, row in enumerate(load_hub_split(src)):
             yield f"{src.path} row {i}", row
+
+
+class HubRecords:
+    """Rows of a `datasets` split as (where, record) pairs, read lazily (a large split is never listed)."""
+
+    def __init__(self, ds, name: str):
+        self.ds, self.name = ds, name
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        return f"{self.name} row {i}", self.ds[int(i)]
+
+
+def _specs(inputs) -> list[str]:
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    return [os.path.expanduser(os.fspath(spec)) for spec in inputs]
+
+
+def iter_records(inputs, recursive: bool = False, split: str = "train", config: str | None = None):
+    """(where, record) for every record of `inputs` (files, folders of them, `datasets` ids), in order, as read:
+    `where` names the file and line (or row) for error messages. A generator: stop early at no cost."""
+    for src in discover_sources(_specs(inputs), recursive=recursive, split=split, config=config):
+        yield from iter_source_records(src)
+
+
+def read_records(inputs, recursive: bool = False, split: str = "train", config: str | None = None, *,
+                 lazy_hub: bool = False, require_records: bool = False, validate: bool = False):
+    """`iter_records` as a sequence. `lazy_hub`: a lone `datasets` id gives a lazily indexed `HubRecords` (and a
+    mix of an id and local files is refused); `require_records`: an empty file is an error naming it;
+    `validate`: every record's shape is checked now (`normalize_record`), naming file and line, not mid-training."""
+    sources = discover_sources(_specs(inputs), recursive=recursive, split=split, config=config)
+    if lazy_hub and any(src.kind == "hub" for src in sources):
+        if len(sources) > 1:
+            hub = next(src for src in sources if src.kind == "hub")
+            raise ValueError(f"{hub.path}: mix of a datasets id and local files; give one id or local files only")
+        return HubRecords(load_hub_split(sources[0]), sources[0].path)
+    records: list = []
+    for src in sources:
+        count_before = len(records)
+        records.extend(iter_source_records(src))
+        if require_records and len(records) == count_before:
+            raise ValueError(f"{src.path}: no records (the file is empty); remove it or add data")
+    if validate:
+        for where, obj in records:
+            normalize_record(obj, where)
+    return records
+
+
+def read_normalized(inputs, **kwargs) -> list:
+    """(where, record) with every record normalized (`("text", str)` or `("chat", messages)`), empty texts left out."""
+    out = []
+    for where, obj in iter_records(inputs, **kwargs):
+        record = normalize_record(obj, where)
+        if record is not None:
+            out.append((where, record))
+    return out
 
 
 # ----------------------------------------------------------------------------- records -> tokens

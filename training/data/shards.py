@@ -381,19 +381,6 @@ class TokenizedRecordsDataset(torch.utils.data.Dataset):
         return {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
 
 
-class _HubRecords:
-    """Rows of a `datasets` split as (where, record) pairs, read lazily."""
-
-    def __init__(self, ds, name: str):
-        self.ds, self.name = ds, name
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, i: int):
-        return f"{self.name} row {i}", self.ds[int(i)]
-
-
 def build_dataset(spec, tokenizer, max_seq_length: int | None, seed: int = 0, shuffle: bool = True):
     """A Dataset of {"input_ids", "labels"} items from `spec`: a shard folder (checked against
     `tokenizer`), a JSONL / Parquet / text file or folder of them (tokenized on the fly), or a
@@ -405,20 +392,5 @@ def build_dataset(spec, tokenizer, max_seq_length: int | None, seed: int = 0, sh
     specs = [os.fspath(s) for s in spec] if isinstance(spec, (list, tuple)) else [os.fspath(spec)]
     if len(specs) == 1 and os.path.isfile(os.path.join(specs[0], MANIFEST_NAME)):
         return PretokenizedShardDataset(specs[0], max_seq_length, seed=seed, shuffle=shuffle, tokenizer=tokenizer)
-    sources = raw_records.discover_sources(specs, recursive=False)
-    if len(sources) == 1 and sources[0].kind == "hub":
-        src = sources[0]
-        ds = raw_records.load_hub_split(src)
-        records = _HubRecords(ds, src.path)
-    else:
-        records = []
-        for src in sources:
-            if src.kind == "hub":
-                raise ValueError(f"{src.path}: mix of a datasets id and local files; give one id or local files only")
-            count_before = len(records)
-            records.extend(raw_records.iter_source_records(src))
-            if len(records) == count_before:
-                raise ValueError(f"{src.path}: no records (the file is empty); remove it or add data")
-        for where, obj in records:  # fail now, naming file and line, not mid-training
-            raw_records.normalize_record(obj, where)
+    records = raw_records.read_records(specs, lazy_hub=True, require_records=True, validate=True)
     return TokenizedRecordsDataset(records, tokenizer, max_seq_length, seed=seed, shuffle=shuffle)

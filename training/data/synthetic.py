@@ -13,12 +13,13 @@ Records have the JSON-lines shapes `training.preprocess` reads: `{"text": str}` 
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from functools import lru_cache
 
+from training.utils.errors import command
 from training.utils.io import atomic_write_jsonl
 
 KINDS = ("text", "chat", "mixed")
@@ -148,16 +149,26 @@ def write_jsonl(records: Iterable[dict], path: str | os.PathLike) -> str:
     return os.fspath(path)
 
 
+@dataclass
+class SyntheticArguments:
+    """`python -m training.synthetic`: every field is a flag and a YAML key."""
+
+    output: str = field(metadata={"help": "JSONL file to write"})
+    n: int = field(default=1000, metadata={"help": "number of records"})
+    seed: int = field(default=0, metadata={"help": "sample seed (the world of facts is fixed)"})
+    kind: str = field(default="chat", metadata={"choices": list(KINDS), "help": "text, chat or mixed"})
+
+
+def build_parser():
+    from training.utils.parser import CommandParser
+
+    return CommandParser(SyntheticArguments, prog="python -m training.synthetic",
+                         description="Write a deterministic synthetic corpus (JSON lines) for offline tests and demos.")
+
+
+@command
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m training.synthetic",
-        description="Write a deterministic synthetic corpus (JSON lines) for offline tests and demos.",
-    )
-    parser.add_argument("--output", required=True, help="JSONL file to write")
-    parser.add_argument("--n", type=int, default=1000, help="number of records (default 1000)")
-    parser.add_argument("--seed", type=int, default=0, help="sample seed (the world of facts is fixed)")
-    parser.add_argument("--kind", choices=KINDS, default="chat", help="text, chat or mixed (default chat)")
-    args = parser.parse_args(argv)
+    (args,) = build_parser().parse_or_exit(argv)
     write_jsonl(synthetic_corpus(args.n, args.seed, args.kind), args.output)
     print(f"wrote {args.n} {args.kind} records to {args.output}")
     return 0

@@ -14,11 +14,12 @@ the report dict. Everything that can be checked before weights load (folders, co
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import sys
 from dataclasses import dataclass, field, fields
+
+from training.utils.errors import command
 
 from .generation import DEFAULT_PROMPTS
 
@@ -58,16 +59,23 @@ class EvalConfig:
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self):
-        for name in ("window", "stride", "batch_size", "passkey_trials", "max_new_tokens", "decode_tokens",
-                     "lm_eval_batch_size"):
+        # Messages name the command-line flag (`--window`) and the field (`window=` from Python) alike.
+        if self.window < 2:
+            raise ValueError(f"--window (window=) must be >= 2 tokens (one input and one next token), got {self.window}")
+        for name in ("stride", "batch_size", "passkey_trials", "max_new_tokens", "decode_tokens", "lm_eval_batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"EvalConfig.{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"--{name} ({name}=) must be >= 1, got {getattr(self, name)}")
         if self.stride >= self.window:
-            raise ValueError(f"EvalConfig.stride ({self.stride}) must be smaller than window ({self.window})")
+            default = " (its default)" if self.stride == EvalConfig.stride else ""
+            raise ValueError(
+                f"--stride {self.stride}{default} must be smaller than --window {self.window}: a long document is "
+                f"scored in windows of --window tokens advancing by --stride, so --stride must be in [1, "
+                f"{self.window - 1}]; pass e.g. --stride {max(1, self.window // 2)}"
+            )
         if any(not 0 <= d <= 1 for d in self.passkey_depths):
-            raise ValueError(f"EvalConfig.passkey_depths must lie in [0, 1], got {self.passkey_depths}")
+            raise ValueError(f"--passkey_depths (passkey_depths=) must lie in [0, 1], got {list(self.passkey_depths)}")
         if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
-            raise ValueError(f"EvalConfig.dtype must be float32, bfloat16, float16 or auto, got {self.dtype!r}")
+            raise ValueError(f"--dtype (dtype=) must be float32, bfloat16, float16 or auto, got {self.dtype!r}")
 
 
 def _describe(model, spec) -> dict:
@@ -229,39 +237,31 @@ def evaluate(model, teacher=None, data=None, output_dir: str | None = None, sect
     return report
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m training.evaluate",
+@dataclass
+class EvaluateArguments:
+    """What `python -m training.evaluate` evaluates and where the report goes (the knobs are EvalConfig's)."""
+
+    model: str = field(metadata={"help": "student folder or Hub id"})
+    teacher: str | None = field(default=None, metadata={"help": "teacher folder or Hub id (same tokenizer as the student)"})
+    data: list[str] | None = field(default=None, metadata={
+        "help": "held-out data: JSONL / Parquet / text files, a folder of them, or a shard folder"})
+    output: str | None = field(default=None, metadata={"help": "folder that receives eval/ (default: the model folder)"})
+    sections: list[str] | None = field(default=None, metadata={"choices": SECTIONS,
+                                                               "help": "sections to run (default: all that apply)"})
+    skip: list[str] = field(default_factory=list, metadata={"choices": SECTIONS, "help": "sections to leave out"})
+
+
+def build_parser():
+    from training.utils.parser import CommandParser
+
+    return CommandParser(
+        [EvaluateArguments, EvalConfig], prog="python -m training.evaluate",
         description="Evaluate a RetNet student (and its teacher on the same tokens); writes <output>/eval/.")
-    parser.add_argument("--model", required=True, help="student folder or Hub id")
-    parser.add_argument("--teacher", default=None, help="teacher folder or Hub id (same tokenizer as the student)")
-    parser.add_argument("--data", nargs="+", default=None,
-                        help="held-out data: JSONL / Parquet / text files, a folder of them, or a shard folder")
-    parser.add_argument("--output", default=None, help="folder that receives eval/ (default: the model folder)")
-    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=None,
-                        help="sections to run (default: all that apply)")
-    parser.add_argument("--skip", nargs="+", choices=SECTIONS, default=(), help="sections to leave out")
-    defaults = EvalConfig()
-    for f in fields(EvalConfig):
-        default = getattr(defaults, f.name)
-        help_text = f"{f.metadata['help']} (default: {default})"
-        if isinstance(default, bool):
-            parser.add_argument(f"--{f.name}", default=default, action=argparse.BooleanOptionalAction, help=help_text)
-        elif isinstance(default, tuple):
-            kind = {"passkey_lengths": int, "latency_lengths": int, "passkey_depths": float}.get(f.name, str)
-            parser.add_argument(f"--{f.name}", nargs="*", type=kind, default=default, help=help_text)
-        else:
-            kind = {"max_documents": int, "lm_eval_limit": int, "lm_eval_num_fewshot": int}.get(f.name, type(default))
-            parser.add_argument(f"--{f.name}", type=str if default is None and kind is type(None) else kind,
-                                default=default, help=help_text)
-    return parser
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    values = {f.name: getattr(args, f.name) for f in fields(EvalConfig)}
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    config = EvalConfig(**values)
+    args, config = build_parser().parse_or_exit(argv)
     sections = args.sections
     if args.skip:
         sections = [s for s in (sections or _resolve_sections(None, args.data, config)) if s not in args.skip]

@@ -1,11 +1,12 @@
 """Held-out next-token loss, perplexity and agreement with the teacher, on exactly the same tokens.
 
 Documents come through the project's readers (shard folders via `PretokenizedShardDataset`, JSONL / Parquet /
-text via `training.preprocess`), each starting with BOS. A document that fits in `window` tokens is scored whole;
-a longer one in sliding windows of `window` tokens advancing by `stride`, each scoring only tokens the previous
-window did not, so every token is scored once and (past the first window) sees at least `window - stride` tokens
-of context. Student and teacher are fed the same window tensors; each model's inputs are hashed separately as it
-is fed, so the report can show that the tokens were identical rather than assume it.
+text via `training.data.records`, encoded as `training.preprocess` encodes them), each starting with BOS. A
+document that fits in `window` tokens is scored whole; a longer one in sliding windows of `window` tokens advancing
+by `stride`, each scoring only tokens the previous window did not, so every token is scored once and (past the
+first window) sees at least `window - stride` tokens of context. Student and teacher are fed the same window
+tensors; each model's inputs are hashed separately as it is fed, so the report can show that the tokens were
+identical rather than assume it.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def load_documents(spec, tokenizer, max_documents: int | None = None, append_eos
     """[{"input_ids": [T], "labels": [T]}] from a shard folder or JSONL / Parquet / text files (or a folder of
     them), in file order; text encoded as `training.preprocess` does (`append_eos` as its option). Empty texts are
     skipped; no text at all is an error naming the input."""
-    from training.data import preprocess
+    from training.data import records
     from training.data.shards import PretokenizedShardDataset
 
     specs = [os.fspath(s) for s in spec] if isinstance(spec, (list, tuple)) else [os.fspath(spec)]
@@ -44,16 +45,13 @@ def load_documents(spec, tokenizer, max_documents: int | None = None, append_eos
             docs.append({"input_ids": item["input_ids"].tolist(), "labels": item["labels"].tolist()})
         seen = len(shards)
     else:
-        for src in preprocess.discover_sources(specs):
-            for where, obj in preprocess.iter_source_records(src):
-                seen += 1
-                record = preprocess.normalize_record(obj, where)
-                if record is None:
-                    continue
-                ids, labels = preprocess.encode_record(record, tokenizer, where, append_eos=append_eos)
-                docs.append({"input_ids": list(ids), "labels": list(labels)})
-                if max_documents is not None and len(docs) >= max_documents:
-                    break
+        for where, obj in records.iter_records(specs):
+            seen += 1
+            record = records.normalize_record(obj, where)
+            if record is None:
+                continue
+            ids, labels = records.encode_record(record, tokenizer, where, append_eos=append_eos)
+            docs.append({"input_ids": list(ids), "labels": list(labels)})
             if max_documents is not None and len(docs) >= max_documents:
                 break
     bos = tokenizer.bos_token_id

@@ -7,6 +7,8 @@ import hashlib
 import json
 import os
 
+from training.utils.checks import check_local_folder
+
 
 def _register_retnet() -> None:
     """`hf_retnet` registers its config/model with the Auto classes when it is importable (a checkpoint on the
@@ -30,6 +32,8 @@ def load_model_config(spec: str, role: str, trust_remote_code: bool):
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     _register_retnet()
+    spec = os.path.expanduser(os.fspath(spec))
+    check_local_folder(spec, f"--{role}" if role in ("model", "teacher") else role)
     spec = _resolve(spec)
     if os.path.isdir(spec) and not os.path.isfile(os.path.join(spec, "config.json")):
         raise ValueError(
@@ -39,6 +43,11 @@ def load_model_config(spec: str, role: str, trust_remote_code: bool):
     try:
         config = AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code)
     except Exception as e:  # transformers raises OSError / ValueError / KeyError for the many ways this fails
+        if not os.path.exists(spec):
+            raise ValueError(
+                f"{role} {spec!r}: no such local folder, and not loadable as a Hub id ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}); pass an existing model folder or a reachable Hub id"
+            ) from e
         raise ValueError(
             f"{role} {spec!r}: could not load a model config ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
             "pass a causal-LM folder written by save_pretrained or a Hub id (with --trust_remote_code for custom code)"
@@ -81,6 +90,8 @@ def load_causal_lm(spec: str, role: str = "model", *, dtype: str = "float32", de
 def load_tokenizer(spec: str, role: str = "model"):
     from transformers import AutoTokenizer
 
+    spec = os.path.expanduser(os.fspath(spec))
+    check_local_folder(spec, f"--{role}" if role in ("model", "teacher", "tokenizer") else role)
     try:
         tokenizer = AutoTokenizer.from_pretrained(_resolve(spec))
     except Exception as e:

@@ -13,10 +13,13 @@ import json
 import os
 import re
 import string
+from dataclasses import dataclass, field
 
 import yaml
 
 from training.evaluation.report import markdown_table
+from training.hub.teacher import describe_teacher, is_hub_id, teacher_text
+from training.utils.errors import command
 from training.utils.io import atomic_write_text
 
 
@@ -26,7 +29,7 @@ def _table(header, rows) -> str:
 # The template ships as package data of `model_cards` (installed beside `training`); found by path, not imported.
 TEMPLATE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "model_cards",
                         "retnet_student.md")
-PROJECT_URL = "https://github.com/hf-retnet/hf-retnet"
+PROJECT_NAME = "hf-retnet"
 CARD_NAME = "README.md"
 # What reads as an unfilled placeholder on a published card.
 PLACEHOLDER_RE = re.compile(r"\{\{|\}\}|\$\{|\bTODO\b|\bFIXME\b|\bTBD\b|<[A-Za-z_][^<>\n]*>")
@@ -36,7 +39,6 @@ RECIPE_KEYS = (
     "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "muon_learning_rate", "optim",
     "lr_scheduler_type", "warmup_steps", "warmup_ratio", "weight_decay", "max_grad_norm", "bf16", "fp16", "seed",
 )
-_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def find_placeholders(text: str) -> list[str]:
@@ -52,12 +54,6 @@ def _read_json(path: str):
             return json.load(handle)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
-
-
-def is_hub_id(value) -> bool:
-    """'owner/name' that is not an existing local path: something the Hub's base_model/datasets fields accept."""
-    return (isinstance(value, str) and bool(_HUB_ID_RE.match(value)) and not os.path.exists(value)
-            and not value.lower().endswith((".jsonl", ".json", ".parquet", ".txt", ".csv", ".yaml", ".md")))
 
 
 def count_parameters(run_dir: str) -> int:
@@ -93,10 +89,96 @@ def _bytes(n: float) -> str:
 
 
 def state_bytes(config: dict) -> int:
-    """fp32 recurrent state of one sequence: per layer and head a [d_k, d_v] matrix (d_v = value_factor * d_k)."""
-    hidden, heads = config["hidden_size"], config["num_heads"]
-    d_k = hidden // heads
-    return config["num_hidden_layers"] * heads * d_k * d_k * config.get("value_factor", 2) * 4
+    """Bytes of decoding state one sequence carries, whatever the context length: what `RetNetCache` holds for a
+    batch of one (`RetNetCache.nbytes()`), computed from config.json. Per layer and k/v head (grouped heads share
+    one state, `num_kv_heads`): the fp32 retention matrix [d_k, d_v] (d_v + 1 columns with
+    `retention_score_normalization`); a hybrid (`attention_window` W > 0, plus `attention_sinks` S where the model
+    has them) adds S + W fp32 keys [d_k] and values [d_v], and one bool per slot marks which hold a token; one
+    int64 counts the tokens read (the next position).
+    d_k = `head_dim` (default hidden_size / num_heads), d_v = `value_head_dim` (default value_factor * d_k)."""
+    layers, heads = config["num_hidden_layers"], config["num_heads"]
+    kv_heads = config.get("num_kv_heads") or heads
+    d_k = config.get("head_dim") or config["hidden_size"] // heads
+    d_v = config.get("value_head_dim") or d_k * config.get("value_factor", 2)
+    state = d_k * (d_v + (1 if config.get("retention_score_normalization") else 0))
+    slots = (config.get("attention_window") or 0) + ((config.get("attention_sinks") or 0) if config.get(
+        "attention_window") else 0)
+    fp32 = 4
+    return layers * kv_heads * (state + slots * (d_k + d_v)) * fp32 + slots + 8  # + slot flags + position
+
+
+def _git_remote(root: str) -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "-C", root, "remote", "get-url", "origin"], capture_output=True, text=True,
+                             timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
+
+
+def normalize_git_url(url: str | None) -> str | None:
+    """A git remote as a public https URL without credentials or `.git` (`git@github.com:o/r.git` ->
+    `https://github.com/o/r`); None for a local path or anything unrecognised."""
+    if not url:
+        return None
+    url = url.strip()
+    scp = re.match(r"^(?:[\w.-]+@)?([\w.-]+\.[A-Za-z]{2,}):(?!//)(.+)$", url)  # git@host:owner/repo.git
+    if scp:
+        host, path = scp.group(1), scp.group(2)
+    else:
+        parsed = re.match(r"^(?:https?|ssh|git|git\+ssh)://(?:[^@/]*@)?([^/:]+)(?::\d+)?/(.+)$", url)
+        if not parsed:
+            return None
+        host, path = parsed.group(1), parsed.group(2)
+    path = path.strip("/")
+    if path.endswith(".git"):
+        path = path[:-4]
+    if not path or "/" not in path:
+        return None
+    return f"https://{host}/{path}"
+
+
+def project_url() -> str | None:
+    """This project's repository URL, from the git metadata of the checkout the code runs from (`git remote get-url
+    origin`, as https); None when there is no checkout or no origin (then the card links nothing)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return normalize_git_url(_git_remote(root))
+
+
+def architecture_text(config: dict) -> str:
+    """The architecture paragraph, from what config.json says this model is."""
+    decays = config.get("retention_decays")
+    if decays:
+        per = "per layer and head" if isinstance(decays[0], list) else "per head"
+        decay = (f"decays {per} chosen for this model rather than RetNet's fixed schedule (`retention_decays` in "
+                 "config.json: set at conversion from the teacher and/or learned in training)")
+    else:
+        decay = "fixed per-head decay gamma_h = 1 - 2^(-5-h)"
+    heads, kv = config.get("num_heads"), config.get("num_kv_heads") or config.get("num_heads")
+    parts = [f"multi-scale retention with {decay}"]
+    if kv and heads and kv < heads:
+        parts.append(f"grouped k/v heads ({heads} query heads read {kv} shared states)")
+    parts.append("rotary relative positions")
+    parts.append("per-head RMS normalisation" + ("" if config.get("group_norm_affine", True) else " without a learned scale"))
+    parts.append("a swish output gate" if config.get("use_output_gate", True) else "no output gate")
+    act = config.get("hidden_act", "silu")
+    parts.append("a SwiGLU feed-forward block" if act == "silu" else f"a gated feed-forward block ({act})")
+    text = ("Retention after Sun et al. (2023), *Retentive Network: A Successor to Transformer for Large Language "
+            "Models* (arXiv:2307.08621): " + ", ".join(parts[:-1]) + " and " + parts[-1] + ".")
+    window = config.get("attention_window") or 0
+    if window:
+        text += (f" Every layer is a hybrid: exact softmax attention over the last {window} tokens plus retention over "
+                 "the tokens that have left that window.")
+    return text
+
+
+def install_text(url: str | None) -> str:
+    where = (f"from its repository (`pip install \"git+{url}\"`)" if url else
+             "from a clone of its repository (`pip install -e .` in the clone)")
+    return (f"With the hf-retnet code installed {where}; it is not published on PyPI. The model type is then "
+            "registered and no remote code runs")
 
 
 def public(value):
@@ -174,12 +256,12 @@ def _describe_data(spec) -> str:
     return text
 
 
-def _training_section(state: dict | None, recipe: dict | None) -> tuple[str, str]:
+def _training_section(state: dict | None, recipe: dict | None, teacher: dict | None = None) -> tuple[str, str]:
     recipe = recipe or {}
     rows = []
-    teacher = recipe.get("teacher_model")
-    if teacher:
-        rows.append(["teacher", f"`{public(teacher)}`" + (f" (source: {recipe['teacher_source']})" if recipe.get("teacher_source") else "")])
+    if teacher and recipe:
+        rows.append(["teacher", teacher_text(teacher) + (f" (teacher_source: {recipe['teacher_source']})"
+                                                         if recipe.get("teacher_source") else "")])
     if recipe.get("kd_loss"):
         rows.append(["objective", f"{recipe.get('distill_alpha')} × CE + (1 − {recipe.get('distill_alpha')}) × "
                                   f"{recipe['kd_loss']} on the teacher's top-{recipe.get('teacher_topk')} "
@@ -230,8 +312,15 @@ def build_card(run_dir: str, repo_id: str | None = None, base_model: str | None 
     recipe = _read_json(os.path.join(run_dir, "training_config.json"))
     report = _read_json(os.path.join(run_dir, "eval", "report.json"))
     repo_id = repo_id or os.path.basename(os.path.abspath(run_dir))
+    # A Hub id names itself; otherwise what training.train recorded while the teacher folder was at hand, else what
+    # the folder (still) says.
     teacher = (recipe or {}).get("teacher_model") or ((report or {}).get("teacher") or {}).get("name_or_path")
-    base_model = base_model or (teacher if is_hub_id(teacher) else None)
+    identity = None if is_hub_id(teacher) else (recipe or {}).get("teacher_identity")
+    if not identity:
+        identity = describe_teacher(teacher)
+        if identity is not None:
+            identity["adapter"] = bool((recipe or {}).get("teacher_adapter"))
+    base_model = base_model or ((identity or {}).get("hub_id") if identity else None)
     if datasets is None:
         data = (recipe or {}).get("train_data")
         datasets = [d.split(":")[0] for d in (data if isinstance(data, list) else [data]) if is_hub_id(str(d).split(":")[0])]
@@ -250,7 +339,12 @@ def build_card(run_dir: str, repo_id: str | None = None, base_model: str | None 
         ["architecture", f"{config.get('architectures', ['RetNetForCausalLM'])[0]} (model_type `{config.get('model_type')}`)"],
         ["parameters", f"{n_params:,} ({_human(n_params)})"],
         ["layers", config.get("num_hidden_layers")], ["hidden size", config.get("hidden_size")],
-        ["retention heads", config.get("num_heads")], ["FFN size", config.get("intermediate_size")],
+        ["retention heads", config.get("num_heads")],
+        *([["k/v heads (one state each)", config["num_kv_heads"]]]
+          if config.get("num_kv_heads") and config["num_kv_heads"] != config.get("num_heads") else []),
+        *([["attention window (hybrid)", f"{config['attention_window']} tokens"]]
+          if config.get("attention_window") else []),
+        ["FFN size", config.get("intermediate_size")],
         ["vocabulary", config.get("vocab_size")], ["chunk size (chunkwise form)", config.get("chunk_size")],
         ["tied embeddings", config.get("tie_word_embeddings")],
         ["recurrent state", f"{_bytes(state_bytes(config))} fp32 per sequence, whatever the context length"],
@@ -260,16 +354,21 @@ def build_card(run_dir: str, repo_id: str | None = None, base_model: str | None 
         recipe_view.pop("num_train_epochs", None)  # max_steps decides the length
     else:
         recipe_view.pop("max_steps", None)
-    intro, train_table = _training_section(state, recipe)
-    teacher_text = f"`{base_model or public(teacher)}`" if teacher else "a Transformer teacher"
+    intro, train_table = _training_section(state, recipe, identity)
+    if base_model and not (identity or {}).get("hub_id"):
+        identity = {**(identity or {}), "name": base_model, "hub_id": base_model}
+    url = project_url()
     held = (report or {}).get("heldout")
     values = {
         "metadata": yaml.safe_dump(meta, sort_keys=False).strip(),
         "title": title or repo_id.split("/")[-1],
         "num_parameters": _human(n_params),
-        "teacher_text": teacher_text,
-        "project_url": PROJECT_URL,
+        "teacher_text": teacher_text(identity),
+        "project_link": f"[{PROJECT_NAME}]({url})" if url else PROJECT_NAME,
         "state_size": _bytes(state_bytes(config)),
+        "architecture_text": architecture_text(config),
+        "install_text": install_text(url),
+        "decay_rates": "per-head rates set for this model" if config.get("retention_decays") else "fixed per-head rates",
         "architecture_table": "\n".join(_table(["", ""], arch_rows).splitlines()[2:]),
         "repo_id": repo_id,
         "training_text": intro,
@@ -294,15 +393,28 @@ def write_card(run_dir: str, path: str | None = None, **kwargs) -> str:
     return atomic_write_text(path or os.path.join(run_dir, CARD_NAME), card)
 
 
+@dataclass
+class ModelCardArguments:
+    """`python -m training.model_card RUN_DIR`: every field is a flag (or positional) and a YAML key."""
+
+    run_dir: str = field(metadata={"positional": True, "help": "a finished training.train output_dir"})
+    repo_id: str | None = field(default=None, metadata={
+        "help": "Hub id used in the card's code (default: the folder name)"})
+    base_model: str | None = field(default=None, metadata={
+        "help": "Hub id of the teacher (default: from the run's config)"})
+    license: str | None = field(default=None, metadata={"help": "license identifier for the YAML header"})
+
+
+def build_parser():
+    from training.utils.parser import CommandParser
+
+    return CommandParser(ModelCardArguments, prog="python -m training.model_card",
+                         description="Write RUN_DIR/README.md, the student's model card.")
+
+
+@command
 def main(argv=None) -> int:
     """python -m training.model_card RUN_DIR [--repo_id ...]: write RUN_DIR/README.md, the student's model card."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m training.model_card", description=main.__doc__)
-    parser.add_argument("run_dir", help="a finished training.train output_dir")
-    parser.add_argument("--repo_id", default=None, help="Hub id used in the card's code (default: the folder name)")
-    parser.add_argument("--base_model", default=None, help="Hub id of the teacher (default: from the run's config)")
-    parser.add_argument("--license", default=None, help="license identifier for the YAML header")
-    args = parser.parse_args(argv)
+    (args,) = build_parser().parse_or_exit(argv)
     print(write_card(args.run_dir, repo_id=args.repo_id, base_model=args.base_model, license=args.license))
     return 0

@@ -14,14 +14,15 @@ in a temporary directory and uploads it with `huggingface_hub.upload_folder`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass, field
 
+from training.utils.errors import command
 from training.utils.io import atomic_write_json, staged_folder
 
 WEIGHT_SUFFIXES = (".safetensors",)
@@ -153,8 +154,12 @@ def push(run_dir: str, repo_id: str, token: str | None = None, private: bool = F
 
 
 def save_training_config(config, output_dir: str) -> str:
-    """The run's DistillationConfig as JSON beside the weights (secrets dropped), for the card and for the record."""
+    """The run's DistillationConfig as JSON beside the weights (secrets dropped), for the card and for the record,
+    with `teacher_identity` (training.hub.teacher: the Hub id or the checkpoint the teacher was converted from)."""
+    from training.hub.teacher import teacher_of_run
+
     values = {k: v for k, v in config.to_dict().items() if not _SECRET_KEY_RE.search(k)}
+    values["teacher_identity"] = teacher_of_run(config)  # what the teacher is, while its folder is at hand
     return atomic_write_json(os.path.join(output_dir, TRAINING_CONFIG), values, newline=True, sort_keys=True,
                              default=str)
 
@@ -186,17 +191,31 @@ def finish_run(trainer, config, plan: dict | None) -> str | None:
     return url
 
 
+@dataclass
+class PushArguments:
+    """`python -m training.push RUN_DIR REPO_ID`: every field is a flag (or positional) and a YAML key."""
+
+    run_dir: str = field(metadata={"positional": True,
+                                   "help": "a finished training.train output_dir (evaluated: eval/report.json)"})
+    repo_id: str = field(metadata={"positional": True, "help": "Hub repository, e.g. user/retnet-500m"})
+    token: str | None = field(default=None, metadata={"help": "Hub token (default: HF_TOKEN or `hf auth login`)"})
+    private: bool = field(default=False, metadata={"help": "create the repository private"})
+    base_model: str | None = field(default=None, metadata={"help": "teacher's Hub id for the card (default: from the run)"})
+    license: str | None = field(default=None, metadata={"help": "license identifier for the card's metadata"})
+    commit_message: str | None = field(default=None, metadata={"help": "the Hub commit's message"})
+    folder: str | None = field(default=None, metadata={
+        "help": "only build the upload folder here (empty or new); no upload"})
+
+
+def build_parser():
+    from training.utils.parser import CommandParser
+
+    return CommandParser(PushArguments, prog="python -m training.push", description=__doc__.split("\n\n")[0])
+
+
+@command
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.push", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", help="a finished training.train output_dir (evaluated: eval/report.json)")
-    parser.add_argument("repo_id", help="Hub repository, e.g. user/retnet-500m")
-    parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or `hf auth login`)")
-    parser.add_argument("--private", action="store_true", help="create the repository private")
-    parser.add_argument("--base_model", default=None, help="teacher's Hub id for the card (default: from the run)")
-    parser.add_argument("--license", default=None, help="license identifier for the card's metadata")
-    parser.add_argument("--commit_message", default=None)
-    parser.add_argument("--folder", default=None, help="only build the upload folder here (empty or new); no upload")
-    args = parser.parse_args(argv)
+    (args,) = build_parser().parse_or_exit(argv)
     if args.folder:
         written = build_hub_folder(args.run_dir, args.folder, repo_id=args.repo_id, base_model=args.base_model,
                                    license=args.license)

@@ -66,6 +66,11 @@ class TeacherUnavailableError(RuntimeError):
     """No valid answer within the retry budget (server down, timing out, or answering garbage)."""
 
 
+class TeacherNotListeningError(TeacherUnavailableError, ConnectionRefusedError):
+    """Nothing listens at the teacher URL at start-up (connection refused past `connect_grace`): a wrong URL or a
+    server not started, an input mistake, so it is also an OSError, which the commands answer with one line."""
+
+
 class NetworkTeacher:
     """A `TeacherSource` backed by a teacher server.
 
@@ -426,7 +431,7 @@ class NetworkTeacher:
             except httpx.ConnectError as err:  # nothing listens there (or the host is unknown)
                 last = repr(err)
                 if time.monotonic() - started >= self.connect_grace:
-                    raise TeacherUnavailableError(
+                    raise TeacherNotListeningError(
                         f"no teacher server at {self.url}: connection refused for {self.connect_grace:g}s ({err}). "
                         "Start it (`python -m training.serve_teacher --model <teacher> --port <port>`, or vLLM's "
                         "OpenAI server) or fix teacher_url; for a server still loading, raise teacher_connect_timeout."

@@ -44,6 +44,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+from training.utils.errors import command
+
 __all__ = [
     "FILTERS",
     "SynthesizeArguments",
@@ -581,14 +583,19 @@ def synthesize(args: SynthesizeArguments, model=None, tokenizer=None) -> dict:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    from transformers import HfArgumentParser
+def build_parser():
+    from training.utils.parser import CommandParser
 
-    parser = HfArgumentParser(SynthesizeArguments, prog="python -m training.synthesize",
-                              description="Write instruction-following chat data with an instruct teacher: it writes "
-                              "the requests (Magpie) or answers --prompts; resumable, deterministic given --seed.")
+    return CommandParser(SynthesizeArguments, prog="python -m training.synthesize",
+                         description="Write instruction-following chat data with an instruct teacher: it writes "
+                         "the requests (Magpie) or answers --prompts; resumable, deterministic given --seed.")
+
+
+@command
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     try:
-        (args,) = parser.parse_args_into_dataclasses(args=argv)
+        (args,) = parser.parse_or_exit(argv)  # a bad key exits 2 with one line; a bad value (ValueError) below
         result = synthesize(args)
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:
         print(f"synthesize: error: {err}", file=sys.stderr)

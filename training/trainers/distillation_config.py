@@ -10,13 +10,18 @@ import dataclasses
 import difflib
 import json
 import os
-import re
 from dataclasses import dataclass, field
-from typing import Any
 
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import TrainingArguments
 from transformers.training_args import OptimizerNames
 
+from training.utils.checks import (
+    check_checkpoint_folder,
+    check_local_folder,
+    check_output_folder,
+    check_weight_files,
+    expand,
+)
 from training.utils.paths import looks_like_local_path
 from training.converters.gguf import is_gguf_path
 
@@ -25,6 +30,9 @@ KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 CACHE_VERIFY = ("full", "manifest", "none")
 MUON_ADJUST_LR = ("original", "match_rms_adamw")
+# Config keys that hold local paths (or Hub ids); `~` in them is expanded once, at validation.
+PATH_KEYS = ("student", "teacher_model", "teacher_adapter", "teacher_cache", "tokenizer", "train_data", "eval_data",
+             "resume_from_checkpoint")
 
 
 @dataclass
@@ -254,15 +262,26 @@ class DistillationConfig(TrainingArguments):
                 SaddleEscapeConfig.from_dict(dict(self.saddle_escape_config))
             except (TypeError, ValueError) as err:
                 raise bad("saddle_escape_config", str(err)) from None
+        # '~/runs/aligned' means the same folder to every consumer (the loaders do not all expand it themselves).
+        for key in PATH_KEYS:
+            setattr(self, key, expand(getattr(self, key)))
         if not self.student:
             raise bad("student", "empty; give a variant name ('350M', '500M') or a folder")
-        if not os.path.isdir(os.path.expanduser(self.student)):
+        if not os.path.isdir(self.student):
             from hf_retnet import VARIANTS
 
             if self.student not in VARIANTS:
                 if looks_like_local_path(self.student):
                     raise FileNotFoundError(f"config key 'student': folder {self.student!r} does not exist")
                 raise bad("student", f"{self.student!r} is neither a variant {sorted(VARIANTS)} nor an existing folder")
+        check_student(self.student, self.student_overrides)
+        check_output_folder(self.output_dir, "config key 'output_dir':")
+        check_local_folder(self.tokenizer, "config key 'tokenizer'")
+        for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise bad(key, f"must be an integer >= 1, got {value!r}")
+        self._check_resume()
 
         if self.teacher_source not in TEACHER_SOURCES:
             raise bad("teacher_source", f"{self.teacher_source!r} is not one of {TEACHER_SOURCES}")
@@ -330,6 +349,31 @@ class DistillationConfig(TrainingArguments):
             raise bad("muon_adjust_lr_fn", f"{self.muon_adjust_lr_fn!r} is not one of {MUON_ADJUST_LR}")
         if self.max_seq_length < 2:
             raise bad("max_seq_length", f"must be >= 2 (one input and one next token), got {self.max_seq_length}")
+        if self.teacher_source == "cached":
+            check_cache_settings(self.teacher_cache, self.max_seq_length)
+
+    def _check_resume(self) -> None:
+        """`resume_from_checkpoint`: 'last' (also 'true', 'latest') needs a checkpoint in output_dir; a folder must
+        be a complete Trainer checkpoint. Checked here so a typo fails before the models load, naming the folder."""
+        resume = self.resume_from_checkpoint
+        if resume is None or isinstance(resume, bool):
+            return
+        resume = str(resume).strip()
+        if resume.lower() in ("", "false", "none", "no"):
+            self.resume_from_checkpoint = None
+            return
+        if resume.lower() in ("true", "last", "latest"):
+            from transformers.trainer_utils import get_last_checkpoint
+
+            last = get_last_checkpoint(self.output_dir) if os.path.isdir(self.output_dir) else None
+            if last is None:
+                raise FileNotFoundError(
+                    f"config key 'resume_from_checkpoint': {resume!r} resumes from the newest checkpoint-N folder in "
+                    f"output_dir {self.output_dir!r}, which has none; leave resume_from_checkpoint out to start fresh"
+                )
+            check_checkpoint_folder(last, "config key 'resume_from_checkpoint'")
+            return
+        check_checkpoint_folder(resume, "config key 'resume_from_checkpoint'")
 
     def alpha_at(self, step: int) -> float:
         """CE weight at optimizer step `step` (linear schedule from distill_alpha_start, then constant)."""
@@ -344,6 +388,100 @@ class DistillationConfig(TrainingArguments):
         return "reverse_kl" if step < self.reverse_kl_warmup_steps else self.kd_loss
 
 
+def retnet_config_keys() -> set[str]:
+    """The names `student_overrides` may set: RetNetConfig's arguments and PretrainedConfig's."""
+    import inspect
+
+    from transformers import PretrainedConfig
+
+    from hf_retnet import RetNetConfig
+
+    keys = set()
+    for cls in (RetNetConfig, PretrainedConfig):
+        keys |= {name for name, p in inspect.signature(cls.__init__).parameters.items()
+                 if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return keys
+
+
+def student_config_from_folder(folder: str, overrides: dict | None = None):
+    """The RetNetConfig of a student folder with `overrides` applied through RetNetConfig's constructor, so an
+    override is checked exactly like a value in config.json (`setattr` would skip the checks). Refuses a folder
+    that holds no RetNet (a Llama teacher passed as the student, a folder without config.json)."""
+    from hf_retnet import RetNetConfig
+
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"config key 'student': folder {folder!r} has no config.json; pass a RetNet checkpoint folder (from "
+            "training.train or training.align) or a variant name ('350M', '500M')"
+        )
+    try:
+        with open(path, encoding="utf-8") as handle:
+            model_type = json.load(handle).get("model_type")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
+        raise ValueError(f"config key 'student': {path} is not a JSON config ({err})") from None
+    if model_type != RetNetConfig.model_type:
+        raise ValueError(
+            f"config key 'student': {folder!r} holds a {model_type!r} model, not a RetNet ({RetNetConfig.model_type!r}); "
+            "convert a Llama first (python -m training.align --teacher <folder> --student_out <new folder>) and "
+            "pass that folder, or pass a variant name ('350M', '500M')"
+        )
+    config = RetNetConfig.from_pretrained(folder)
+    if not overrides:
+        return config
+    values = {**config.to_dict(), **overrides}
+    if ("hidden_size" in overrides or "num_heads" in overrides) and "head_dim" not in overrides:
+        values["head_dim"] = None  # derived from the new hidden_size / num_heads, not the folder's
+    try:
+        student = RetNetConfig.from_dict(values)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"config key 'student_overrides': {err} (on top of {path})") from None
+    student._name_or_path = config._name_or_path
+    return student
+
+
+def check_student(student: str, overrides: dict | None) -> None:
+    """Before any weights load: `student_overrides` names RetNetConfig fields and gives a valid config (RetNetConfig's
+    own checks, e.g. num_heads dividing hidden_size), and a folder student holds a RetNet with complete safetensors."""
+    from hf_retnet import RetNetConfig
+
+    overrides = dict(overrides or {})
+    known = retnet_config_keys()
+    for key in overrides:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else " (see hf_retnet.RetNetConfig)"
+            raise ValueError(f"config key 'student_overrides': {key!r} is not a RetNetConfig field{hint}")
+    if os.path.isdir(student):
+        student_config_from_folder(student, overrides)
+        check_weight_files(student, "config key 'student':")
+        return
+    try:
+        RetNetConfig.from_variant(student, **overrides)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"config key 'student_overrides': {err}") from None
+
+
+def check_cache_settings(cache_dir: str | None, max_seq_length: int) -> None:
+    """A teacher cache answers only for sequences truncated as it truncated them: its manifest's max_seq_length
+    must be the training max_seq_length (a cache built without truncation, max_seq_length null, is not checked
+    here; every row is still checked by its hash when read)."""
+    path = os.path.join(cache_dir or "", "manifest.json")
+    if not cache_dir or not os.path.isfile(path):
+        return  # the cached teacher says what is missing
+    try:
+        with open(path, encoding="utf-8") as handle:
+            built = (json.load(handle).get("data") or {}).get("max_seq_length")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return  # the cached teacher reports a damaged manifest
+    if built is not None and int(built) != int(max_seq_length):
+        raise ValueError(
+            f"config key 'max_seq_length': {max_seq_length}, but the teacher cache {cache_dir!r} was built with "
+            f"max_seq_length {built} ({path}); train with --max_seq_length {built} or rebuild the cache with "
+            f"--max-seq-length {max_seq_length}"
+        )
+
+
 def _linear(start: float | None, end: float, step: int, steps: int) -> float:
     if start is None or steps <= 0 or step >= steps:
         return float(end)
@@ -356,57 +494,24 @@ def distillation_field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(DistillationConfig) if f.name not in base]
 
 
-def config_parser(config_class, **kwargs) -> HfArgumentParser:
-    """HfArgumentParser over `config_class`, with literal `%` in help texts escaped: transformers 5.2
-    ships TrainingArguments help such as "~20% slower", which makes argparse's `--help` raise."""
-    parser = HfArgumentParser(config_class, **kwargs)
-    for action in parser._actions:
-        if action.help:
-            action.help = re.sub(r"(?<!%)%(?![(%])", "%%", action.help)
-    return parser
+def config_parser(config_class, **kwargs):
+    """The command parser (`training.utils.parser.CommandParser`: YAML + `--key value`) over `config_class`."""
+    from training.utils.parser import CommandParser
+
+    return CommandParser(config_class, **kwargs)
 
 
 def load_config(
     yaml_path: str | os.PathLike | None = None, overrides: list[str] | None = None, config_class: type | None = None
 ):
-    """YAML file, then `--key value` overrides (HfArgumentParser semantics) -> a validated DistillationConfig
-    (or `config_class`, any `TrainingArguments` dataclass, e.g. the teacher finetuning config).
+    """YAML file, then `--key value` overrides -> a validated DistillationConfig (or `config_class`, any
+    `TrainingArguments` dataclass, e.g. the teacher finetuning config). The parsing is the one every command uses
+    (`training.utils.parser.CommandParser`).
 
     Raises ValueError naming the key for an unknown key, a malformed override or an out-of-range value, and
     FileNotFoundError for a missing config file or teacher/student folder. Nothing is loaded or written.
     """
-    import yaml
-
-    values: dict[str, Any] = {}
-    if yaml_path is not None:
-        if not os.path.isfile(yaml_path):
-            raise FileNotFoundError(f"config file {str(yaml_path)!r} does not exist")
-        with open(yaml_path, encoding="utf-8") as handle:
-            loaded = yaml.safe_load(handle)
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ValueError(f"config file {str(yaml_path)!r} must hold a mapping of keys to values")
-        values = dict(loaded or {})
-    config_class = config_class or DistillationConfig
-    known = {f.name for f in dataclasses.fields(config_class) if f.init}
-    _reject_unknown(values, known, where=f"config file {str(yaml_path)!r}")
-
-    parser = config_parser(config_class, exit_on_error=False)
-    parser.set_defaults(**values)
-    overrides = list(overrides or [])
-    flags = [a.split("=", 1)[0][2:].replace("-", "_") for a in overrides if a.startswith("--")]
-    _reject_unknown(dict.fromkeys(flags), known, where="command line")
-    try:
-        namespace, remaining = parser.parse_known_args(overrides)
-    except Exception as err:  # argparse.ArgumentError: a value of the wrong type
-        raise ValueError(f"bad command-line override: {err}") from None
-    if remaining:
-        raise ValueError(f"unused command-line arguments {remaining}; pass overrides as --key value")
-    return config_class(**{k: v for k, v in vars(namespace).items() if k in known})
-
-
-def _reject_unknown(values: dict, known: set[str], where: str) -> None:
-    for key in values:
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else "; see `python -m training.train --help`"
-            raise ValueError(f"unknown config key '{key}' in {where}{hint}")
+    argv = (["--config", os.fspath(yaml_path)] if yaml_path is not None else []) + list(overrides or [])
+    prog = "python -m training.train" if config_class in (None, DistillationConfig) else None
+    (config,) = config_parser(config_class or DistillationConfig, prog=prog).parse(argv)
+    return config

@@ -33,7 +33,8 @@ try:
 except ImportError as err:  # pragma: no cover - trl ships with the dev and trl extras
     raise ImportError("teacher finetuning needs TRL: pip install 'hf-retnet[trl]' (or pip install 'trl>=1.16')") from err
 
-from training.trainers.distillation_config import config_parser, load_config
+from training.utils.checks import check_output_folder
+from training.utils.errors import command
 from training.utils.io import atomic_write_json, staged_folder
 from training.utils.paths import looks_like_local_path
 from training.converters.gguf import is_gguf_path
@@ -123,6 +124,7 @@ class TeacherFinetuneConfig(SFTConfig):
             raise FileNotFoundError(f"config key 'teacher_model': folder {self.teacher_model!r} does not exist")
         if not self.train_data:
             raise bad("train_data", "required (the data the student will be distilled on)")
+        check_output_folder(self.output_dir, "config key 'output_dir':")
         for key in ("train_data", "eval_data"):
             value = getattr(self, key)
             if value and looks_like_local_path(value) and not os.path.exists(os.path.expanduser(value)):
@@ -168,17 +170,56 @@ class TeacherFinetuneConfig(SFTConfig):
         )
 
 
-def load_records(spec: str) -> list:
-    """(where, record) pairs of a local file or folder of files, in file order (the student's reader)."""
-    from training.data import records as raw_records
+def linear_module_names(model_name_or_path: str) -> tuple[str, list[str]] | None:
+    """(model_type, full names of the linear layers) of the model at `model_name_or_path`, read from its config (the
+    model is built on the meta device: no weights load); None when the config cannot be read that way."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    records = []
-    for src in raw_records.discover_sources([os.path.expanduser(spec)], recursive=False):
-        if src.kind == "hub":
-            records.extend((f"{src.path} row {i}", row) for i, row in enumerate(raw_records.load_hub_split(src)))
+    import hf_retnet  # noqa: F401  (registers the RetNet with the Auto classes)
+
+    try:
+        config = AutoConfig.from_pretrained(model_name_or_path)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception:  # noqa: BLE001 - the real load reports it; this check only runs where it can
+        return None
+    return config.model_type, [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+
+
+def check_lora_targets(targets: str, model_name_or_path: str, key: str = "lora_target_modules") -> None:
+    """Every comma-separated name in `targets` must name linear layers of the model (as peft matches them: the
+    module's name or its last parts), checked before any weights load; the error lists the valid names (for a
+    RetNet, `hf_retnet.LORA_TARGET_MODULES`)."""
+    if targets == "all-linear":
+        return
+    wanted = [t.strip() for t in targets.split(",") if t.strip()]
+    if not wanted:
+        raise ValueError(f"config key '{key}': empty; give 'all-linear' or comma-separated module names")
+    found = linear_module_names(model_name_or_path)
+    if found is None:
+        return
+    model_type, names = found
+    unknown = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in names)]
+    if unknown:
+        if model_type == "hf_retnet":
+            from hf_retnet import LORA_TARGET_MODULES
+
+            valid = list(LORA_TARGET_MODULES)
         else:
-            records.extend(raw_records.iter_source_records(src))
-    return records
+            valid = sorted({n.rsplit(".", 1)[-1] for n in names} - {"lm_head"})
+        raise ValueError(
+            f"config key '{key}': {', '.join(repr(t) for t in unknown)} matches no linear layer of "
+            f"{model_name_or_path!r}; valid targets: {','.join(valid)} (or 'all-linear')"
+        )
+
+
+def load_records(spec: str) -> list:
+    """(where, record) pairs of a local file or folder of files (or a datasets id), in file order: the student's
+    reader (`training.data.records.read_records`)."""
+    from training.data.records import read_records
+
+    return read_records(spec)
 
 
 def tokenize_records(records: list, tokenizer, max_length: int | None):
@@ -263,6 +304,7 @@ def run(config: TeacherFinetuneConfig) -> dict:
     from training.teachers.adapter import write_adapter_base
 
     base = resolve_pretrained(config.teacher_model)  # a .gguf file: its converted folder (cached)
+    check_lora_targets(config.lora_target_modules, base)  # a typo fails here, not inside peft
     tokenizer = AutoTokenizer.from_pretrained(base)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -326,20 +368,16 @@ def run(config: TeacherFinetuneConfig) -> dict:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
+def build_parser():
+    """`python -m training.finetune_teacher`'s parser: every TeacherFinetuneConfig / SFTConfig field as a key and flag."""
+    from training.utils.parser import CommandParser
 
-    argv = sys.argv[1:] if argv is None else list(argv)
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=None)
-    pre.add_argument("-h", "--help", action="store_true")
-    known, overrides = pre.parse_known_args(argv)
-    if known.help:
-        parser = config_parser(TeacherFinetuneConfig)
-        parser.prog = "python -m training.finetune_teacher --config CONFIG.yaml"
-        parser.print_help()
-        return 0
-    config = load_config(known.config, overrides, config_class=TeacherFinetuneConfig)
+    return CommandParser(TeacherFinetuneConfig, prog="python -m training.finetune_teacher", description=__doc__)
+
+
+@command
+def main(argv: list[str] | None = None) -> int:
+    (config,) = build_parser().parse_or_exit(argv)
     run(config)
     return 0
 

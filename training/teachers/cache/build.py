@@ -12,12 +12,12 @@ uninterrupted run. The main process writes `manifest.json` last: a folder withou
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import math
 import os
 import sys
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -39,6 +39,8 @@ from training.teachers.cache.format import (
     tokenizer_fingerprint,
     write_manifest,
 )
+from training.utils.checks import no_empty_folder_left
+from training.utils.errors import command
 from training.utils.io import atomic_write_bytes, sha256_file
 
 # ----------------------------------------------------------------------------------------------------------
@@ -304,41 +306,49 @@ def _clean_temporaries(folder: str) -> None:
 # CLI
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m training.cache_teacher_logits",
+@dataclass
+class CacheArguments:
+    """`python -m training.cache_teacher_logits` (hf-retnet cache): every field is a flag (`_` or `-`) and a YAML key."""
+
+    data: list[str] = field(metadata={"help": "the training (and eval) data exactly as the config names it: a shard "
+                                      "folder from `training.preprocess`, a JSONL / Parquet / text file or a datasets "
+                                      "id; Parquet/JSONL with an input_ids column are taken as already tokenized. "
+                                      "Several may be given."})
+    output: str = field(metadata={"help": "cache folder to write (created; resumed if it exists)"})
+    teacher: str | None = field(default=None, metadata={
+        "help": "teacher folder, Hub id or Llama .gguf file (also the default tokenizer)"})
+    adapter: str | None = field(default=None, metadata={"help": "optional peft adapter folder merged into the teacher"})
+    teacher_url: str | None = field(default=None, metadata={
+        "help": "use a running `training.serve_teacher` (or vLLM) server as the producer instead"})
+    teacher_api_key: str | None = field(default=None, metadata={
+        "help": "API key for --teacher-url (default: the TEACHER_API_KEY environment variable)"})
+    teacher_connect_timeout: float = field(default=10.0, metadata={
+        "help": "seconds a refused connection to --teacher-url (nothing listening) is retried before giving up"})
+    teacher_startup_timeout: float = field(default=600.0, metadata={
+        "help": "seconds to wait for a --teacher-url server that answers but is still starting"})
+    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer folder or id (default: --teacher)"})
+    topk: int = field(default=512, metadata={"help": "entries per position"})
+    temperature: float = field(default=1.0, metadata={"help": "teacher softening temperature"})
+    batch_size: int = field(default=8, metadata={"help": "sequences per teacher forward"})
+    max_seq_length: int | None = field(default=None, metadata={
+        "help": "truncate sequences like the trainer does (use the training config's max_seq_length)"})
+    encoding: str = field(default="compact", metadata={
+        "help": "naive (int32 ids + fp16 log-probs, 6 bytes per entry) or compact[:mass=M,bits=B]: the entries "
+        "holding M of the top-k mass (default 0.99), log-probs in B bits (default 4), Rice-coded id gaps (default: "
+        "compact; see docs/cache_format.md)"})
+    shard_tokens: int = field(default=32768, metadata={"help": "tokens per shard"})
+    dtype: str = field(default="auto", metadata={"help": "teacher dtype: auto, float32, bfloat16, float16"})
+    no_progress: bool = field(default=False, metadata={"help": "no progress bar"})
+
+
+def build_parser():
+    from training.utils.parser import CommandParser
+
+    return CommandParser(
+        CacheArguments, prog="python -m training.cache_teacher_logits",
         description="Store a teacher's top-k next-token log-probabilities for a dataset in a cache folder "
         "(docs/cache_format.md) for `teacher_source: cached`. Resumable: rerun the same command after a crash.",
     )
-    p.add_argument("--teacher", default=None, help="teacher folder, Hub id or Llama .gguf file (also the default "
-                   "tokenizer)")
-    p.add_argument("--adapter", default=None, help="optional peft adapter folder merged into the teacher")
-    p.add_argument("--teacher-url", default=None,
-                   help="use a running `training.serve_teacher` (or vLLM) server as the producer instead")
-    p.add_argument("--teacher-api-key", default=None, help="API key for --teacher-url (default $TEACHER_API_KEY)")
-    p.add_argument("--teacher-connect-timeout", type=float, default=10.0,
-                   help="seconds a refused connection to --teacher-url is retried before giving up (default 10)")
-    p.add_argument("--teacher-startup-timeout", type=float, default=600.0,
-                   help="seconds to wait for a --teacher-url server that answers but is still starting (default 600)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer folder or id (default: --teacher)")
-    p.add_argument("--data", required=True, nargs="+",
-                   help="the training (and eval) data exactly as the config names it: a shard folder from "
-                   "`training.preprocess`, a JSONL / Parquet / text file or a datasets id; Parquet/JSONL with an "
-                   "input_ids column are taken as already tokenized. Several may be given.")
-    p.add_argument("--output", required=True, help="cache folder to write (created; resumed if it exists)")
-    p.add_argument("--topk", type=int, default=512, help="entries per position (default 512)")
-    p.add_argument("--temperature", type=float, default=1.0, help="teacher softening temperature (default 1)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per teacher forward (default 8)")
-    p.add_argument("--max-seq-length", type=int, default=None,
-                   help="truncate sequences like the trainer does (use the training config's max_seq_length)")
-    p.add_argument("--encoding", default="compact",
-                   help="naive (int32 ids + fp16 log-probs, 6 bytes per entry) or compact[:mass=M,bits=B]: the "
-                   "entries holding M of the top-k mass (default 0.99), log-probs in B bits (default 4), "
-                   "Rice-coded id gaps (default: compact; see docs/cache_format.md)")
-    p.add_argument("--shard-tokens", type=int, default=32768, help="tokens per shard (default 32768)")
-    p.add_argument("--dtype", default="auto", help="teacher dtype: auto, float32, bfloat16, float16")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
 
 
 def _validate_args(args) -> None:
@@ -369,9 +379,15 @@ def _build_producer(args, device):
     return teacher, teacher.model
 
 
+@command
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    (args,) = build_parser().parse_or_exit(argv)
     _validate_args(args)
+    with no_empty_folder_left(args.output):  # a mistake found later (e.g. --topk > vocabulary) leaves no empty folder
+        return _build(args)
+
+
+def _build(args) -> int:
     from accelerate import PartialState
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer

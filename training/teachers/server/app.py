@@ -10,7 +10,6 @@ unless told otherwise.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import hmac
@@ -36,6 +35,7 @@ from training.teachers.server.wire import (
     input_checksum,
     smallest_id_dtype,
 )
+from training.utils.errors import command
 
 logger = logging.getLogger("training.serve_teacher")
 API_KEY_ENV = "TEACHER_API_KEY"
@@ -322,47 +322,60 @@ def build_engine(args) -> object:
     return HFEngine(DirectTeacher(model, adapter=args.adapter, dtype=args.dtype, device=device))
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m training.serve_teacher",
+@dataclass
+class ServeArguments:
+    """`python -m training.serve_teacher` (hf-retnet serve): every field is a flag (`_` or `-`) and a YAML key."""
+
+    model: str = field(metadata={"help": "teacher folder, Hub id (safetensors weights) or Llama .gguf file (converted "
+                                         "once: training.convert_gguf)"})
+    adapter: str | None = field(default=None, metadata={"help": "optional peft adapter folder, merged into the teacher"})
+    host: str = field(default="127.0.0.1", metadata={"help": "bind address (default 127.0.0.1: this machine only)"})
+    port: int = field(default=8080, metadata={"help": "TCP port"})
+    api_key: str | None = field(default=None, metadata={
+        "help": f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV}, else no key)"})
+    engine: str = field(default="hf", metadata={
+        "choices": ["hf", "vllm"], "help": "hf: transformers model (CPU or GPU); vllm: vLLM engine "
+        "(pip install 'hf-retnet[vllm]'; CPU build: docs/vllm.md)"})
+    dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16 or float16"})
+    device: str | None = field(default=None, metadata={"help": "hf engine device (default: cuda when available, else cpu)"})
+    tensor_parallel_size: int = field(default=1, metadata={"help": "vllm engine: GPUs per teacher"})
+    max_model_len: int | None = field(default=None, metadata={
+        "help": "vllm engine: longest row it accepts (default: the model's; lower it to shrink the KV cache, e.g. on CPU)"})
+    enforce_eager: bool = field(default=False, metadata={
+        "help": "vllm engine: skip graph compilation (starts much faster; forwards may be slower)"})
+    max_tokens_per_request: int = field(default=65536, metadata={"help": "larger requests get 413"})
+    max_k: int = field(default=1024, metadata={"help": "larger k gets 413"})
+    max_batch_tokens: int = field(default=8192, metadata={"help": "padded tokens the batcher groups into one forward"})
+    batch_window_ms: float = field(default=5.0, metadata={
+        "help": "how long the batcher waits for concurrent requests to join a forward (milliseconds)"})
+    model_name: str | None = field(default=None, metadata={"help": "id reported by /v1/models (default: the --model value)"})
+    log_level: str = field(default="info", metadata={"choices": ["critical", "error", "warning", "info", "debug"],
+                                                     "help": "uvicorn and server log level"})
+    access_log: bool = field(default=False, metadata={"help": "log every request (off: it costs throughput)"})
+
+
+def build_parser():
+    from training.utils.parser import CommandParser
+
+    return CommandParser(
+        ServeArguments, prog="python -m training.serve_teacher",
         description="Serve a teacher's top-k next-token log-probabilities over HTTP (POST /v1/topk, "
         "GET /health, GET /v1/models). Wire format: docs/topk_wire_format.md.",
     )
-    parser.add_argument("--model", required=True, help="teacher folder, Hub id (safetensors weights) or Llama .gguf "
-                        "file (converted once: training.convert_gguf)")
-    parser.add_argument("--adapter", default=None, help="optional peft adapter folder, merged into the teacher")
-    parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=8080)
-    parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
-                        help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV}, else no key)")
-    parser.add_argument("--engine", choices=["hf", "vllm"], default="hf",
-                        help="hf: transformers model (CPU or GPU); vllm: vLLM engine (pip install 'hf-retnet[vllm]'; "
-                        "CPU build: docs/vllm.md)")
-    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    parser.add_argument("--device", default=None, help="hf engine device (default: cuda when available, else cpu)")
-    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm engine: GPUs per teacher")
-    parser.add_argument("--max-model-len", type=int, default=None,
-                        help="vllm engine: longest row it accepts (default: the model's; lower it to shrink the "
-                        "KV cache, e.g. on CPU)")
-    parser.add_argument("--enforce-eager", action="store_true",
-                        help="vllm engine: skip graph compilation (starts much faster; forwards may be slower)")
-    parser.add_argument("--max-tokens-per-request", type=int, default=65536,
-                        help="larger requests get 413 (default 65536)")
-    parser.add_argument("--max-k", type=int, default=1024, help="larger k gets 413 (default 1024)")
-    parser.add_argument("--max-batch-tokens", type=int, default=8192,
-                        help="padded tokens the batcher groups into one forward (default 8192)")
-    parser.add_argument("--batch-window-ms", type=float, default=5.0,
-                        help="how long the batcher waits for concurrent requests to join a forward (default 5)")
-    parser.add_argument("--model-name", default=None, help="id reported by /v1/models (default: the --model value)")
-    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    parser.add_argument("--access-log", action="store_true", help="log every request (off: it costs throughput)")
-    args = parser.parse_args(argv)
+
+
+def parse_args(argv=None) -> ServeArguments:
+    parser = build_parser()
+    (args,) = parser.parse_or_exit(argv)
+    if args.api_key is None:
+        args.api_key = os.environ.get(API_KEY_ENV)
     for name in ("port", "max_tokens_per_request", "max_k", "max_batch_tokens"):
         if getattr(args, name) <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+            parser.exit(2, f"{parser.prog}: error: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}\n")
     return args
 
 
+@command
 def main(argv=None) -> None:
     import uvicorn
 
