@@ -34,7 +34,7 @@ def test_teacher_sources_import_from_training_teachers():
     from training.teachers import DirectTeacher
 
     protocol = list(inspect.signature(TeacherSource.topk).parameters)
-    assert protocol == ["self", "input_ids", "attention_mask", "k", "temperature"]
+    assert protocol == ["self", "input_ids", "attention_mask", "k", "temperature", "position_ids"]  # packed rows
     for source in (DirectTeacher, CachedTeacher, NetworkTeacher):
         assert list(inspect.signature(source.topk).parameters) == protocol, source.__name__
     import training.teachers as teachers
