@@ -93,18 +93,19 @@ def state_bytes(config: dict) -> int:
     batch of one (`RetNetCache.nbytes()`), computed from config.json. Per layer and k/v head (grouped heads share
     one state, `num_kv_heads`): the fp32 retention matrix [d_k, d_v] (d_v + 1 columns with
     `retention_score_normalization`); a hybrid (`attention_window` W > 0, plus `attention_sinks` S where the model
-    has them) adds S + W fp32 keys [d_k] and values [d_v], and one bool per slot marks which hold a token; one
-    int64 counts the tokens read (the next position).
+    has them) adds S + W fp32 keys [d_k] and values [d_v]; one bool per window slot marks which hold a token; one
+    int64 counts the tokens read (the next position), and with sinks one more counts the current document's tokens.
     d_k = `head_dim` (default hidden_size / num_heads), d_v = `value_head_dim` (default value_factor * d_k)."""
     layers, heads = config["num_hidden_layers"], config["num_heads"]
     kv_heads = config.get("num_kv_heads") or heads
     d_k = config.get("head_dim") or config["hidden_size"] // heads
     d_v = config.get("value_head_dim") or d_k * config.get("value_factor", 2)
     state = d_k * (d_v + (1 if config.get("retention_score_normalization") else 0))
-    slots = (config.get("attention_window") or 0) + ((config.get("attention_sinks") or 0) if config.get(
-        "attention_window") else 0)
-    fp32 = 4
-    return layers * kv_heads * (state + slots * (d_k + d_v)) * fp32 + slots + 8  # + slot flags + position
+    window = config.get("attention_window") or 0
+    sinks = (config.get("attention_sinks") or 0) if window else 0
+    fp32, int64 = 4, 8
+    per_layer = kv_heads * (state + (window + sinks) * (d_k + d_v)) * fp32
+    return layers * per_layer + window + int64 + (int64 if sinks else 0)  # + window slot flags, position, doc tokens
 
 
 def _git_remote(root: str) -> str | None:
