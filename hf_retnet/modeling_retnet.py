@@ -500,6 +500,42 @@ class WindowLayout:
         return full.gather(2, where[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]))
 
 
+class WindowStep:
+    """What every hybrid layer needs for one decoded token (T == 1, a carried window, no packed rows), built once
+    per forward so the layers do no bookkeeping: the window shifts by one slot, its oldest slot leaves (into a sink
+    slot while it is among the document's first S tokens, else into the retention state).
+
+    real: [B, 1, 1, 1] bool, the new token is not padding (a padded step changes nothing); leaving: [B, 1, 1, 1]
+    fp32, 1 where a real token leaves the window (the retention state decays one step); retained: the same, less
+    the tokens that become sinks (they add nothing to the state); sink_write: [B, 1, S, 1] bool, the sink slot the
+    leaving token fills; attend: [B, 1, 1, S + W] bool, the keys of the new query (sinks that left the window, then
+    the window after the shift, the new token last); next_window_valid: [B, W]; next_doc_tokens: [B] or None.
+    """
+
+    def __init__(self, window_valid: torch.Tensor, keep: torch.Tensor | None, window: int, sinks: int = 0,
+                 doc_tokens: torch.Tensor | None = None):
+        b = window_valid.shape[0]
+        real = torch.ones(b, dtype=torch.bool, device=window_valid.device) if keep is None else keep.view(b).bool()
+        self.window, self.sinks = window, sinks
+        self.real = None if keep is None else real.view(b, 1, 1, 1)
+        leaving = window_valid[:, 0] & real  # [B]
+        shifted = torch.cat([window_valid[:, 1:], real[:, None]], dim=1)  # [B, W]
+        self.next_window_valid = torch.where(real[:, None], shifted, window_valid)
+        shifted[:, -1] = True  # a padded query still has a key (its output is never used): no empty softmax
+        retained = leaving
+        self.sink_write = self.next_doc_tokens = None
+        if sinks:
+            slots = torch.arange(sinks, device=window_valid.device)
+            rank = doc_tokens.to(window_valid.device).long() - window  # [B] rank of the leaving token in its document
+            self.sink_write = (leaving[:, None] & (slots == rank[:, None])).view(b, 1, sinks, 1)
+            retained = leaving & (rank >= sinks)
+            shifted = torch.cat([slots <= rank[:, None], shifted], dim=1)  # [B, S + W]
+            self.next_doc_tokens = doc_tokens.to(window_valid.device).long() + real.long()
+        self.leaving = leaving.view(b, 1, 1, 1).float()
+        self.retained = retained.view(b, 1, 1, 1).float()
+        self.attend = shifted.view(b, 1, 1, -1)
+
+
 def _softmax_attend(scores: torch.Tensor, allowed: torch.Tensor, v: torch.Tensor, sinks=None) -> torch.Tensor:
     """softmax over the allowed keys of each query row, times v; a row with no allowed key (padding) gives 0.
     scores: [..., Q, K], allowed: bool broadcastable to it, v: [..., K, d_v] -> [..., Q, d_v].
@@ -919,7 +955,10 @@ class RetNetHybridAttention(RetNetMultiScaleRetention):
                 segments=None, window: WindowLayout | None = None):
         """As RetNetMultiScaleRetention; state: None or (retention [B, H_kv, d_k, d_v], window keys
         [B, H_kv, W, d_k], window values [B, H_kv, W, d_v]) fp32, with (sink keys [B, H_kv, S, d_k], sink values
-        [B, H_kv, S, d_v]) appended when the layer keeps attention sinks; window: the forward's WindowLayout."""
+        [B, H_kv, S, d_v]) appended when the layer keeps attention sinks; window: the forward's WindowLayout, or
+        its WindowStep with mode="step" (one decoded token; cos/sin and mask then as in the pure layer's step)."""
+        if mode == "step":
+            return self._window_step(hidden_states, cos, sin, state, window)
         b, t, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(b, t, self.num_heads, -1).transpose(1, 2).float()  # [B, H, T, d_k]
         k = self.k_proj(hidden_states).view(b, t, self.num_kv_heads, -1).transpose(1, 2).float()  # [B, H_kv, T, d_k]
@@ -948,6 +987,38 @@ class RetNetHybridAttention(RetNetMultiScaleRetention):
             retention_out = F.silu(self.g_proj(hidden_states)).float() * retention_out
         mixed = window_out.transpose(1, 2).reshape(b, t, self.value_dim) + retention_out  # fp32
         return self.o_proj(mixed.to(hidden_states.dtype)), state
+
+    def _window_step(self, hidden_states, rot_q, rot_k, state, step: WindowStep):
+        """One decoded token, written out as the pure layer's `_step` is (decoding is bound by per-op overhead):
+        the window shifts one slot, the token that leaves it goes into a sink slot or the retention state, and the
+        new query reads [sinks | window] in one softmax plus the state decayed by gamma^W (the state holds the
+        tokens older than the window, and the newest of them is W real tokens back). The g query heads of a k/v
+        head read its window and state through a reshape of q to [B, H_kv, g, d_k]; nothing is expanded.
+        hidden_states: [B, 1, d]; rot_q, rot_k: [B, 1, d_k, d_k]; state: as in forward (carried, never None)."""
+        b = hidden_states.shape[0]
+        q = self.q_proj(hidden_states).view(b, self.num_kv_heads, -1, self.head_dim).float() @ rot_q  # [B, H_kv, g, d_k]
+        k = self.k_proj(hidden_states).view(b, self.num_kv_heads, 1, self.head_dim).float() @ rot_k  # [B, H_kv, 1, d_k]
+        v = self.v_proj(hidden_states).view(b, self.num_kv_heads, 1, -1).float()  # [B, H_kv, 1, d_v]
+        retained, window_keys, window_values, *sinks = state
+        old_k, old_v = window_keys[:, :, :1], window_values[:, :, :1]  # [B, H_kv, 1, d]: the slot that leaves
+        keys = torch.cat([window_keys[:, :, 1:], k], dim=2)  # [B, H_kv, W, d_k]
+        values = torch.cat([window_values[:, :, 1:], v], dim=2)  # [B, H_kv, W, d_v]
+        decay = (self.log_decay.view(1, -1, 1, 1) * step.leaving).exp()  # [B, H_kv, 1, 1]
+        retained = torch.addcmul((old_k * step.retained).transpose(-1, -2) * old_v, decay, retained)
+        attend_keys, attend_values = keys, values
+        if sinks:
+            sinks = [torch.where(step.sink_write, old, slot) for old, slot in ((old_k, sinks[0]), (old_v, sinks[1]))]
+            attend_keys, attend_values = torch.cat([sinks[0], keys], dim=2), torch.cat([sinks[1], values], dim=2)
+        window_out = F.scaled_dot_product_attention(q, attend_keys, attend_values, attn_mask=step.attend, scale=1.0)
+        lag = (self.log_decay * self.window).exp().view(1, -1, 1, 1)  # gamma^W: [1, H_kv, 1, 1]
+        retention_out = self.group_norm(((q * lag) @ retained).reshape(b, 1, self.value_dim))  # [B, 1, H * d_v]
+        if self.g_proj is not None:
+            retention_out = F.silu(self.g_proj(hidden_states)).float() * retention_out
+        mixed = window_out.reshape(b, 1, self.value_dim) + retention_out  # fp32
+        if step.real is not None:  # a padded step keeps the window as it was
+            keys = torch.where(step.real, keys, window_keys)
+            values = torch.where(step.real, values, window_values)
+        return self.o_proj(mixed.to(hidden_states.dtype)), (retained, keys, values, *sinks)
 
 
 class RetNetMLP(nn.Module):
@@ -1106,7 +1177,9 @@ class RetNetModel(RetNetPreTrainedModel):
         seen = past_key_values.seen_tokens if has_state else None  # [B] positions the cache has reached
 
         hybrid = getattr(self.config, "attention_window", 0)
-        if t == 1 and not hybrid:  # decoding: the lean one-token recurrence (every mode computes the same thing)
+        sinks = getattr(self.config, "attention_sinks", 0)
+        if t == 1 and (not hybrid or (has_state and position_ids is None)):
+            # decoding: the lean one-token recurrence (every mode computes the same thing)
             mode, time, segments = "step", None, None
             if position_ids is not None:
                 positions = position_ids
@@ -1133,10 +1206,12 @@ class RetNetModel(RetNetPreTrainedModel):
             keep = mask
             cos, sin = self.rotary_emb(positions)  # [B, 1, T, d_k]
         extra = {}
-        if hybrid:  # hybrid layers: where this call's tokens sit in the window (the general path, any T)
+        if hybrid and mode == "step":  # one decoded token: the window shifts by one slot
+            doc_tokens = past_key_values.doc_tokens if past_key_values.doc_tokens is not None else seen
+            extra["window"] = WindowStep(past_key_values.window_valid, keep, hybrid, sinks, doc_tokens)
+        elif hybrid:  # hybrid layers: where this call's tokens sit in the window (the general path, any T)
             carried = past_key_values.window_valid if has_state else None
             doc_tokens = past_key_values.doc_tokens if has_state else None
-            sinks = getattr(self.config, "attention_sinks", 0)
             extra["window"] = WindowLayout(keep, carried, hybrid, segments, sinks, doc_tokens)
 
         hidden_states = inputs_embeds
