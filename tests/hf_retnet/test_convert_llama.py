@@ -186,6 +186,10 @@ def test_statistics_follow_the_teacher_device():
     are real) a CPU-built position grid or CPU calibration ids raise; the result must come back on the teacher's
     device with the right shapes."""
     llama = tiny_llama().to("meta")
+    try:
+        llama(torch.zeros(1, 2, dtype=torch.long, device="meta"))
+    except RuntimeError as err:  # transformers 5.2 on torch 2.9: autocast knows no meta device
+        pytest.skip(f"this transformers/torch pair cannot run a Llama on the meta device ({err})")
     calib, mask = ids(2, 10), torch.ones(2, 10, dtype=torch.long)  # on the CPU, as callers pass them
     mask[1, :3] = 0
     dist, rms = attention_statistics(llama, calib, mask)

@@ -1,7 +1,9 @@
 """Run by `torch.distributed.run --nproc_per_node 2` from test_eval_logging_ranks.py: one evaluation with two gloo
-processes where only process 0's share of the evaluation set has a trained token. Prints each process's metrics."""
+processes where only process 0's share of the evaluation set has a trained token. Each process writes its metrics
+to <output_dir>/metrics-<process>.json (two processes printing to one pipe interleave their lines)."""
 
 import json
+import os
 import sys
 
 import torch
@@ -27,7 +29,8 @@ def main(teacher_dir: str, output_dir: str) -> None:
     trainer = DistillationTrainer(model=student, args=config, teacher=teacher, train_dataset=eval_items,
                                   eval_dataset=eval_items, data_collator=PaddingCollator(0))
     metrics = trainer.evaluate()
-    print("METRICS", config.process_index, json.dumps(metrics, sort_keys=True), flush=True)
+    with open(os.path.join(output_dir, f"metrics-{config.process_index}.json"), "w", encoding="utf-8") as handle:
+        json.dump(metrics, handle, sort_keys=True)
 
 
 if __name__ == "__main__":

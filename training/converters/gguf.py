@@ -9,8 +9,8 @@ What it writes (atomically: staged in a hidden folder beside `--output`, checked
   (the weights are dequantized, so the folder is an ordinary fp32 checkpoint);
 * `model.safetensors`: the weights, dequantized to fp32 exactly as `from_pretrained(..., gguf_file=...)` does;
 * the tokenizer (`tokenizer.json`, `tokenizer_config.json` with the chat template, bos/eos/pad/unk), rebuilt by
-  transformers from the GGUF vocabulary; what the file states but the tokenizer lacks is filled in from the
-  metadata (`tokenizer.chat_template`, `tokenizer.ggml.*_token_id`);
+  transformers from the GGUF vocabulary; the chat template (when the tokenizer lacks it) and the special tokens
+  come from the metadata (`tokenizer.chat_template`, `tokenizer.ggml.*_token_id`);
 * `generation_config.json` (bos/pad and every end-of-sequence id the file names: eos, end-of-turn);
 * `gguf_source.json`: the file name, its sha256, architecture, tensor types and the check below.
 
@@ -218,10 +218,26 @@ _SHA_MEMO: dict[tuple, str] = {}
 # ----------------------------------------------------------------------------------------------- loading and writing
 
 
+MIN_TRANSFORMERS = "5.6"  # 5.2-5.5 add a BOS the file rules out and re-save a tokenizer that encodes differently
+
+
+def _check_transformers() -> None:
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__) < Version(MIN_TRANSFORMERS):
+        raise ImportError(
+            f"GGUF teachers need transformers >= {MIN_TRANSFORMERS} (installed: {transformers.__version__}, whose GGUF "
+            f"tokenizer does not round-trip); pip install -U 'transformers>={MIN_TRANSFORMERS}' or 'hf-retnet[gguf]'"
+        )
+
+
 def _load_gguf(folder: str, name: str):
     """(tokenizer, model) from a GGUF file with transformers, the model dequantized to fp32 dense weights."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _check_transformers()
 
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     kwargs = {}
@@ -239,7 +255,9 @@ def _load_gguf(folder: str, name: str):
 
 
 def _complete_tokenizer(tokenizer, info: GGUFInfo) -> list[str]:
-    """Fill in from the GGUF metadata what the rebuilt tokenizer lacks (chat template, special tokens)."""
+    """Take from the GGUF metadata what the rebuilt tokenizer lacks (chat template) or reads otherwise (special
+    tokens: the file's `tokenizer.ggml.*_token_id` are authoritative; transformers 5.2's GGUF tokenizer, for one,
+    reports bos as eos and no pad for a ChatML file). Returns the attributes set."""
     filled = []
     meta = info.metadata
     if not getattr(tokenizer, "chat_template", None) and meta.get("chat_template"):
@@ -248,8 +266,11 @@ def _complete_tokenizer(tokenizer, info: GGUFInfo) -> list[str]:
     for attr, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("pad_token", "padding_token_id"),
                       ("unk_token", "unknown_token_id")):
         token_id = meta.get(key)
-        if getattr(tokenizer, attr) is None and isinstance(token_id, int) and 0 <= token_id < len(tokenizer):
-            setattr(tokenizer, attr, tokenizer.convert_ids_to_tokens(token_id))
+        if not (isinstance(token_id, int) and 0 <= token_id < len(tokenizer)):
+            continue
+        token = tokenizer.convert_ids_to_tokens(token_id)
+        if getattr(tokenizer, attr) != token:
+            setattr(tokenizer, attr, token)
             filled.append(attr)
     return filled
 
