@@ -80,7 +80,7 @@ def test_convert_gives_the_gguf_models_logits_and_tokenizer(tmp_path, tensor_typ
     tok = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert tok.chat_template == gguf_tok.chat_template == tokenizer.chat_template
-    # the special tokens the file names (transformers' own GGUF reading may differ: 5.x takes bos for eos)
+    # the special tokens the file names (transformers' own GGUF reading may differ: 5.2-5.12 take bos for eos)
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (tokenizer.bos_token_id, tokenizer.eos_token_id,
                                                                       tokenizer.pad_token_id)
     x = chat_ids(tokenizer)
