@@ -868,13 +868,7 @@ class RetNetMultiScaleRetention(Fp32BuffersModule):
         if mode == "step":
             return self._step(hidden_states, cos, sin, mask, state, positions, segments)
         b, t, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(b, t, self.num_heads, -1).transpose(1, 2).float()  # [B, H, T, d_k]
-        k = self.k_proj(hidden_states).view(b, t, self.num_kv_heads, -1).transpose(1, 2).float()  # [B, H_kv, T, d_k]
-        v = self.v_proj(hidden_states).view(b, t, self.num_kv_heads, -1).transpose(1, 2).float()  # [B, H_kv, T, d_v]
-        q = q * cos + self.rotate(q) * sin
-        k = (k * cos + self.rotate(k) * sin) * (self.head_dim**-0.5)
-        keep = mask[:, None, :, None].float()
-        k, v = k * keep, v * keep  # padding adds nothing to the state
+        q, k, v, keep = self._project(hidden_states, cos, sin, mask)
         log_decay = self.log_decay.float()
         group = self.num_heads // self.num_kv_heads
         if group > 1:  # every query head of a group reads its k/v head's state: expand, compute, keep one copy
@@ -896,6 +890,27 @@ class RetNetMultiScaleRetention(Fp32BuffersModule):
         out = self.group_norm(out.transpose(1, 2).reshape(b, t, self.value_dim))  # [B, T, H * d_v], fp32
         return self._output(hidden_states, out), state
 
+    def _project(self, hidden_states, cos, sin, mask):
+        """q [B, H, T, d_k], k [B, H_kv, T, d_k], v [B, H_kv, T, d_v] fp32, rotated (k scaled by d_k^-1/2), with
+        padding zeroed in k and v so it adds nothing to any state; and keep [B, 1, T, 1] fp32."""
+        b, t, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(b, t, self.num_heads, -1).transpose(1, 2).float()
+        k = self.k_proj(hidden_states).view(b, t, self.num_kv_heads, -1).transpose(1, 2).float()
+        v = self.v_proj(hidden_states).view(b, t, self.num_kv_heads, -1).transpose(1, 2).float()
+        q = q * cos + self.rotate(q) * sin
+        k = (k * cos + self.rotate(k) * sin) * (self.head_dim**-0.5)
+        keep = mask[:, None, :, None].float()
+        return q, k * keep, v * keep, keep
+
+    def _project_step(self, hidden_states, rot_q, rot_k):
+        """One token: q [B, H_kv, g, d_k] (the g query heads of each k/v head together), k [B, H_kv, 1, d_k],
+        v [B, H_kv, 1, d_v] fp32; rot_q, rot_k: [B, 1, d_k, d_k] rotations (rot_k with the key scale)."""
+        b = hidden_states.shape[0]
+        q = self.q_proj(hidden_states).view(b, self.num_kv_heads, -1, self.head_dim).float() @ rot_q
+        k = self.k_proj(hidden_states).view(b, self.num_kv_heads, 1, self.head_dim).float() @ rot_k
+        v = self.v_proj(hidden_states).view(b, self.num_kv_heads, 1, -1).float()
+        return q, k, v
+
     def _step(self, hidden_states, rot_q, rot_k, keep, state, positions, starts):
         """One token: S = gamma^m S + k^T v, o = q S, written out for T == 1 because decoding is bound by per-op
         overhead: no chunk machinery, no decay matrix, no k/v head expansion (the g query heads that share a k/v
@@ -904,9 +919,7 @@ class RetNetMultiScaleRetention(Fp32BuffersModule):
         keep: [B, 1, 1, 1] fp32 (0 for padding) or None (all real); state: [B, H_kv, d_k, d_v] or None;
         starts: [B, 1] bool (a packed document starts here: the state is dropped) or None."""
         b = hidden_states.shape[0]
-        q = self.q_proj(hidden_states).view(b, self.num_kv_heads, -1, self.head_dim).float() @ rot_q  # [B, H_kv, g, d_k]
-        k = self.k_proj(hidden_states).view(b, self.num_kv_heads, 1, self.head_dim).float() @ rot_k  # [B, H_kv, 1, d_k]
-        v = self.v_proj(hidden_states).view(b, self.num_kv_heads, 1, -1).float()  # [B, H_kv, 1, d_v]
+        q, k, v = self._project_step(hidden_states, rot_q, rot_k)
         log_decay = self.log_decay.view(1, -1, 1, 1)  # [1, H_kv, 1, 1]
         if keep is None:
             decay = log_decay.exp()
@@ -960,13 +973,7 @@ class RetNetHybridAttention(RetNetMultiScaleRetention):
         if mode == "step":
             return self._window_step(hidden_states, cos, sin, state, window)
         b, t, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(b, t, self.num_heads, -1).transpose(1, 2).float()  # [B, H, T, d_k]
-        k = self.k_proj(hidden_states).view(b, t, self.num_kv_heads, -1).transpose(1, 2).float()  # [B, H_kv, T, d_k]
-        v = self.v_proj(hidden_states).view(b, t, self.num_kv_heads, -1).transpose(1, 2).float()  # [B, H_kv, T, d_v]
-        q = q * cos + self.rotate(q) * sin
-        k = (k * cos + self.rotate(k) * sin) * (self.head_dim**-0.5)
-        keep = mask[:, None, :, None].float()
-        k, v = k * keep, v * keep
+        q, k, v, _ = self._project(hidden_states, cos, sin, mask)
         if window is None:
             if state is not None:
                 raise ValueError("a carried hybrid state needs the forward's WindowLayout (call the model, not the layer)")
@@ -996,9 +1003,7 @@ class RetNetHybridAttention(RetNetMultiScaleRetention):
         head read its window and state through a reshape of q to [B, H_kv, g, d_k]; nothing is expanded.
         hidden_states: [B, 1, d]; rot_q, rot_k: [B, 1, d_k, d_k]; state: as in forward (carried, never None)."""
         b = hidden_states.shape[0]
-        q = self.q_proj(hidden_states).view(b, self.num_kv_heads, -1, self.head_dim).float() @ rot_q  # [B, H_kv, g, d_k]
-        k = self.k_proj(hidden_states).view(b, self.num_kv_heads, 1, self.head_dim).float() @ rot_k  # [B, H_kv, 1, d_k]
-        v = self.v_proj(hidden_states).view(b, self.num_kv_heads, 1, -1).float()  # [B, H_kv, 1, d_v]
+        q, k, v = self._project_step(hidden_states, rot_q, rot_k)
         retained, window_keys, window_values, *sinks = state
         old_k, old_v = window_keys[:, :, :1], window_values[:, :, :1]  # [B, H_kv, 1, d]: the slot that leaves
         keys = torch.cat([window_keys[:, :, 1:], k], dim=2)  # [B, H_kv, W, d_k]
