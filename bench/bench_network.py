@@ -34,6 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 from tests.servers import ServerProcess  # noqa: E402
+from training.teachers import TeacherSource  # noqa: E402
 from training.teachers.network import NetworkTeacher, parse_vllm_completion  # noqa: E402
 from training.teachers.server.wire import BINARY_MEDIA_TYPE, decode_binary  # noqa: E402
 
@@ -154,7 +155,7 @@ def wire_section(args, teacher_dir: str) -> None:
           + (f" (timed on {openai['sample_rows']} row(s), scaled)" if openai["sample_rows"] < args.batch else ""))
 
 
-class _NoPrefetch:
+class _NoPrefetch(TeacherSource):
     """The same network teacher, minus `prefetch` (the trainer then asks only when it needs the answer)."""
 
     def __init__(self, inner):

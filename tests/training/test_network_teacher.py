@@ -126,11 +126,11 @@ def test_prefetch_answers_the_later_topk(server, direct):
     first, second = (torch.randint(0, direct.vocab_size, (2, 16)) for _ in range(2))
     with NetworkTeacher(server.url, api_key=KEY) as teacher:
         teacher.prefetch(second, None, k=8)
-        assert len(teacher._pending) == 1
+        assert len(teacher._prefetcher) == 1
         out_first = teacher.topk(first, None, k=8)  # not prefetched: fetched now; the prefetch stays
-        assert len(teacher._pending) == 1
+        assert len(teacher._prefetcher) == 1
         out_second = teacher.topk(second, None, k=8)
-        assert len(teacher._pending) == 0
+        assert len(teacher._prefetcher) == 0
     torch.testing.assert_close(out_first.logprobs, direct.topk(first, None, k=8).logprobs, rtol=0, atol=1e-5)
     torch.testing.assert_close(out_second.token_ids, direct.topk(second, None, k=8).token_ids, rtol=0, atol=0)
 

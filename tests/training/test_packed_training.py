@@ -24,6 +24,7 @@ from training.data.format import MANIFEST_NAME
 from training.data.preprocess import encode_record, normalize_record, preprocess
 from training.data.records import IGNORE_INDEX
 from training.data.shards import PaddingCollator, PretokenizedShardDataset, document_starts
+from training.teachers import TeacherSource
 from training.teachers.direct import DirectTeacher
 from training.trainers.distillation_config import DistillationConfig
 from training.trainers.distillation_trainer import _TRAIN, DistillationTrainer
@@ -202,7 +203,7 @@ def test_network_teacher_sends_each_document_alone(tiny_teacher_dir):
             teacher.prefetch(ids, mask, k=8, position_ids=pos)
             assert teacher._key(ids, mask, 8, 1.0, pos) != teacher._key(ids, mask, 8, 1.0)
             out = teacher.topk(ids, mask, k=8, position_ids=pos)
-            assert not teacher._pending  # the prefetch (same positions) answered it
+            assert not len(teacher._prefetcher)  # the prefetch (same positions) answered it
     for doc, (b, start, end) in zip(docs, spans):
         alone = direct.topk(doc[None], None, k=8)
         clear_ids_equal(out.token_ids[b, start:end], out.logprobs[b, start:end], alone.token_ids[0], alone.logprobs[0])
@@ -295,7 +296,7 @@ def test_packed_step_equals_the_documents_unpacked_cached_teacher(tmp_path, tiny
 
 def test_a_teacher_source_without_position_ids_is_refused_for_packed_batches(tmp_path, tiny_teacher_dir,
                                                                             tiny_tokenizer, batches):
-    class OldSource:
+    class OldSource(TeacherSource):
         def __init__(self, inner):
             self.inner, self.vocab_size = inner, inner.vocab_size
 

@@ -16,7 +16,7 @@ from hf_retnet import RetNetConfig, RetNetForCausalLM
 from training.trainers.distillation_config import DistillationConfig
 from training.data.shards import PaddingCollator
 from training.trainers.callbacks import SaddleEscapeCallback
-from training.teachers import DirectTeacher
+from training.teachers import DirectTeacher, TeacherSource
 from tests.tiny_models import default_texts, save_tiny_teacher
 from training.trainers.distillation_trainer import DistillationTrainer
 
@@ -181,7 +181,7 @@ def test_full_vocab_kd_in_direct_mode(tmp_path, sharp_teacher_dir, tok):
     assert sparse == pytest.approx(full, rel=1e-4)
 
 
-class RecordingTeacher:
+class RecordingTeacher(TeacherSource):
     """A real DirectTeacher with a prefetch() that records the order of prefetch and topk calls."""
 
     def __init__(self, inner):

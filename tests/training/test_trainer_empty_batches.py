@@ -4,13 +4,13 @@ nothing divided by zero, the teacher not asked, no optimizer update when the who
 import pytest
 import torch
 
-from training.teachers import DirectTeacher
+from training.teachers import DirectTeacher, TeacherSource
 from tests.tiny_models import default_texts
 
 from .test_trainer import make_config, make_items, make_trainer, sharp_teacher_dir, step_losses, tok  # noqa: F401
 
 
-class CountingTeacher:
+class CountingTeacher(TeacherSource):
     """A real DirectTeacher that counts the batches it is asked about."""
 
     def __init__(self, inner):

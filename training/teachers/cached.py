@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -28,14 +26,15 @@ from training.teachers.cache.format import (
 )
 from training.utils.io import sha256_file
 
-from .base import TeacherOutput
+from .base import TeacherOutput, TeacherSource, padding_answer
+from .prefetch import Prefetcher
 
 # How much of the cache is checked when it is opened (config key `teacher_cache_verify`). The per-row key check
 # (a row is answered only for the exact token sequence it was computed on) runs in every mode.
 VERIFY_MODES = ("full", "manifest", "none")
 
 
-class CachedTeacher:
+class CachedTeacher(TeacherSource):
     """A `TeacherSource` over a teacher cache folder.
 
     Args:
@@ -82,9 +81,7 @@ class CachedTeacher:
         self._shards = [self._open(entry, verify) for entry in tqdm(
             entries, desc=f"checking teacher cache ({verify})", unit="shard", disable=len(entries) < 32)]
         self._build_index()
-        self._executor: ThreadPoolExecutor | None = None
-        self._pending: dict[tuple, Future] = {}
-        self._lock = threading.Lock()
+        self._prefetcher = Prefetcher(workers=1, max_pending=8, name="cached-teacher")
 
     # ---------------------------------------------------------------- checks
 
@@ -196,11 +193,9 @@ class CachedTeacher:
         remaining slots hold log-prob -inf and ids unused in that token: they belong to the tail bucket.
         """
         k = self.k if k is None else int(k)
-        key = self._request_key(input_ids, attention_mask, k, temperature)
-        with self._lock:
-            future = self._pending.pop(key, None)
-        if future is not None:
-            return future.result()
+        prefetched = self._prefetcher.take(self._request_key(input_ids, attention_mask, k, temperature))
+        if prefetched is not None:
+            return prefetched
         return self._topk(input_ids, attention_mask, k, temperature)
 
     def prefetch(self, input_ids, attention_mask=None, k: int | None = None, temperature: float = 1.0,
@@ -208,15 +203,9 @@ class CachedTeacher:
         """Start decoding an upcoming batch on a background thread; `topk` with the same inputs returns it."""
         k = self.k if k is None else int(k)
         key = self._request_key(input_ids, attention_mask, k, temperature)
-        with self._lock:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cached-teacher")
-            if key not in self._pending:
-                ids = input_ids.detach().clone()
-                mask = attention_mask.detach().clone() if attention_mask is not None else None
-                self._pending[key] = self._executor.submit(self._topk, ids, mask, k, temperature)
-            while len(self._pending) > 8:  # forgotten prefetches never pile up
-                self._pending.pop(next(iter(self._pending)))
+        ids = input_ids.detach().clone()
+        mask = attention_mask.detach().clone() if attention_mask is not None else None
+        self._prefetcher.submit(key, self._topk, ids, mask, k, temperature)
 
     @staticmethod
     def _request_key(input_ids, attention_mask, k, temperature) -> tuple:
@@ -231,10 +220,8 @@ class CachedTeacher:
         ids = input_ids.detach().cpu().numpy()  # [B, T]
         B, T = ids.shape
         mask = (attention_mask.detach().cpu().numpy() != 0) if attention_mask is not None else np.ones((B, T), bool)
-        out_ids = np.empty((B, T, k), dtype=np.int64)  # [B, T, k]
-        out_lp = np.empty((B, T, k), dtype=np.float32)
-        out_ids[~mask] = np.arange(k)  # padding positions: uniform over ids 0..k-1 (finite, never trained on)
-        out_lp[~mask] = -math.log(k)
+        out = padding_answer(torch.from_numpy(mask), k)  # padding positions hold the stand-in already
+        out_ids, out_lp = out.token_ids.numpy(), out.logprobs.numpy()  # [B, T, k] views, filled below
         by_shard: dict[int, list[tuple[int, int, np.ndarray]]] = {}
         for b in range(B):
             positions = np.nonzero(mask[b])[0]
@@ -267,15 +254,14 @@ class CachedTeacher:
                 at += n
         device = input_ids.device
         return TeacherOutput(
-            token_ids=torch.from_numpy(out_ids).to(device),
-            logprobs=torch.from_numpy(out_lp).to(device),
+            token_ids=out.token_ids.to(device),
+            logprobs=out.logprobs.to(device),
             seconds=time.perf_counter() - start,
         )
 
     def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = None
+        """Stop the prefetch thread (pending prefetches are dropped); `topk` keeps working."""
+        self._prefetcher.close()
 
     def __repr__(self) -> str:
         return (f"CachedTeacher({self.cache_dir!r}, k={self.k}, encoding={self.encoding.spec}, "

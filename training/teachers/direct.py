@@ -8,7 +8,7 @@ import time
 import torch
 
 from training.utils.paths import looks_like_local_path
-from .base import TeacherOutput
+from .base import TeacherOutput, TeacherSource
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
@@ -74,7 +74,7 @@ def topk_logprobs(logits: torch.Tensor, k: int, temperature: float = 1.0, rows_p
     return torch.cat(values).reshape(shape), torch.cat(ids).reshape(shape)
 
 
-class DirectTeacher:
+class DirectTeacher(TeacherSource):
     """Runs the teacher forward on each batch; the only source that can also hand over full logits.
 
     Args:

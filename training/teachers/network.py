@@ -18,11 +18,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -39,7 +37,8 @@ from training.teachers.server.wire import (
     topk_from_logprob_dicts,
 )
 
-from .base import TeacherOutput
+from .base import TeacherOutput, TeacherSource, padding_answer
+from .prefetch import Prefetcher
 
 logger = logging.getLogger(__name__)
 API_KEY_ENV = "TEACHER_API_KEY"
@@ -71,7 +70,7 @@ class TeacherNotListeningError(TeacherUnavailableError, ConnectionRefusedError):
     server not started, an input mistake, so it is also an OSError, which the commands answer with one line."""
 
 
-class NetworkTeacher:
+class NetworkTeacher(TeacherSource):
     """A `TeacherSource` backed by a teacher server.
 
     Args:
@@ -143,9 +142,7 @@ class NetworkTeacher:
             timeout=httpx.Timeout(timeout, connect=connect_timeout),
             limits=httpx.Limits(max_connections=8, max_keepalive_connections=4),
         )
-        self._executor: ThreadPoolExecutor | None = None
-        self._pending: dict[str, Future] = {}
-        self._lock = threading.Lock()
+        self._prefetcher = Prefetcher(workers=2, max_pending=4, name="teacher-prefetch")
         self._ready_lock = threading.Lock()
         self.last_timing: dict[str, float] = {}  # seconds (and bytes) of the latest /v1/topk answer
 
@@ -169,11 +166,9 @@ class NetworkTeacher:
         """input_ids/attention_mask [B, T] -> TeacherOutput [B, T, k] on input_ids' device. position_ids [B, T]
         (packed rows): each document is sent as a row of its own."""
         start = time.perf_counter()
-        key = self._key(input_ids, attention_mask, k, temperature, position_ids)
-        with self._lock:
-            future = self._pending.pop(key, None)
-        out = (future.result() if future is not None
-               else self._fetch(input_ids, attention_mask, k, temperature, position_ids))
+        out = self._prefetcher.take(self._key(input_ids, attention_mask, k, temperature, position_ids))
+        if out is None:
+            out = self._fetch(input_ids, attention_mask, k, temperature, position_ids)
         out.seconds = time.perf_counter() - start  # time the trainer actually waited
         return TeacherOutput(out.token_ids.to(input_ids.device), out.logprobs.to(input_ids.device), None, out.seconds)
 
@@ -184,20 +179,11 @@ class NetworkTeacher:
         ids = input_ids.detach().to("cpu", copy=True)
         mask = attention_mask.detach().to("cpu", copy=True) if attention_mask is not None else None
         positions = position_ids.detach().to("cpu", copy=True) if position_ids is not None else None
-        with self._lock:
-            if key in self._pending:
-                return
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="teacher-prefetch")
-            while len(self._pending) >= 4:  # prefetches nobody asked for: forget the oldest
-                self._pending.pop(next(iter(self._pending)))
-            self._pending[key] = self._executor.submit(self._fetch, ids, mask, k, temperature, positions)
+        self._prefetcher.submit(key, self._fetch, ids, mask, k, temperature, positions)
 
     def close(self) -> None:
-        with self._lock:
-            self._pending.clear()
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
+        """Stop the prefetch threads (pending prefetches are dropped) and close the HTTP connections."""
+        self._prefetcher.close()
         self._client.close()
 
     def __enter__(self) -> "NetworkTeacher":
@@ -235,8 +221,8 @@ class NetworkTeacher:
         batch, seq_len = ids.shape
         rows = [ids[b][mask[b]].tolist() for b in range(batch)]  # each row without its padding
         sent = [b for b in range(batch) if rows[b]]
-        if not sent:
-            return _padding_answer(batch, seq_len, k)
+        if not sent:  # all padding: nothing to ask
+            return padding_answer(mask, k)
         requests = [rows[b] for b in sent]
         if position_ids is not None:  # packed rows: one request row per document, in order
             from training.data.shards import document_starts
@@ -255,12 +241,8 @@ class NetworkTeacher:
         if len(sent) == batch and bool(mask.all()):  # nothing padded: the answer is the batch
             return TeacherOutput(flat_ids.view(batch, seq_len, k), flat_lps.view(batch, seq_len, k)).validate(
                 batch, seq_len, k)
-        token_ids = torch.empty(batch, seq_len, k, dtype=torch.int64)  # [B, T, k]
-        logprobs = torch.empty(batch, seq_len, k, dtype=torch.float32)  # [B, T, k]
-        # Padding positions get a harmless uniform stand-in over ids 0..k-1; the trainer never trains on
-        # them, but a well-formed distribution there keeps any consumer finite.
-        token_ids[~mask] = torch.arange(k, dtype=torch.int64)
-        logprobs[~mask] = -math.log(k)
+        out = padding_answer(mask, k)  # padding positions hold the stand-in; the real ones are filled here
+        token_ids, logprobs = out.token_ids, out.logprobs  # [B, T, k] each
         offset = 0
         for b in sent:
             where = mask[b].nonzero().squeeze(1)  # positions of row b's real tokens
@@ -542,12 +524,6 @@ def parse_vllm_completion(data: dict, rows: list[list[int]], k: int) -> TopKAnsw
     except (KeyError, TypeError, IndexError, AttributeError, ValueError) as err:
         raise TeacherAnswerError(f"not a vLLM prompt_logprobs completion: {err!r}") from None
     return TopKAnswer(np.asarray([len(r) for r in rows], np.int64), np.concatenate(ids), np.concatenate(lps))
-
-
-def _padding_answer(batch: int, seq_len: int, k: int) -> TeacherOutput:
-    """An all-padding batch: the uniform stand-in everywhere."""
-    token_ids = torch.arange(k, dtype=torch.int64).expand(batch, seq_len, k).contiguous()
-    return TeacherOutput(token_ids, torch.full((batch, seq_len, k), -math.log(k), dtype=torch.float32))
 
 
 def _read_body(response: httpx.Response, limit: int) -> bytes | bytearray:

@@ -24,7 +24,7 @@ from training.data.shards import document_starts
 from training.trainers.callbacks import SaddleEscapeCallback, attach_callbacks, default_callbacks, report_step_loss
 from training.trainers.distillation_config import DistillationConfig
 from training.trainers.optim import build_muon_optimizer
-from training.teachers import build_teacher_source
+from training.teachers import TeacherSource, build_teacher_source
 
 # Window slots. train: sums over the micro-batches since the last log; eval: token sums over one evaluation.
 _TRAIN = ("ce", "kd", "diversity", "teacher_seconds", "teacher_wait", "teacher_batches", "steps", "empty_batches")
@@ -89,17 +89,21 @@ class DistillationTrainer(Trainer):
         if teacher is None:
             check_teacher_student(student_vocab, student_vocab, args.teacher_topk)  # k before a big teacher loads
             teacher = build_teacher_source(args, device=args.device)
-        if not hasattr(teacher, "topk") or not hasattr(teacher, "vocab_size"):
-            raise TypeError(f"teacher {type(teacher).__name__} is not a TeacherSource (needs topk() and vocab_size)")
+        if not isinstance(teacher, TeacherSource):
+            raise TypeError(
+                f"teacher {type(teacher).__name__} is not a TeacherSource: subclass training.teachers.TeacherSource "
+                "and give it vocab_size and topk(input_ids, attention_mask, k, temperature=1.0, position_ids=None)"
+            )
         check_teacher_student(int(teacher.vocab_size), student_vocab, args.teacher_topk)
-        if getattr(teacher, "drops_entries", False) and (args.kd_loss != "forward_kl" or args.reverse_kl_warmup_steps):
+        if teacher.drops_entries and (args.kd_loss != "forward_kl" or args.reverse_kl_warmup_steps):
+            encoding = f" {teacher.encoding.name!r}" if teacher.encoding is not None else ""
             raise ValueError(
-                f"config key 'kd_loss': {args.kd_loss} (or a reverse-KL warm-up) from a cache whose encoding "
-                f"{teacher.encoding.name!r} dropped top-k entries below a mass threshold is not exact (measured "
+                f"config key 'kd_loss': {args.kd_loss} (or a reverse-KL warm-up) from a cache whose encoding"
+                f"{encoding} dropped top-k entries below a mass threshold is not exact (measured "
                 "7-14% loss error); use kd_loss: forward_kl, or rebuild the cache with --encoding naive or "
                 "--encoding compact:mass=1.0"
             )
-        if args.full_vocab_kd and not getattr(teacher, "return_full_logits", False):
+        if args.full_vocab_kd and not teacher.return_full_logits:
             raise ValueError("config key 'full_vocab_kd': the teacher source does not return full logits")
         super().__init__(model=model, args=args, callbacks=callbacks, **kwargs)
         # Placed before the reporters so that what they add to the logs reaches wandb / tensorboard.
@@ -108,7 +112,7 @@ class DistillationTrainer(Trainer):
             ours.append(SaddleEscapeCallback(args.saddle_escape_config))
         attach_callbacks(self, *ours)
         self.teacher = teacher
-        self._can_prefetch = callable(getattr(teacher, "prefetch", None))
+        self._can_prefetch = teacher.can_prefetch  # only then are batches pulled one step ahead
         self._upcoming: deque = deque()  # (batch, optimizer step it belongs to), in the order compute_loss sees them
         self._lookahead = None  # (epoch_iterator, next batch) pulled one batch ahead for prefetch
         self._window = {"train": torch.zeros(len(_TRAIN), dtype=torch.float64),
