@@ -117,12 +117,14 @@ def test_embedded_card_links_point_into_the_student_folder():
     assert "![lat](students/s/eval/latency.png)" in out and "(https://x.y/z)" in out and "#### Eval" in out
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "demo_real.yaml", "demo_tiny.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "demo_real.yaml", "demo_smollm.yaml", "demo_tiny.yaml"])
 def test_shipped_demo_configs_name_only_real_keys(name):
     """Every `train` key of the shipped demo configs (shared and per student) is a DistillationConfig field, every
-    `align` key an AlignConfig field: a misspelt key in a 10-minute run must not wait until its stage to fail."""
+    `align` key an AlignConfig field, every `synthesize` key a SynthesizeArguments field: a misspelt key in a
+    10-minute run must not wait until its stage to fail."""
     from dataclasses import fields
 
+    from training.teachers.synthesize import SynthesizeArguments
     from training.trainers.alignment import AlignConfig
     from training.trainers.distillation_config import DistillationConfig
 
@@ -131,3 +133,4 @@ def test_shipped_demo_configs_name_only_real_keys(name):
     for recipe in cfg.students:
         assert set(cfg.train) | set(recipe.train) <= train_keys, recipe.name
         assert set(recipe.align) <= align_keys, recipe.name
+    assert set(cfg.synthesize) <= {f.name for f in fields(SynthesizeArguments)} - {"model", "output"}

@@ -49,14 +49,15 @@ def build_chat_tokenizer(vocab_size: int = 320):
                                    pad_token="<|im_end|>", unk_token="<|endoftext|>", chat_template=CHAT_TEMPLATE)
 
 
-def build_llama(vocab_size: int, seed: int = 0, chatty_stop_id: int | None = None, tied: bool = True):
-    """A random 2-layer Llama (hidden 64, 4 heads / 2 kv heads). q/k are scaled up so attention is far from
-    uniform (a wrong rotary layout would change the logits). With `chatty_stop_id`, the head is untied and the
+def build_llama(vocab_size: int, seed: int = 0, chatty_stop_id: int | None = None, tied: bool = True,
+                layers: int = 2):
+    """A random Llama of `layers` layers (hidden 64, 4 heads / 2 kv heads). q/k are scaled up so attention is far
+    from uniform (a wrong rotary layout would change the logits). With `chatty_stop_id`, the head is untied and the
     end-of-turn token gets a steady few-% probability at every step, so sampled turns end like a chat model's."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=tied and chatty_stop_id is None,
                          bos_token_id=1, eos_token_id=2, pad_token_id=2)
@@ -173,9 +174,9 @@ def write_gguf(model, tokenizer, path, tensor_type: str = "F32", architecture: s
     return os.fspath(path)
 
 
-def write_tiny_chat_gguf(path, tensor_type: str = "F32", chatty: bool = False, seed: int = 0):
+def write_tiny_chat_gguf(path, tensor_type: str = "F32", chatty: bool = False, seed: int = 0, layers: int = 2):
     """(gguf path, tokenizer, the HF model it was written from)."""
     tokenizer = build_chat_tokenizer()
     stop = tokenizer.convert_tokens_to_ids("<|im_end|>") if chatty else None
-    model = build_llama(len(tokenizer), seed=seed, chatty_stop_id=stop)
+    model = build_llama(len(tokenizer), seed=seed, chatty_stop_id=stop, layers=layers)
     return write_gguf(model, tokenizer, path, tensor_type), tokenizer, model
