@@ -86,3 +86,22 @@ def test_cli_help_lists_distillation_keys():
     proc = run([sys.executable, "-m", "training.train", "--help"])
     for key in ("--teacher_topk", "--distill_alpha", "--kd_loss", "--student_overrides", "--muon_learning_rate"):
         assert key in proc.stdout
+
+
+def test_alignment_runs_data_parallel_with_its_ranks_in_step(tmp_path, tiny_teacher_dir, train_file):
+    """Stage 1 under `accelerate launch` (2 processes, DDP over gloo): each process takes half the global batch, the
+    tokens are counted over both, and the processes stay in step: each measures the same per-layer errors on the
+    whole held-out set, which they could not if a trained part (the decays above all) were not synchronised."""
+    out = tmp_path / "aligned"
+    proc = run([
+        ACCELERATE, "launch", "--config_file", "examples/accelerate/ddp.yaml", "--num_processes", "2",
+        "--mixed_precision", "no", "-m", "training.align", "--teacher", tiny_teacher_dir, "--data", train_file,
+        "--student_out", str(out), "--max_tokens", "2000", "--batch_size", "2", "--max_seq_length", "48",
+        "--eval_sequences", "4", "--eval_steps", "5", "--learning_rate", "1e-2", "--device", "cpu",
+    ])
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("alignment error after stage 1:")]
+    assert len(lines) == 2 and lines[0] == lines[1], proc.stdout[-3000:]
+    report = json.loads((out / "align_report.json").read_text())
+    assert report["tokens"] >= 2000 and report["steps"] * 2 * 2 * 48 >= 2000
+    assert all(a < b for a, b in zip(report["error_after"], report["error_at_conversion"]))
+    assert "decays" in report["config"]["train"] and not (out / ".align-checkpoint").exists()

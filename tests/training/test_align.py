@@ -102,38 +102,50 @@ def test_example_config_parses():
     assert config.decays == "attention" and config.gate == "constant" and "decays" in config.train
 
 
-def test_resume_continues_from_the_checkpoint(tiny_teacher_dir, text_file, tmp_path):
-    """A checkpoint (as an interrupted run leaves it) is picked up: steps, tokens, history and weights continue."""
-    from transformers import AutoModelForCausalLM as Auto
+class Crash(Exception):
+    pass
 
-    from hf_retnet import retnet_from_llama
-    from training.trainers.alignment import CHECKPOINT_DIR, _save_checkpoint, _trainable
 
-    out = tmp_path / "aligned"
-    student = retnet_from_llama(Auto.from_pretrained(tiny_teacher_dir), gate="constant")
-    with torch.no_grad():
-        student.model.layers[0].retention.q_proj.weight.mul_(0.5)  # a mark the resumed run must start from
-    weights, _ = _trainable(student, ["group_norm"])
-    optimizer = torch.optim.AdamW([{"params": weights}])
-    state = {"step": 7, "tokens": 900, "epoch": 0, "position": 28,
-             "history": [{"step": 0, "tokens": 0, "errors": [9.0, 9.0]}]}
-    _save_checkpoint(str(out / CHECKPOINT_DIR), student, optimizer, state)
-    report = run(AlignConfig(
-        teacher=tiny_teacher_dir, student_out=str(out), data=text_file, max_tokens=1_400, batch_size=4,
-        max_seq_length=32, resume=True, train=["group_norm"], eval_sequences=4,
-    ))
-    assert report["steps"] > 7 and report["tokens"] >= 1_400
-    assert report["error_at_conversion"] == [9.0, 9.0]  # the history came from the checkpoint
-    ours = load_file(str(out / "model.safetensors"))
-    torch.testing.assert_close(ours["model.layers.0.retention.q_proj.weight"],
-                               student.model.layers[0].retention.q_proj.weight)  # q_proj not trained: kept
-    assert not os.path.exists(out / CHECKPOINT_DIR)
+def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_student(tiny_teacher_dir, text_file, tmp_path):
+    """Killed right after its step-4 checkpoint, a run resumed with `resume` ends where the same run never stopped
+    ends: same steps, tokens and weights, and the history keeps the evaluations made before the crash."""
+    from transformers import TrainerCallback
 
-    # A checkpoint from another `train` list is refused with the fix in the message.
-    _save_checkpoint(str(out / CHECKPOINT_DIR), student, optimizer, state)
+    from training.trainers.alignment import CHECKPOINT_DIR
+
+    class CrashAfterFirstSave(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            raise Crash(state.global_step)
+
+    class CountSteps(TrainerCallback):
+        steps = 0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.steps += 1
+
+    common = dict(teacher=tiny_teacher_dir, data=text_file, max_tokens=1_400, batch_size=4, max_seq_length=32,
+                  eval_sequences=4, eval_steps=3, save_steps=4, learning_rate=1e-2)
+    whole = run(AlignConfig(student_out=str(tmp_path / "whole"), **common))
+    out = tmp_path / "killed"
+    with pytest.raises(Crash):
+        run(AlignConfig(student_out=str(out), **common), callbacks=[CrashAfterFirstSave()])
+    assert os.listdir(out / CHECKPOINT_DIR) == ["checkpoint-4"] and not (out / "model.safetensors").exists()
+
+    # A checkpoint made with other settings is refused with the fix in the message (and left in place).
     with pytest.raises(ValueError, match="same `train`"):
-        run(AlignConfig(teacher=tiny_teacher_dir, student_out=str(out), data=text_file, max_tokens=1_400,
-                        batch_size=4, max_seq_length=32, resume=True, gate="constant", eval_sequences=4))
+        run(AlignConfig(student_out=str(out), resume=True, **{**common, "train": ["group_norm"]}))
+
+    counter = CountSteps()
+    resumed = run(AlignConfig(student_out=str(out), resume=True, **common), callbacks=[counter])
+    assert counter.steps == whole["steps"] - 4  # steps 1-4 came from the checkpoint
+    assert (resumed["steps"], resumed["tokens"]) == (whole["steps"], whole["tokens"]) and whole["steps"] > 4
+    assert [h["step"] for h in resumed["history"]] == [h["step"] for h in whole["history"]]
+    torch.testing.assert_close(torch.tensor(resumed["error_at_conversion"]), torch.tensor(whole["error_at_conversion"]))
+    ours, theirs = load_file(str(out / "model.safetensors")), load_file(str(tmp_path / "whole" / "model.safetensors"))
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=1e-6, msg=name)
+    torch.testing.assert_close(torch.tensor(resumed["decays"]), torch.tensor(whole["decays"]), rtol=1e-5, atol=1e-7)
+    assert not os.path.exists(out / CHECKPOINT_DIR)
 
 
 # ---------------------------------------------------------------------------------------------------------------
