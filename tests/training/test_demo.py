@@ -97,7 +97,12 @@ def test_changed_settings_invalidate_later_stages():
 def test_config_errors_name_the_key(tmp_path, capsys):
     assert main(["--config", str(TINY), "--tacher", "x"]) == 2
     err = capsys.readouterr().err
-    assert "unknown demo config key 'tacher'" in err and "did you mean 'teacher'" in err
+    assert "unknown config key 'tacher'" in err and "did you mean '--teacher'" in err and len(err.splitlines()) == 1
+    # mappings on the command line are YAML and merge into the file's; a non-mapping is refused naming the flag
+    cfg, base = load_demo_config(str(TINY), ["--train", "{max_steps: 3}"]), load_demo_config(str(TINY))
+    assert cfg.train == {**base.train, "max_steps": 3} and len(base.train) > 1
+    with pytest.raises(ValueError, match="--train must be a mapping"):
+        load_demo_config(str(TINY), ["--train", "[1, 2]"])
     with pytest.raises(ValueError, match="students\\[0\\]"):
         load_demo_config(str(TINY), ["--students", json.dumps([{"init": "random"}])])
     with pytest.raises(ValueError, match="heldout_stories"):

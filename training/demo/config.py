@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 STUDENT_INITS = ("teacher", "random")
+DEFAULT_CONFIG = "examples/configs/demo.yaml"
 
 
 @dataclass
@@ -62,7 +62,7 @@ class DemoConfig:
     )
     synthesize: dict = field(
         default_factory=dict,
-        metadata={"help": "When set, the teacher writes the data itself (training.synthesize keys: n, batch_size, "
+        metadata={"merge": True, "help": "When set, the teacher writes the data itself (training.synthesize keys: n, batch_size, "
                   "max_answer_tokens, seed, ...): chat records whose assistant turns are trained and scored; `stories` "
                   "is then unused and the last `heldout_stories` conversations are held out."},
     )
@@ -100,7 +100,7 @@ class DemoConfig:
                   "only if the teacher's held-out loss falls."},
     )
     finetune: dict = field(
-        default_factory=dict, metadata={"help": "training.finetune_teacher config keys (max_steps, lora_r, ...)."}
+        default_factory=dict, metadata={"merge": True, "help": "training.finetune_teacher config keys (max_steps, lora_r, ...)."}
     )
     student: str = field(
         default="350M", metadata={"help": "Random-init students: a RetNet variant name or folder (see training.train)."}
@@ -112,7 +112,7 @@ class DemoConfig:
     )
     train: dict = field(
         default_factory=dict,
-        metadata={"help": "DistillationConfig keys shared by every student (max_steps, per_device_train_batch_size, "
+        metadata={"merge": True, "help": "DistillationConfig keys shared by every student (max_steps, per_device_train_batch_size, "
                   "learning_rate, optim, ...); the demo sets the teacher, data, cache and output folders."},
     )
     students: list = field(
@@ -126,7 +126,7 @@ class DemoConfig:
         default=None, metadata={"help": "Score only the first N held-out records (None: all of them)."}
     )
     eval: dict = field(
-        default_factory=dict, metadata={"help": "Extra training.evaluate options (passed as --key value)."}
+        default_factory=dict, metadata={"merge": True, "help": "Extra training.evaluate options (passed as --key value)."}
     )
     prompts: list = field(
         default_factory=lambda: ["Once upon a time", "One day, a little dog", "Tom and Sue went to the park."],
@@ -151,16 +151,8 @@ class DemoConfig:
         if self.teacher_topk < 1:
             raise bad("teacher_topk", f"must be >= 1, got {self.teacher_topk}")
         for key in ("finetune", "train", "eval", "synthesize"):
-            value = getattr(self, key)
-            if isinstance(value, str):
-                value = json.loads(value) if value else {}
-                setattr(self, key, value)
-            if not isinstance(value, dict):
-                raise bad(key, f"must be a mapping, got {type(value).__name__}")
-        if isinstance(self.student_overrides, str):
-            self.student_overrides = json.loads(self.student_overrides) if self.student_overrides else None
-        if isinstance(self.students, str):
-            self.students = json.loads(self.students)
+            if not isinstance(getattr(self, key), dict):
+                raise bad(key, f"must be a mapping, got {type(getattr(self, key)).__name__}")
         if not self.students:
             raise bad("students", "empty; list at least one student recipe")
         recipes, names = [], set()
@@ -192,41 +184,25 @@ class DemoConfig:
         return self.teacher.endswith(".bin") and os.path.isfile(self.teacher)
 
 
-def load_demo_config(yaml_path: str | None, overrides: list[str] | None = None) -> DemoConfig:
-    """YAML, then `--key value` overrides (values parsed as YAML, so `--train '{max_steps: 5}'` works)."""
-    import yaml
+def build_parser():
+    """`python -m training.demo`'s parser: every DemoConfig field as a YAML key (`--config`) and a flag."""
+    from training.utils.parser import CommandParser
 
-    values: dict[str, Any] = {}
-    if yaml_path is not None:
-        if not os.path.isfile(yaml_path):
-            raise FileNotFoundError(f"demo config file {yaml_path!r} does not exist")
-        with open(yaml_path, encoding="utf-8") as handle:
-            values = yaml.safe_load(handle) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"demo config file {yaml_path!r} must hold a mapping of keys to values")
-    known = {f.name for f in dataclasses.fields(DemoConfig)}
-    _reject_unknown(values, known, f"config file {yaml_path!r}")
-    args = list(overrides or [])
-    i = 0
-    while i < len(args):
-        key, eq, inline = args[i].partition("=")
-        if not key.startswith("--"):
-            raise ValueError(f"unexpected argument {args[i]!r}; pass overrides as --key value")
-        key = key[2:].replace("-", "_")
-        _reject_unknown({key: None}, known, "command line")
-        if eq:
-            raw = inline
-        elif i + 1 < len(args):
-            raw, i = args[i + 1], i + 1
-        else:
-            raise ValueError(f"--{key} needs a value")
-        parsed = yaml.safe_load(raw)
-        if key in ("train", "finetune", "eval", "synthesize") and isinstance(parsed, dict):
-            values[key] = {**values.get(key, {}), **parsed}  # merge: --train '{max_steps: 5}' keeps the rest
-        else:
-            values[key] = raw if key in ("teacher", "stories", "output_dir", "teacher_tokenizer") else parsed
-        i += 1
-    return DemoConfig(**values)
+    recipe = "\n".join(f"  {f.name}: {f.metadata.get('help', '')}" for f in dataclasses.fields(StudentRecipe))
+    return CommandParser(
+        DemoConfig, prog="python -m training.demo",
+        description="Distil a pretrained Llama into RetNet students and write <output_dir>/report.md. Mappings on the "
+                    "command line are YAML and merge into the config file's (--train '{max_steps: 50}' keeps the "
+                    f"other train keys). Without --config: {DEFAULT_CONFIG}.",
+        epilog=f"each entry of `students`:\n{recipe}",
+    )
+
+
+def load_demo_config(yaml_path: str | None, overrides: list[str] | None = None) -> DemoConfig:
+    """YAML, then `--key value` overrides (mappings and lists as YAML values; `train`, `eval`, `finetune` and
+    `synthesize` merge into the file's). Raises ConfigError (a ValueError) on a bad key or value."""
+    argv = (["--config", yaml_path] if yaml_path is not None else []) + list(overrides or [])
+    return build_parser().parse(argv)[0]
 
 
 def _reject_unknown(values: dict, known: set[str], where: str) -> None:

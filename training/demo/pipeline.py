@@ -29,6 +29,7 @@ import time
 from dataclasses import asdict
 
 from training.demo.config import DemoConfig, StudentRecipe, load_demo_config
+from training.utils.errors import command
 from training.utils.io import atomic_write_json, atomic_write_jsonl
 
 BANNER_WIDTH = 78
@@ -430,30 +431,14 @@ def run_demo(cfg: DemoConfig) -> dict:
     return ctx
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
-    import argparse
+    from training.demo.config import DEFAULT_CONFIG, build_parser
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    import dataclasses
-
-    from training.demo.config import StudentRecipe
-
-    keys = "\n".join(f"  --{f.name}: {f.metadata.get('help', '')}" for f in dataclasses.fields(DemoConfig))
-    recipe = "\n".join(f"  {f.name}: {f.metadata.get('help', '')}" for f in dataclasses.fields(StudentRecipe))
-    pre = argparse.ArgumentParser(
-        prog="python -m training.demo",
-        description="Distil a real pretrained Llama into RetNet students and write <output_dir>/report.md. Any key of "
-        "the demo config can be overridden as --key value (values are YAML: --train '{max_steps: 50}' merges).",
-        epilog=f"demo config keys:\n{keys}\n\neach entry of `students`:\n{recipe}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    pre.add_argument("--config", default="examples/configs/demo.yaml", help="demo YAML (default: %(default)s)")
-    known, overrides = pre.parse_known_args(argv)
-    try:
-        cfg = load_demo_config(known.config, overrides)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"demo: error: {err}", file=sys.stderr)
-        return 2
+    if not any(arg == "--config" or arg.startswith("--config=") for arg in argv) and "-h" not in argv and "--help" not in argv:
+        argv = ["--config", DEFAULT_CONFIG, *argv]
+    (cfg,) = build_parser().parse(argv)  # a bad key: one `error:` line (@command)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     run_demo(cfg)
     return 0

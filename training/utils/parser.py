@@ -14,6 +14,9 @@ Built on `transformers.HfArgumentParser` (as TRL's `TrlParser` is): every datacl
 - Required keys may come from either place; a missing one is named.
 - Fields with `metadata={"positional": True}` are positional arguments (`push RUN_DIR REPO_ID`), `tuple[X, ...]`
   fields take several values like lists, and help text may contain a literal `%`.
+- Mapping and list-of-mapping fields (`dict`, `list`, `list[dict]`) take one YAML value on the command line
+  (`--train '{max_steps: 5}'`); with `metadata={"merge": True}` a mapping given there updates the YAML file's
+  mapping key by key instead of replacing it.
 
 Nothing here imports the rest of `training`. The dataclasses' own `__post_init__` checks ranges and paths; their
 errors are theirs and pass through unchanged.
@@ -138,6 +141,10 @@ class CommandParser(HfArgumentParser):
             parser.add_argument(field.name, metavar=field.name.upper(), help=metadata.get("help"),
                                 **({"nargs": "?", "default": UNSET} if has_default else {}))
             return
+        if _takes_yaml(field.type):
+            parser.add_argument(f"--{field.name}", *([f"--{field.name.replace('_', '-')}"] if "_" in field.name else []),
+                                type=_yaml_value, metavar="YAML", default=UNSET, help=metadata.get("help"))
+            return
         if origin is tuple:
             args = [a for a in typing.get_args(field.type) if a is not Ellipsis]
             default = field.default if field.default is not dataclasses.MISSING else (
@@ -179,7 +186,16 @@ class CommandParser(HfArgumentParser):
         cli = self._parse_command_line(argv)
         config_path = cli.pop("config", None) if self.config_option else None
         values = self.read_config_file(config_path) if config_path is not None else {}
-        values.update(cli)
+        for key, value in cli.items():
+            _, f, hint = self._fields.get(key, (None, None, None))
+            if f is not None and _takes_yaml(hint):
+                try:
+                    value = coerce(value, hint, none_ok=f.default is None)
+                except _Mismatch as mismatch:
+                    raise ConfigError(f"command line: --{key} must be {mismatch.expected}, got {value!r}") from None
+                if f.metadata.get("merge") and isinstance(value, dict) and isinstance(values.get(key), dict):
+                    value = {**values[key], **value}
+            values[key] = value
         missing = [key for key in self.required_keys if key not in values]
         if missing:
             key = missing[0]
@@ -275,6 +291,29 @@ class CommandParser(HfArgumentParser):
 
 
 # ---------------------------------------------------------------------- YAML values against field types
+
+
+def _takes_yaml(hint) -> bool:
+    """A mapping, or a list that is not of scalars: one YAML value on the command line (`str` unions excepted: a
+    field that also takes a string parses it itself)."""
+    args = [a for a in typing.get_args(hint) if a is not _NONE]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return str not in args and any(_takes_yaml(a) for a in args)
+    if hint is dict or typing.get_origin(hint) is dict:
+        return True
+    if hint is list or typing.get_origin(hint) is list:
+        return not args or not (isinstance(args[0], type) and args[0] in (str, int, float, bool))
+    return False
+
+
+def _yaml_value(text: str):
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise argparse.ArgumentTypeError(f"not a YAML value ({getattr(err, 'problem', None) or err})") from None
+
 
 
 class _Mismatch(Exception):
