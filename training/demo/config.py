@@ -7,7 +7,6 @@ import dataclasses
 import difflib
 import os
 from dataclasses import dataclass, field
-from typing import Any
 
 STUDENT_INITS = ("teacher", "random")
 DEFAULT_CONFIG = "examples/configs/demo.yaml"
