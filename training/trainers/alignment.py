@@ -174,8 +174,7 @@ def run(config: AlignConfig, callbacks=None) -> dict:
 
 def _write_outputs(folder: str, model, tokenizer, report: dict) -> None:
     """Everything goes to a staging folder first, then each file is moved in (atomic per file)."""
-    with staged_files(folder) as staging:
-        model.write_decays()
+    with staged_files(folder) as staging:  # run() has written the learned decays into the student already
         model.student.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         with open(os.path.join(staging, "align_report.json"), "w", encoding="utf-8") as handle:
