@@ -89,7 +89,9 @@ def test_yaml_config_and_overrides(tmp_path):
         (dict(max_tokens=0), "max_tokens"),
         (dict(gate="sigmoid"), "config key 'gate'"),
         (dict(teacher=None), "config key 'teacher'"),
-    ],
+        (dict(device="gpu"), "config key 'device': 'gpu' is not one of auto, cpu, cuda"),
+    ]
+    + ([(dict(device="cuda"), "torch sees no GPU")] if not torch.cuda.is_available() else []),
 )
 def test_bad_config_fails_clearly(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
